@@ -1,0 +1,351 @@
+//! Blob and upload endpoints (end-2, end-4a/b, end-5, end-6, end-10, end-11,
+//! end-13).
+
+use bytes::Bytes;
+use futures::{Stream, TryStreamExt};
+use http::{header, HeaderMap, Request, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use super::response::{blob_error, builder, empty, finish, stream, ApiResult};
+use super::{AppState, Query};
+use crate::blob::UploadId;
+use crate::meta::{Command, Outcome};
+use crate::oci::{Digest, Error, ErrorCode, Name};
+
+fn body_stream(
+    req: Request<Incoming>,
+) -> impl Stream<Item = std::io::Result<Bytes>> + Send + Unpin {
+    req.into_body()
+        .into_data_stream()
+        .map_err(std::io::Error::other)
+}
+
+fn upload_location(name: &Name, id: &UploadId) -> String {
+    format!("/v2/{name}/blobs/uploads/{id}")
+}
+
+/// The spec's `Range` for an upload: inclusive end of the bytes received.
+fn upload_range(size: u64) -> String {
+    format!("0-{}", size.saturating_sub(1))
+}
+
+fn upload_accepted(status: StatusCode, name: &Name, id: &UploadId, size: u64) -> ApiResult {
+    finish(
+        builder(status)
+            .header(header::LOCATION, upload_location(name, id))
+            .header(header::RANGE, upload_range(size))
+            .header("Docker-Upload-UUID", id.to_string())
+            .header(header::CONTENT_LENGTH, 0),
+        empty(),
+    )
+}
+
+fn blob_created(name: &Name, digest: &Digest) -> ApiResult {
+    finish(
+        builder(StatusCode::CREATED)
+            .header(header::LOCATION, format!("/v2/{name}/blobs/{digest}"))
+            .header("Docker-Content-Digest", digest.to_string())
+            .header(header::CONTENT_LENGTH, 0),
+        empty(),
+    )
+}
+
+/// Where the blob lives and whether this repository may see it. Content is
+/// immutable, so a local hit needs no read barrier; a miss is confirmed
+/// against the latest committed state before it is reported.
+async fn linked_size(state: &AppState, name: &Name, digest: &Digest) -> Result<u64, Error> {
+    if let Some(size) = state.meta.blob_link(name, digest)? {
+        return Ok(size);
+    }
+    state.cluster.read_barrier().await?;
+    state
+        .meta
+        .blob_link(name, digest)?
+        .ok_or_else(|| Error::new(ErrorCode::BlobUnknown, "blob unknown to registry"))
+}
+
+/// Parse `Range: bytes=a-b`, `bytes=a-` or `bytes=-n` against `size`.
+/// Returns the half-open byte range, or None when unsatisfiable.
+fn parse_range(value: &str, size: u64) -> Option<(u64, u64)> {
+    let spec = value.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let (start, end) = match (a.trim(), b.trim()) {
+        ("", n) => {
+            let n: u64 = n.parse().ok()?;
+            (size.saturating_sub(n), size)
+        }
+        (a, "") => (a.parse().ok()?, size),
+        (a, b) => (
+            a.parse().ok()?,
+            b.parse::<u64>().ok()?.saturating_add(1).min(size),
+        ),
+    };
+    (start < end && start < size).then_some((start, end))
+}
+
+pub async fn get(
+    state: &AppState,
+    name: &Name,
+    digest: &Digest,
+    headers: &HeaderMap,
+    head: bool,
+) -> ApiResult {
+    let size = linked_size(state, name, digest).await?;
+    let reader = state
+        .uploads
+        .store()
+        .open(digest)
+        .await?
+        .ok_or_else(|| Error::new(ErrorCode::BlobUnknown, "blob is not stored on this node"))?;
+    let common = |status| {
+        builder(status)
+            .header("Docker-Content-Digest", digest.to_string())
+            .header(header::CONTENT_TYPE, "application/octet-stream")
+            .header(header::ACCEPT_RANGES, "bytes")
+            .header(header::ETAG, format!("\"{digest}\""))
+    };
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let (status, start, end) = match range {
+        None => (StatusCode::OK, 0, size),
+        Some(r) => match parse_range(r, size) {
+            Some((s, e)) => (StatusCode::PARTIAL_CONTENT, s, e),
+            None => {
+                let e = Error::new(ErrorCode::RangeInvalid, "requested range not satisfiable");
+                let mut resp = super::response::error_response(&e, head);
+                resp.headers_mut().insert(
+                    header::CONTENT_RANGE,
+                    format!("bytes */{size}").parse().expect("valid header"),
+                );
+                return Ok(resp);
+            }
+        },
+    };
+    let mut b = common(status).header(header::CONTENT_LENGTH, end - start);
+    if status == StatusCode::PARTIAL_CONTENT {
+        b = b.header(
+            header::CONTENT_RANGE,
+            format!("bytes {}-{}/{size}", start, end - 1),
+        );
+    }
+    if head {
+        return finish(b, empty());
+    }
+    finish(b, stream(reader.stream(start, end).await?))
+}
+
+pub async fn delete(state: &AppState, name: &Name, digest: &Digest) -> ApiResult {
+    let cmd = Command::UnlinkBlob {
+        repo: name.clone(),
+        digest: digest.clone(),
+    };
+    match state.cluster.propose(cmd).await? {
+        Outcome(Ok(())) => finish(
+            builder(StatusCode::ACCEPTED).header(header::CONTENT_LENGTH, 0),
+            empty(),
+        ),
+        Outcome(Err(_)) => Err(Error::new(
+            ErrorCode::BlobUnknown,
+            "blob unknown to repository",
+        )),
+    }
+}
+
+/// Record a verified, locally stored blob in the replicated index.
+async fn link(
+    state: &AppState,
+    name: &Name,
+    digest: &Digest,
+    size: u64,
+    holder: bool,
+) -> Result<(), Error> {
+    let cmd = Command::LinkBlob {
+        repo: name.clone(),
+        digest: digest.clone(),
+        size,
+        holder: holder.then_some(state.cluster.id),
+    };
+    match state.cluster.propose(cmd).await? {
+        Outcome(Ok(())) => Ok(()),
+        Outcome(Err(r)) => Err(super::response::internal(format!("link rejected: {r:?}"))),
+    }
+}
+
+/// Cross-repository mount: with `from`, the blob must be linked there; without,
+/// any repository's copy will do. Returns the size when the mount can happen.
+async fn mountable(
+    state: &AppState,
+    digest: &Digest,
+    from: Option<&str>,
+) -> Result<Option<u64>, Error> {
+    state.cluster.read_barrier().await?;
+    let size = match from.map(str::parse::<Name>) {
+        Some(Ok(from)) => state.meta.blob_link(&from, digest)?,
+        Some(Err(_)) => None,
+        None => state.meta.blob(digest)?.map(|b| b.size),
+    };
+    match size {
+        Some(s) if state.uploads.store().contains(digest).await => Ok(Some(s)),
+        _ => Ok(None),
+    }
+}
+
+pub async fn start_upload(
+    state: &AppState,
+    name: &Name,
+    query: &Query,
+    req: Request<Incoming>,
+) -> ApiResult {
+    if let Some(m) = query.get("mount") {
+        if let Ok(digest) = m.parse::<Digest>() {
+            if let Some(size) = mountable(state, &digest, query.get("from")).await? {
+                link(state, name, &digest, size, false).await?;
+                return blob_created(name, &digest);
+            }
+        }
+        // Not mountable: fall back to a normal upload session, as the spec says.
+    }
+    if let Some(d) = query.get("digest") {
+        let digest: Digest = d.parse()?;
+        let id = state.uploads.start(name).await.map_err(blob_error)?;
+        let size = match state
+            .uploads
+            .finish(&id, name, &digest, body_stream(req))
+            .await
+        {
+            Ok(size) => size,
+            Err(e) => {
+                let _ = state.uploads.cancel(&id, name).await;
+                return Err(blob_error(e));
+            }
+        };
+        link(state, name, &digest, size, true).await?;
+        return blob_created(name, &digest);
+    }
+    let id = state.uploads.start(name).await.map_err(blob_error)?;
+    upload_accepted(StatusCode::ACCEPTED, name, &id, 0)
+}
+
+pub async fn upload_status(state: &AppState, name: &Name, id: &UploadId) -> ApiResult {
+    let size = state.uploads.status(id, name).await.map_err(blob_error)?;
+    upload_accepted(StatusCode::NO_CONTENT, name, id, size)
+}
+
+/// `Content-Range: <start>-<end>` (the spec's form; `bytes ` prefix tolerated).
+fn content_range(headers: &HeaderMap) -> Result<Option<(u64, u64)>, Error> {
+    let Some(v) = headers.get(header::CONTENT_RANGE) else {
+        return Ok(None);
+    };
+    let bad = || Error::new(ErrorCode::RangeInvalid, "invalid Content-Range");
+    let s = v.to_str().map_err(|_| bad())?.trim();
+    let s = s.strip_prefix("bytes ").unwrap_or(s);
+    let s = s.split('/').next().unwrap_or(s);
+    let (a, b) = s.split_once('-').ok_or_else(bad)?;
+    let (a, b): (u64, u64) = (
+        a.trim().parse().map_err(|_| bad())?,
+        b.trim().parse().map_err(|_| bad())?,
+    );
+    if b < a {
+        return Err(bad());
+    }
+    Ok(Some((a, b)))
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+pub async fn patch_upload(
+    state: &AppState,
+    name: &Name,
+    id: &UploadId,
+    req: Request<Incoming>,
+) -> ApiResult {
+    let range = content_range(req.headers())?;
+    if let (Some((a, b)), Some(len)) = (range, content_length(req.headers())) {
+        if b - a + 1 != len {
+            return Err(Error::new(
+                ErrorCode::RangeInvalid,
+                "Content-Range does not match Content-Length",
+            ));
+        }
+    }
+    let offset = range.map(|(a, _)| a);
+    match state
+        .uploads
+        .append(id, name, offset, body_stream(req))
+        .await
+    {
+        Ok(size) => upload_accepted(StatusCode::ACCEPTED, name, id, size),
+        Err(crate::blob::BlobError::OutOfOrder { expected, .. }) => {
+            let e = Error::new(ErrorCode::RangeInvalid, "chunk out of order");
+            let mut resp = super::response::error_response(&e, false);
+            let h = resp.headers_mut();
+            h.insert(
+                header::LOCATION,
+                upload_location(name, id).parse().expect("valid header"),
+            );
+            h.insert(
+                header::RANGE,
+                upload_range(expected).parse().expect("valid header"),
+            );
+            Ok(resp)
+        }
+        Err(e) => Err(blob_error(e)),
+    }
+}
+
+pub async fn finish_upload(
+    state: &AppState,
+    name: &Name,
+    id: &UploadId,
+    query: &Query,
+    req: Request<Incoming>,
+) -> ApiResult {
+    let digest: Digest = query
+        .get("digest")
+        .ok_or_else(|| Error::new(ErrorCode::DigestInvalid, "digest parameter is required"))?
+        .parse()?;
+    if let Some((a, _)) = content_range(req.headers())? {
+        let size = state.uploads.status(id, name).await.map_err(blob_error)?;
+        if a != size {
+            return Err(Error::new(ErrorCode::RangeInvalid, "chunk out of order"));
+        }
+    }
+    let size = state
+        .uploads
+        .finish(id, name, &digest, body_stream(req))
+        .await
+        .map_err(blob_error)?;
+    link(state, name, &digest, size, true).await?;
+    blob_created(name, &digest)
+}
+
+pub async fn cancel_upload(state: &AppState, name: &Name, id: &UploadId) -> ApiResult {
+    state.uploads.cancel(id, name).await.map_err(blob_error)?;
+    finish(builder(StatusCode::NO_CONTENT), empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100), Some((0, 10)));
+        assert_eq!(parse_range("bytes=90-", 100), Some((90, 100)));
+        assert_eq!(parse_range("bytes=-10", 100), Some((90, 100)));
+        assert_eq!(parse_range("bytes=50-500", 100), Some((50, 100)));
+        assert_eq!(parse_range("bytes=100-", 100), None);
+        assert_eq!(parse_range("bytes=5-2", 100), None);
+        assert_eq!(parse_range("items=0-1", 100), None);
+    }
+}

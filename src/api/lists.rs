@@ -1,0 +1,115 @@
+//! Listing endpoints: tags (end-8), catalog, referrers (end-12).
+
+use http::{header, StatusCode};
+use serde::Serialize;
+
+use super::manifests::INDEX;
+use super::response::{builder, finish, full, ApiResult};
+use super::{AppState, Query};
+use crate::meta::Page;
+use crate::oci::{Descriptor, Digest, Error, ErrorCode, Name};
+
+/// `n` and `last` of a paginated listing. A missing `n` lists everything.
+fn pagination(query: &Query) -> Result<(Option<usize>, Option<&str>), Error> {
+    let n = match query.get("n") {
+        None | Some("") => None,
+        Some(v) => Some(v.parse::<usize>().map_err(|_| {
+            Error::new(ErrorCode::Unsupported, "n must be a non-negative integer")
+                .with_status(StatusCode::BAD_REQUEST)
+        })?),
+    };
+    Ok((n, query.get("last").filter(|l| !l.is_empty())))
+}
+
+fn page_response<T: Serialize>(body: &T, page: &Page, n: Option<usize>, base: &str) -> ApiResult {
+    let json = serde_json::to_vec(body).map_err(super::response::internal)?;
+    let mut b = builder(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, json.len());
+    if let (true, Some(n), Some(last)) = (page.more, n, page.items.last()) {
+        let last: String = form_urlencoded::byte_serialize(last.as_bytes()).collect();
+        b = b.header(
+            header::LINK,
+            format!("<{base}?n={n}&last={last}>; rel=\"next\""),
+        );
+    }
+    finish(b, full(json))
+}
+
+pub async fn tags(state: &AppState, name: &Name, query: &Query) -> ApiResult {
+    let (n, last) = pagination(query)?;
+    state.cluster.read_barrier().await?;
+    if !state.meta.repo_exists(name)? {
+        return Err(Error::new(
+            ErrorCode::NameUnknown,
+            format!("repository {name} is not known"),
+        ));
+    }
+    let page = state.meta.tags(name, last, n)?;
+    #[derive(Serialize)]
+    struct TagList<'a> {
+        name: &'a str,
+        tags: &'a [String],
+    }
+    page_response(
+        &TagList {
+            name: name.as_str(),
+            tags: &page.items,
+        },
+        &page,
+        n,
+        &format!("/v2/{name}/tags/list"),
+    )
+}
+
+pub async fn catalog(state: &AppState, query: &Query) -> ApiResult {
+    let (n, last) = pagination(query)?;
+    state.cluster.read_barrier().await?;
+    let page = state.meta.catalog(last, n)?;
+    #[derive(Serialize)]
+    struct Catalog<'a> {
+        repositories: &'a [String],
+    }
+    page_response(
+        &Catalog {
+            repositories: &page.items,
+        },
+        &page,
+        n,
+        "/v2/_catalog",
+    )
+}
+
+pub async fn referrers(
+    state: &AppState,
+    name: &Name,
+    subject: &Digest,
+    query: &Query,
+) -> ApiResult {
+    state.cluster.read_barrier().await?;
+    let mut manifests = state.meta.referrers(name, subject)?;
+    let filter = query.get("artifactType").filter(|f| !f.is_empty());
+    if let Some(f) = filter {
+        manifests.retain(|d: &Descriptor| d.artifact_type.as_deref() == Some(f));
+    }
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Index {
+        schema_version: u32,
+        media_type: &'static str,
+        manifests: Vec<Descriptor>,
+    }
+    let json = serde_json::to_vec(&Index {
+        schema_version: 2,
+        media_type: INDEX,
+        manifests,
+    })
+    .map_err(super::response::internal)?;
+    let mut b = builder(StatusCode::OK)
+        .header(header::CONTENT_TYPE, INDEX)
+        .header(header::CONTENT_LENGTH, json.len());
+    if filter.is_some() {
+        b = b.header("OCI-Filters-Applied", "artifactType");
+    }
+    finish(b, full(json))
+}

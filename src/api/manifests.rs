@@ -1,0 +1,212 @@
+//! Manifest endpoints (end-3, end-7, end-9).
+
+use bytes::Bytes;
+use http::{header, Request, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+
+use super::response::{builder, empty, finish, full, ApiResult};
+use super::{AppState, Query};
+use crate::meta::{Command, ManifestRecord, Outcome};
+use crate::oci::{manifest, Algorithm, Digest, Error, ErrorCode, Manifest, Name, Reference, Tag};
+
+fn unknown() -> Error {
+    Error::new(ErrorCode::ManifestUnknown, "manifest unknown")
+}
+
+/// Resolve a reference to a digest and the stored manifest. Tags always go
+/// through the read barrier; digests only when missing locally.
+async fn lookup(
+    state: &AppState,
+    name: &Name,
+    r: &Reference,
+) -> Result<(Digest, ManifestRecord), Error> {
+    let digest = match r {
+        Reference::Tag(t) => {
+            state.cluster.read_barrier().await?;
+            state.meta.tag(name, t)?.ok_or_else(unknown)?
+        }
+        Reference::Digest(d) => d.clone(),
+    };
+    if let Some(rec) = state.meta.manifest(name, &digest)? {
+        return Ok((digest, rec));
+    }
+    if matches!(r, Reference::Digest(_)) {
+        state.cluster.read_barrier().await?;
+        if let Some(rec) = state.meta.manifest(name, &digest)? {
+            return Ok((digest, rec));
+        }
+    }
+    Err(unknown())
+}
+
+/// Whether the client's Accept header admits `media_type`. No Accept header,
+/// or a wildcard, admits everything.
+fn accepts(req_headers: &http::HeaderMap, media_type: &str) -> bool {
+    let mut any = false;
+    for v in req_headers.get_all(header::ACCEPT) {
+        let Ok(v) = v.to_str() else { continue };
+        for item in v.split(',') {
+            let t = item.split(';').next().unwrap_or("").trim();
+            if t.is_empty() {
+                continue;
+            }
+            any = true;
+            if t == media_type || t == "*/*" || t == "application/*" {
+                return true;
+            }
+        }
+    }
+    !any
+}
+
+pub async fn get(
+    state: &AppState,
+    name: &Name,
+    r: &Reference,
+    req: &Request<Incoming>,
+    head: bool,
+) -> ApiResult {
+    let (digest, rec) = lookup(state, name, r).await?;
+    if matches!(r, Reference::Tag(_)) && !accepts(req.headers(), &rec.media_type) {
+        return Err(Error::new(
+            ErrorCode::ManifestUnknown,
+            format!(
+                "manifest is {} which the client does not accept",
+                rec.media_type
+            ),
+        ));
+    }
+    let b = builder(StatusCode::OK)
+        .header(header::CONTENT_TYPE, rec.media_type.as_str())
+        .header(header::CONTENT_LENGTH, rec.bytes.len())
+        .header("Docker-Content-Digest", digest.to_string())
+        .header(header::ETAG, format!("\"{digest}\""));
+    finish(b, if head { empty() } else { full(rec.bytes) })
+}
+
+async fn read_limited(
+    req: Request<Incoming>,
+    limit: usize,
+) -> Result<(Option<String>, Bytes), Error> {
+    let too_big = || {
+        Error::new(
+            ErrorCode::SizeInvalid,
+            format!("manifest exceeds {limit} bytes"),
+        )
+        .with_status(StatusCode::PAYLOAD_TOO_LARGE)
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_big());
+    }
+    let ct = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = Limited::new(req.into_body(), limit)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                too_big()
+            } else {
+                Error::new(ErrorCode::ManifestInvalid, format!("reading manifest: {e}"))
+            }
+        })?;
+    Ok((ct, body.to_bytes()))
+}
+
+pub async fn put(
+    state: &AppState,
+    name: &Name,
+    r: &Reference,
+    query: &Query,
+    req: Request<Incoming>,
+) -> ApiResult {
+    let (content_type, bytes) = read_limited(req, state.max_manifest_bytes).await?;
+    let parsed = Manifest::parse(content_type.as_deref(), &bytes)?;
+    let (digest, mut tags) = match r {
+        Reference::Digest(want) => {
+            let got = Digest::of(want.algorithm(), &bytes);
+            if &got != want {
+                return Err(Error::new(
+                    ErrorCode::DigestInvalid,
+                    format!("manifest digest is {got}, not {want}"),
+                ));
+            }
+            (got, Vec::new())
+        }
+        Reference::Tag(t) => (Digest::of(Algorithm::Sha256, &bytes), vec![t.clone()]),
+    };
+    let param_tags = query
+        .all("tag")
+        .map(str::parse::<Tag>)
+        .collect::<Result<Vec<_>, _>>()?;
+    tags.extend(param_tags.iter().cloned());
+    // Cheap pre-check so bad pushes do not even reach the Raft log; apply
+    // re-checks, which settles races with concurrent deletes.
+    for b in &parsed.blobs {
+        if state.meta.blob_link(name, b)?.is_none() {
+            return Err(Error::new(
+                ErrorCode::ManifestBlobUnknown,
+                format!("blob {b} unknown to repository"),
+            ));
+        }
+    }
+    for c in &parsed.children {
+        if state.meta.manifest(name, c)?.is_none() {
+            return Err(Error::new(
+                ErrorCode::ManifestBlobUnknown,
+                format!("manifest {c} unknown to repository"),
+            ));
+        }
+    }
+    let cmd = Command::PutManifest {
+        repo: name.clone(),
+        digest: digest.clone(),
+        media_type: parsed.media_type.clone(),
+        bytes: bytes.to_vec(),
+        tags,
+    };
+    let Outcome(res) = state.cluster.propose(cmd).await?;
+    res?;
+    let mut b = builder(StatusCode::CREATED)
+        .header(header::LOCATION, format!("/v2/{name}/manifests/{digest}"))
+        .header("Docker-Content-Digest", digest.to_string())
+        .header(header::CONTENT_LENGTH, 0);
+    if let Some(s) = &parsed.subject {
+        b = b.header("OCI-Subject", s.to_string());
+    }
+    for t in &param_tags {
+        b = b.header("OCI-Tag", t.as_str());
+    }
+    finish(b, empty())
+}
+
+pub async fn delete(state: &AppState, name: &Name, r: &Reference) -> ApiResult {
+    let cmd = match r {
+        Reference::Digest(d) => Command::DeleteManifest {
+            repo: name.clone(),
+            digest: d.clone(),
+        },
+        Reference::Tag(t) => Command::DeleteTag {
+            repo: name.clone(),
+            tag: t.clone(),
+        },
+    };
+    let Outcome(res) = state.cluster.propose(cmd).await?;
+    res?;
+    finish(
+        builder(StatusCode::ACCEPTED).header(header::CONTENT_LENGTH, 0),
+        empty(),
+    )
+}
+
+/// The media type of the referrers response.
+pub const INDEX: &str = manifest::OCI_INDEX;

@@ -1,0 +1,42 @@
+//! Local blob storage: the content-addressed store and upload sessions.
+//! Bytes are hashed as they arrive, fsynced, and renamed into place only
+//! when their digest matches, so a partial or wrong blob is never visible.
+
+mod store;
+mod upload;
+
+pub use store::{BlobReader, BlobStore};
+pub use upload::{UploadId, Uploads};
+
+use crate::oci::{Error as OciError, ErrorCode};
+
+/// Errors of the blob layer. Each maps to one spec code in `From`.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    #[error("upload unknown")]
+    UploadUnknown,
+    #[error("upload range: expected offset {expected}, got {got}")]
+    OutOfOrder { expected: u64, got: u64 },
+    #[error("digest mismatch: computed {computed}")]
+    DigestMismatch { computed: String },
+    #[error("size mismatch: {0}")]
+    SizeMismatch(String),
+    #[error("request body: {0}")]
+    Body(std::io::Error),
+    #[error("storage: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<BlobError> for OciError {
+    fn from(e: BlobError) -> OciError {
+        let code = match &e {
+            BlobError::UploadUnknown => ErrorCode::BlobUploadUnknown,
+            BlobError::OutOfOrder { .. } => ErrorCode::RangeInvalid,
+            BlobError::DigestMismatch { .. } => ErrorCode::DigestInvalid,
+            BlobError::SizeMismatch(_) => ErrorCode::SizeInvalid,
+            BlobError::Body(_) => ErrorCode::BlobUploadInvalid,
+            BlobError::Io(_) => ErrorCode::Unknown,
+        };
+        OciError::new(code, e.to_string())
+    }
+}

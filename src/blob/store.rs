@@ -1,0 +1,84 @@
+use std::io::SeekFrom;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use futures::Stream;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio_util::io::ReaderStream;
+
+use crate::oci::Digest;
+
+/// Read buffer for serving blobs: large enough that a pull is not
+/// dominated by per-read overhead.
+const READ_CHUNK: usize = 512 * 1024;
+
+/// The content-addressed store: `<root>/<algorithm>/<first two hex>/<hex>`.
+/// A file exists here only if its bytes hashed to its name when written.
+#[derive(Clone, Debug)]
+pub struct BlobStore {
+    root: PathBuf,
+}
+
+/// An open blob, ready to stream a byte range.
+pub struct BlobReader {
+    file: tokio::fs::File,
+    pub size: u64,
+}
+
+impl BlobStore {
+    pub fn new(root: PathBuf) -> std::io::Result<BlobStore> {
+        std::fs::create_dir_all(&root)?;
+        Ok(BlobStore { root })
+    }
+
+    pub fn path(&self, d: &Digest) -> PathBuf {
+        self.root
+            .join(d.algorithm().as_str())
+            .join(&d.hex()[..2])
+            .join(d.hex())
+    }
+
+    pub async fn contains(&self, d: &Digest) -> bool {
+        tokio::fs::metadata(self.path(d)).await.is_ok()
+    }
+
+    pub async fn open(&self, d: &Digest) -> std::io::Result<Option<BlobReader>> {
+        match tokio::fs::File::open(self.path(d)).await {
+            Ok(file) => {
+                let size = file.metadata().await?.len();
+                Ok(Some(BlobReader { file, size }))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Move a verified, fsynced file into place. Blocking: call from a
+    /// blocking context. If the blob already exists the new copy is dropped.
+    pub fn commit_file(&self, src: &Path, d: &Digest) -> std::io::Result<()> {
+        let dst = self.path(d);
+        let dir = dst.parent().expect("blob path has a parent");
+        std::fs::create_dir_all(dir)?;
+        if dst.exists() {
+            std::fs::remove_file(src)?;
+            return Ok(());
+        }
+        std::fs::rename(src, &dst)?;
+        std::fs::File::open(dir)?.sync_all()
+    }
+}
+
+impl BlobReader {
+    /// Stream bytes `start..end` (end exclusive) of the blob.
+    pub async fn stream(
+        mut self,
+        start: u64,
+        end: u64,
+    ) -> std::io::Result<impl Stream<Item = std::io::Result<Bytes>> + Send + 'static> {
+        if start > 0 {
+            self.file.seek(SeekFrom::Start(start)).await?;
+        }
+        let limited = self.file.take(end.saturating_sub(start));
+        Ok(ReaderStream::with_capacity(limited, READ_CHUNK))
+    }
+}

@@ -1,0 +1,112 @@
+//! Node configuration: a TOML file, overridden by command-line flags.
+//! Every setting has a default, so `berth serve` needs no file at all.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::NodeId;
+
+/// How fresh tag and manifest reads must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Consistency {
+    /// Every read sees every write acknowledged before it (read index).
+    #[default]
+    Linearizable,
+    /// Serve from the local state machine; may lag the leader.
+    Local,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RaftSettings {
+    pub heartbeat_ms: u64,
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+    /// Build a snapshot (and compact the log) after this many applied entries.
+    pub snapshot_logs: u64,
+}
+
+impl Default for RaftSettings {
+    fn default() -> Self {
+        RaftSettings {
+            heartbeat_ms: 100,
+            election_min_ms: 500,
+            election_max_ms: 1000,
+            snapshot_logs: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub node_id: NodeId,
+    /// HTTP API listen address.
+    pub http: String,
+    /// Cluster gRPC listen address.
+    pub grpc: String,
+    pub data_dir: PathBuf,
+    pub region: String,
+    pub consistency: Consistency,
+    /// Largest manifest accepted, in bytes (manifests live in the Raft state).
+    pub max_manifest_bytes: usize,
+    /// Upload sessions untouched this long are removed.
+    pub upload_expiry_secs: u64,
+    pub raft: RaftSettings,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: 1,
+            http: "127.0.0.1:5000".into(),
+            grpc: "127.0.0.1:5001".into(),
+            data_dir: PathBuf::from("./berth-data"),
+            region: "default".into(),
+            consistency: Consistency::Linearizable,
+            max_manifest_bytes: 4 << 20,
+            upload_expiry_secs: 24 * 3600,
+            raft: RaftSettings::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("parsing {0}: {1}")]
+    Parse(PathBuf, toml::de::Error),
+    #[error("invalid setting: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.into(), e))?;
+        let cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse(path.into(), e))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node_id == 0 {
+            return Err(ConfigError::Invalid("node_id must be at least 1".into()));
+        }
+        if self.raft.election_min_ms >= self.raft.election_max_ms
+            || self.raft.heartbeat_ms >= self.raft.election_min_ms
+        {
+            return Err(ConfigError::Invalid(
+                "need heartbeat_ms < election_min_ms < election_max_ms".into(),
+            ));
+        }
+        if self.max_manifest_bytes == 0 {
+            return Err(ConfigError::Invalid(
+                "max_manifest_bytes must be positive".into(),
+            ));
+        }
+        Ok(())
+    }
+}

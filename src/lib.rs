@@ -1,0 +1,56 @@
+//! berth: a replicated, highly available OCI registry.
+//!
+//! Layers, bottom up: [`oci`] (the spec as types), [`meta`] (the Raft-replicated
+//! metadata on RocksDB), [`blob`] (content-addressed files and uploads),
+//! [`cluster`] (the Raft node and its gRPC transport), [`api`] (the HTTP V2
+//! API), and [`node`], which wires one node together.
+
+pub mod api;
+pub mod blob;
+pub mod cluster;
+pub mod config;
+pub mod meta;
+pub mod node;
+pub mod oci;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+pub type NodeId = u64;
+
+/// What the cluster knows about a member: where to reach it and where it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// HTTP API address (for forwarding and for operators).
+    pub api: String,
+    /// gRPC address for Raft and blob transfer.
+    pub grpc: String,
+    #[serde(default)]
+    pub region: String,
+}
+
+impl fmt::Display for NodeInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "api={} grpc={} region={}",
+            self.api, self.grpc, self.region
+        )
+    }
+}
+
+openraft::declare_raft_types!(
+    /// The Raft type configuration: commands are [`meta::Command`], snapshots
+    /// are files so a large state machine never has to fit in memory.
+    pub TypeConfig:
+        D = meta::Command,
+        R = meta::Outcome,
+        NodeId = NodeId,
+        Node = NodeInfo,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = tokio::fs::File,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;

@@ -1,0 +1,197 @@
+//! The Raft log on RocksDB. Appends go to the memtable at once (so readers see
+//! them) and are made durable by one flusher thread that syncs the WAL for
+//! every append waiting, then completes their callbacks in order: a group
+//! commit, so many concurrent writes share one fsync.
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::sync::{mpsc, Arc};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote};
+use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
+
+use super::{CF_LOGS, CF_RAFT};
+use crate::{NodeId, TypeConfig};
+
+type Entry = openraft::Entry<TypeConfig>;
+type SResult<T> = Result<T, StorageError<NodeId>>;
+
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_PURGED: &[u8] = b"last_purged";
+
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<DB>,
+    flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
+}
+
+fn key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn read_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::read_logs(&e).into()
+}
+
+fn write_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::write_logs(&e).into()
+}
+
+impl LogStore {
+    pub fn new(db: Arc<DB>) -> LogStore {
+        let (tx, rx) = mpsc::channel::<LogFlushed<TypeConfig>>();
+        let flush_db = db.clone();
+        std::thread::Builder::new()
+            .name("raft-log-flush".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    batch.extend(rx.try_iter());
+                    let res = flush_db.flush_wal(true);
+                    for cb in batch {
+                        let r = res
+                            .as_ref()
+                            .map_err(|e| std::io::Error::other(e.to_string()));
+                        cb.log_io_completed(r.map(|_| ()));
+                    }
+                }
+            })
+            .expect("spawn flusher");
+        LogStore { db, flusher: tx }
+    }
+
+    fn cf_logs(&self) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(CF_LOGS).expect("logs cf")
+    }
+
+    fn cf_raft(&self) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(CF_RAFT).expect("raft cf")
+    }
+
+    fn get_raft<T: serde::de::DeserializeOwned>(&self, k: &[u8]) -> SResult<Option<T>> {
+        let v = self.db.get_cf(self.cf_raft(), k).map_err(read_err)?;
+        v.map(|v| bincode::deserialize(&v).map_err(read_err))
+            .transpose()
+    }
+
+    /// Small raft-state writes (vote, purge marker) are synced immediately:
+    /// a vote that is forgotten after a crash can elect two leaders.
+    fn put_raft_synced<T: serde::Serialize>(&self, k: &[u8], v: &T) -> SResult<()> {
+        let bytes = bincode::serialize(v).map_err(write_err)?;
+        let mut opts = rocksdb::WriteOptions::default();
+        opts.set_sync(true);
+        self.db
+            .put_cf_opt(self.cf_raft(), k, bytes, &opts)
+            .map_err(write_err)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> SResult<Vec<Entry>> {
+        let start = match range.start_bound() {
+            Bound::Included(x) => *x,
+            Bound::Excluded(x) => *x + 1,
+            Bound::Unbounded => 0,
+        };
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(
+            self.cf_logs(),
+            IteratorMode::From(&key(start), Direction::Forward),
+        ) {
+            let (k, v) = item.map_err(read_err)?;
+            let idx = u64::from_be_bytes(k[..8].try_into().expect("8-byte key"));
+            if !range.contains(&idx) {
+                break;
+            }
+            out.push(bincode::deserialize(&v).map_err(read_err)?);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> SResult<LogState<TypeConfig>> {
+        let last_purged_log_id: Option<LogId<NodeId>> = self.get_raft(KEY_PURGED)?;
+        let last = match self
+            .db
+            .iterator_cf(self.cf_logs(), IteratorMode::End)
+            .next()
+        {
+            Some(item) => {
+                let (_, v) = item.map_err(read_err)?;
+                let e: Entry = bincode::deserialize(&v).map_err(read_err)?;
+                Some(e.log_id)
+            }
+            None => last_purged_log_id,
+        };
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> SResult<()> {
+        self.put_raft_synced(KEY_VOTE, vote)
+    }
+
+    async fn read_vote(&mut self) -> SResult<Option<Vote<NodeId>>> {
+        self.get_raft(KEY_VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> SResult<()> {
+        // Not synced: losing it only means re-learning the commit index.
+        let bytes = bincode::serialize(&committed).map_err(write_err)?;
+        self.db
+            .put_cf(self.cf_raft(), KEY_COMMITTED, bytes)
+            .map_err(write_err)
+    }
+
+    async fn read_committed(&mut self) -> SResult<Option<LogId<NodeId>>> {
+        Ok(self
+            .get_raft::<Option<LogId<NodeId>>>(KEY_COMMITTED)?
+            .flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> SResult<()>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = WriteBatch::default();
+        for e in entries {
+            let bytes = bincode::serialize(&e).map_err(write_err)?;
+            batch.put_cf(self.cf_logs(), key(e.log_id.index), bytes);
+        }
+        self.db.write(batch).map_err(write_err)?;
+        self.flusher
+            .send(callback)
+            .map_err(|_| write_err(std::io::Error::other("log flusher stopped")))?;
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> SResult<()> {
+        let mut opts = rocksdb::WriteOptions::default();
+        opts.set_sync(true);
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(self.cf_logs(), key(log_id.index), key(u64::MAX));
+        self.db.write_opt(batch, &opts).map_err(write_err)
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> SResult<()> {
+        self.put_raft_synced(KEY_PURGED, &log_id)?;
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(self.cf_logs(), key(0), key(log_id.index + 1));
+        self.db.write(batch).map_err(write_err)
+    }
+}

@@ -1,0 +1,503 @@
+//! The replicated state machine on RocksDB column families. Each log entry is
+//! applied in one write batch together with the applied log id, so apply is
+//! atomic and replaying an entry after a crash is a no-op.
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageError,
+    StorageIOError, StoredMembership,
+};
+use rocksdb::{IteratorMode, WriteBatch, DB};
+use serde::{Deserialize, Serialize};
+
+use super::command::{Command, Outcome, Rejection};
+use super::{
+    keys, BlobInfo, ManifestRecord, CF_BLOBS, CF_LINKS, CF_MANIFESTS, CF_REFERRERS, CF_REPOS,
+    CF_SM, CF_TAGS,
+};
+use crate::oci::{Descriptor, Manifest};
+use crate::{NodeId, NodeInfo, TypeConfig};
+
+type SResult<T> = Result<T, StorageError<NodeId>>;
+type Membership = StoredMembership<NodeId, NodeInfo>;
+
+const KEY_APPLIED: &[u8] = b"applied";
+const KEY_MEMBERSHIP: &[u8] = b"membership";
+const KEY_SNAPSHOT: &[u8] = b"snapshot";
+
+/// Column families that make up the replicated state, in snapshot order.
+const STATE_CFS: [&str; 6] = [
+    CF_MANIFESTS,
+    CF_TAGS,
+    CF_LINKS,
+    CF_BLOBS,
+    CF_REFERRERS,
+    CF_REPOS,
+];
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, NodeInfo>,
+    file: String,
+}
+
+pub struct StateMachine {
+    db: Arc<DB>,
+    snap_dir: PathBuf,
+    receiving: Option<PathBuf>,
+}
+
+fn io_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::write_state_machine(&e).into()
+}
+
+fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
+    db.cf_handle(name).expect("column family exists")
+}
+
+impl StateMachine {
+    pub fn new(db: Arc<DB>, snap_dir: PathBuf) -> std::io::Result<StateMachine> {
+        std::fs::create_dir_all(&snap_dir)?;
+        Ok(StateMachine {
+            db,
+            snap_dir,
+            receiving: None,
+        })
+    }
+
+    fn get_sm<T: serde::de::DeserializeOwned>(&self, k: &[u8]) -> SResult<Option<T>> {
+        let v = self.db.get_cf(cf(&self.db, CF_SM), k).map_err(io_err)?;
+        v.map(|v| bincode::deserialize(&v).map_err(io_err))
+            .transpose()
+    }
+
+    /// Apply one command's effects into `batch`, reading current state from
+    /// the database. Deterministic: depends only on the state and the command.
+    fn apply_command(&self, batch: &mut WriteBatch, cmd: Command) -> SResult<Outcome> {
+        let db = &self.db;
+        let exists = |cf_name: &str, k: &[u8]| -> SResult<bool> {
+            Ok(db
+                .get_pinned_cf(cf(db, cf_name), k)
+                .map_err(io_err)?
+                .is_some())
+        };
+        let result = match cmd {
+            Command::PutManifest {
+                repo,
+                digest,
+                media_type,
+                bytes,
+                tags,
+            } => {
+                let m = match Manifest::parse(Some(&media_type), &bytes) {
+                    Ok(m) => m,
+                    Err(e) => return Ok(Outcome(Err(Rejection::ManifestInvalid(e.message)))),
+                };
+                for b in &m.blobs {
+                    if !exists(CF_LINKS, &keys::repo_item(&repo, &b.to_string()))? {
+                        return Ok(Outcome(Err(Rejection::MissingReference(b.clone()))));
+                    }
+                }
+                for c in &m.children {
+                    if !exists(CF_MANIFESTS, &keys::repo_item(&repo, &c.to_string()))? {
+                        return Ok(Outcome(Err(Rejection::MissingReference(c.clone()))));
+                    }
+                }
+                let record = ManifestRecord {
+                    media_type: media_type.clone(),
+                    bytes,
+                };
+                let size = record.bytes.len() as u64;
+                batch.put_cf(
+                    cf(db, CF_MANIFESTS),
+                    keys::repo_item(&repo, &digest.to_string()),
+                    bincode::serialize(&record).map_err(io_err)?,
+                );
+                for t in &tags {
+                    batch.put_cf(
+                        cf(db, CF_TAGS),
+                        keys::repo_item(&repo, t.as_str()),
+                        digest.to_string(),
+                    );
+                }
+                if let Some(subject) = &m.subject {
+                    let desc = Descriptor {
+                        media_type,
+                        digest: digest.clone(),
+                        size,
+                        artifact_type: m.artifact_type.clone(),
+                        annotations: m.annotations.clone(),
+                        urls: None,
+                    };
+                    batch.put_cf(
+                        cf(db, CF_REFERRERS),
+                        keys::referrer(&repo, subject, &digest),
+                        serde_json::to_vec(&desc).map_err(io_err)?,
+                    );
+                }
+                batch.put_cf(cf(db, CF_REPOS), repo.as_str(), b"");
+                Ok(())
+            }
+            Command::DeleteManifest { repo, digest } => {
+                let k = keys::repo_item(&repo, &digest.to_string());
+                match db.get_cf(cf(db, CF_MANIFESTS), &k).map_err(io_err)? {
+                    None => Err(Rejection::ManifestUnknown),
+                    Some(v) => {
+                        let rec: ManifestRecord = bincode::deserialize(&v).map_err(io_err)?;
+                        batch.delete_cf(cf(db, CF_MANIFESTS), &k);
+                        let d = digest.to_string();
+                        let prefix = keys::repo_prefix(&repo);
+                        for item in db.prefix_iterator_cf(cf(db, CF_TAGS), &prefix) {
+                            let (tk, tv) = item.map_err(io_err)?;
+                            if !tk.starts_with(&prefix) {
+                                break;
+                            }
+                            if *tv == *d.as_bytes() {
+                                batch.delete_cf(cf(db, CF_TAGS), tk);
+                            }
+                        }
+                        if let Ok(m) = Manifest::parse(Some(&rec.media_type), &rec.bytes) {
+                            if let Some(subject) = m.subject {
+                                batch.delete_cf(
+                                    cf(db, CF_REFERRERS),
+                                    keys::referrer(&repo, &subject, &digest),
+                                );
+                            }
+                        }
+                        Ok(())
+                    }
+                }
+            }
+            Command::DeleteTag { repo, tag } => {
+                let k = keys::repo_item(&repo, tag.as_str());
+                if exists(CF_TAGS, &k)? {
+                    batch.delete_cf(cf(db, CF_TAGS), k);
+                    Ok(())
+                } else {
+                    Err(Rejection::ManifestUnknown)
+                }
+            }
+            Command::LinkBlob {
+                repo,
+                digest,
+                size,
+                holder,
+            } => {
+                let d = digest.to_string();
+                batch.put_cf(
+                    cf(db, CF_LINKS),
+                    keys::repo_item(&repo, &d),
+                    size.to_be_bytes(),
+                );
+                let mut info: BlobInfo = match db.get_cf(cf(db, CF_BLOBS), &d).map_err(io_err)? {
+                    Some(v) => bincode::deserialize(&v).map_err(io_err)?,
+                    None => BlobInfo {
+                        size,
+                        holders: Vec::new(),
+                    },
+                };
+                if let Some(h) = holder.filter(|h| !info.holders.contains(h)) {
+                    info.holders.push(h);
+                    info.holders.sort_unstable();
+                }
+                batch.put_cf(
+                    cf(db, CF_BLOBS),
+                    &d,
+                    bincode::serialize(&info).map_err(io_err)?,
+                );
+                batch.put_cf(cf(db, CF_REPOS), repo.as_str(), b"");
+                Ok(())
+            }
+            Command::UnlinkBlob { repo, digest } => {
+                let k = keys::repo_item(&repo, &digest.to_string());
+                if exists(CF_LINKS, &k)? {
+                    batch.delete_cf(cf(db, CF_LINKS), k);
+                    Ok(())
+                } else {
+                    Err(Rejection::BlobUnknown)
+                }
+            }
+        };
+        Ok(Outcome(result))
+    }
+
+    fn snapshot_path(&self, id: &str) -> PathBuf {
+        self.snap_dir.join(format!("{id}.snap"))
+    }
+}
+
+/// Snapshot file: for every key of every state column family, a record of
+/// `[cf index u8][key len u32][key][value len u32][value]`.
+fn write_snapshot(
+    db: &DB,
+    out: &std::path::Path,
+) -> std::io::Result<(Option<LogId<NodeId>>, Membership)> {
+    let snap = db.snapshot();
+    let read_sm = |k: &[u8]| snap.get_cf(cf(db, CF_SM), k).map_err(std::io::Error::other);
+    let applied: Option<LogId<NodeId>> = match read_sm(KEY_APPLIED)? {
+        Some(v) => bincode::deserialize(&v).map_err(std::io::Error::other)?,
+        None => None,
+    };
+    let membership: Membership = match read_sm(KEY_MEMBERSHIP)? {
+        Some(v) => bincode::deserialize(&v).map_err(std::io::Error::other)?,
+        None => Membership::default(),
+    };
+    let tmp = out.with_extension("tmp");
+    let mut w = BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
+    for (i, name) in STATE_CFS.iter().enumerate() {
+        for item in snap.iterator_cf(cf(db, name), IteratorMode::Start) {
+            let (k, v) = item.map_err(std::io::Error::other)?;
+            w.write_all(&[i as u8])?;
+            w.write_all(&(k.len() as u32).to_be_bytes())?;
+            w.write_all(&k)?;
+            w.write_all(&(v.len() as u32).to_be_bytes())?;
+            w.write_all(&v)?;
+        }
+    }
+    let f = w.into_inner().map_err(|e| e.into_error())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, out)?;
+    Ok((applied, membership))
+}
+
+/// Replace the whole state with a snapshot file's content, atomically.
+fn load_snapshot(
+    db: &DB,
+    file: std::fs::File,
+    meta: &SnapshotMeta<NodeId, NodeInfo>,
+) -> std::io::Result<()> {
+    let mut batch = WriteBatch::default();
+    for name in STATE_CFS {
+        batch.delete_range_cf(cf(db, name), &b""[..], &[0xffu8; 300][..]);
+    }
+    let mut r = BufReader::with_capacity(1 << 20, file);
+    let mut tag = [0u8; 1];
+    loop {
+        match r.read_exact(&mut tag) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(e),
+        }
+        let name = STATE_CFS
+            .get(tag[0] as usize)
+            .ok_or_else(|| std::io::Error::other("corrupt snapshot: bad column family"))?;
+        let mut read_chunk = || -> std::io::Result<Vec<u8>> {
+            let mut len = [0u8; 4];
+            r.read_exact(&mut len)?;
+            let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
+            r.read_exact(&mut buf)?;
+            Ok(buf)
+        };
+        let k = read_chunk()?;
+        let v = read_chunk()?;
+        batch.put_cf(cf(db, name), k, v);
+    }
+    let enc = |e: bincode::Error| std::io::Error::other(e);
+    batch.put_cf(
+        cf(db, CF_SM),
+        KEY_APPLIED,
+        bincode::serialize(&meta.last_log_id).map_err(enc)?,
+    );
+    batch.put_cf(
+        cf(db, CF_SM),
+        KEY_MEMBERSHIP,
+        bincode::serialize(&meta.last_membership).map_err(enc)?,
+    );
+    let mut opts = rocksdb::WriteOptions::default();
+    opts.set_sync(true);
+    db.write_opt(batch, &opts).map_err(std::io::Error::other)
+}
+
+pub struct SnapshotBuilder {
+    db: Arc<DB>,
+    snap_dir: PathBuf,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> SResult<Snapshot<TypeConfig>> {
+        let db = self.db.clone();
+        let dir = self.snap_dir.clone();
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_micros();
+        let tmp_path = dir.join(format!("build-{stamp}.snap"));
+        let p = tmp_path.clone();
+        let (applied, membership) = tokio::task::spawn_blocking(move || write_snapshot(&db, &p))
+            .await
+            .map_err(io_err)?
+            .map_err(io_err)?;
+        let snapshot_id = match applied {
+            Some(l) => format!("{}-{}-{stamp}", l.leader_id.term, l.index),
+            None => format!("0-0-{stamp}"),
+        };
+        let final_path = dir.join(format!("{snapshot_id}.snap"));
+        std::fs::rename(&tmp_path, &final_path).map_err(io_err)?;
+        let meta = SnapshotMeta {
+            last_log_id: applied,
+            last_membership: membership,
+            snapshot_id,
+        };
+        set_current_snapshot(&self.db, &dir, &meta, &final_path)?;
+        let file = tokio::fs::File::open(&final_path).await.map_err(io_err)?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(file),
+        })
+    }
+}
+
+/// Record `path` as the current snapshot and delete older snapshot files.
+fn set_current_snapshot(
+    db: &DB,
+    dir: &std::path::Path,
+    meta: &SnapshotMeta<NodeId, NodeInfo>,
+    path: &std::path::Path,
+) -> SResult<()> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_owned();
+    let stored = StoredSnapshot {
+        meta: meta.clone(),
+        file: name.clone(),
+    };
+    let mut opts = rocksdb::WriteOptions::default();
+    opts.set_sync(true);
+    db.put_cf_opt(
+        cf(db, CF_SM),
+        KEY_SNAPSHOT,
+        bincode::serialize(&stored).map_err(io_err)?,
+        &opts,
+    )
+    .map_err(io_err)?;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            if n.ends_with(".snap")
+                && n != name
+                && !n.starts_with("build-")
+                && !n.starts_with("recv-")
+            {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> SResult<(Option<LogId<NodeId>>, Membership)> {
+        let applied = self.get_sm::<Option<LogId<NodeId>>>(KEY_APPLIED)?.flatten();
+        let membership = self
+            .get_sm::<Membership>(KEY_MEMBERSHIP)?
+            .unwrap_or_default();
+        Ok((applied, membership))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> SResult<Vec<Outcome>>
+    where
+        I: IntoIterator<Item = openraft::Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut out = Vec::new();
+        for entry in entries {
+            let mut batch = WriteBatch::default();
+            let sm = cf(&self.db, CF_SM);
+            batch.put_cf(
+                sm,
+                KEY_APPLIED,
+                bincode::serialize(&Some(entry.log_id)).map_err(io_err)?,
+            );
+            let outcome = match entry.payload {
+                EntryPayload::Blank => Outcome(Ok(())),
+                EntryPayload::Normal(cmd) => self.apply_command(&mut batch, cmd)?,
+                EntryPayload::Membership(m) => {
+                    let stored = Membership::new(Some(entry.log_id), m);
+                    batch.put_cf(
+                        sm,
+                        KEY_MEMBERSHIP,
+                        bincode::serialize(&stored).map_err(io_err)?,
+                    );
+                    Outcome(Ok(()))
+                }
+            };
+            self.db.write(batch).map_err(io_err)?;
+            out.push(outcome);
+        }
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder {
+            db: self.db.clone(),
+            snap_dir: self.snap_dir.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> SResult<Box<tokio::fs::File>> {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_micros();
+        let path = self.snap_dir.join(format!("recv-{stamp}.snap"));
+        let f = tokio::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .await
+            .map_err(io_err)?;
+        self.receiving = Some(path);
+        Ok(Box::new(f))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, NodeInfo>,
+        snapshot: Box<tokio::fs::File>,
+    ) -> SResult<()> {
+        let mut f = snapshot.into_std().await;
+        let db = self.db.clone();
+        let m = meta.clone();
+        let f = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+            use std::io::Seek;
+            f.sync_all()?;
+            f.seek(std::io::SeekFrom::Start(0))?;
+            load_snapshot(&db, f.try_clone()?, &m)?;
+            Ok(f)
+        })
+        .await
+        .map_err(io_err)?
+        .map_err(io_err)?;
+        drop(f);
+        let final_path = self.snapshot_path(&meta.snapshot_id);
+        if let Some(p) = self.receiving.take() {
+            std::fs::rename(p, &final_path).map_err(io_err)?;
+        }
+        set_current_snapshot(&self.db, &self.snap_dir, meta, &final_path)
+    }
+
+    async fn get_current_snapshot(&mut self) -> SResult<Option<Snapshot<TypeConfig>>> {
+        let Some(stored) = self.get_sm::<StoredSnapshot>(KEY_SNAPSHOT)? else {
+            return Ok(None);
+        };
+        match tokio::fs::File::open(self.snap_dir.join(&stored.file)).await {
+            Ok(f) => Ok(Some(Snapshot {
+                meta: stored.meta,
+                snapshot: Box::new(f),
+            })),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(e)),
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Helpers shared by the integration tests: start nodes on ephemeral ports
+//! and talk the registry protocol with a real HTTP client.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use berth::config::Config;
+use berth::node::RunningNode;
+use sha2::{Digest as _, Sha256};
+
+pub fn sha256(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+pub fn test_config(dir: &Path) -> Config {
+    let mut c = Config {
+        http: "127.0.0.1:0".into(),
+        grpc: "127.0.0.1:0".into(),
+        data_dir: dir.to_path_buf(),
+        ..Config::default()
+    };
+    c.raft.heartbeat_ms = 50;
+    c.raft.election_min_ms = 200;
+    c.raft.election_max_ms = 400;
+    c
+}
+
+pub struct TestNode {
+    pub node: RunningNode,
+    pub base: String,
+    pub dir: tempfile::TempDir,
+}
+
+pub async fn start_node() -> TestNode {
+    let dir = tempfile::tempdir().unwrap();
+    let node = RunningNode::start(test_config(dir.path())).await.unwrap();
+    let base = format!("http://{}", node.http_addr);
+    TestNode { node, base, dir }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// Assert a spec error response: status and code.
+pub async fn expect_error(resp: reqwest::Response, status: u16, code: &str) {
+    assert_eq!(
+        resp.status().as_u16(),
+        status,
+        "unexpected status for {}",
+        resp.url()
+    );
+    let body: serde_json::Value = resp.json().await.expect("error body is JSON");
+    assert_eq!(body["errors"][0]["code"], code, "body: {body}");
+}
+
+/// Push a blob monolithically; returns its digest.
+pub async fn push_blob(c: &reqwest::Client, base: &str, repo: &str, data: &[u8]) -> String {
+    let d = sha256(data);
+    let r = c
+        .post(format!("{base}/v2/{repo}/blobs/uploads/?digest={d}"))
+        .header("Content-Type", "application/octet-stream")
+        .body(data.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "push blob");
+    d
+}
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+/// An image manifest over `config` and `layers` (digest, size) pairs.
+pub fn image_manifest(config: (&str, usize), layers: &[(&str, usize)], extra: &str) -> Vec<u8> {
+    let layers: Vec<String> = layers
+        .iter()
+        .map(|(d, s)| format!(r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{d}","size":{s}}}"#))
+        .collect();
+    format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":{}}},"layers":[{}]{extra}}}"#,
+        config.0,
+        config.1,
+        layers.join(",")
+    )
+    .into_bytes()
+}
+
+/// Push a small image (config + one layer) and tag it; returns the manifest
+/// digest and bytes.
+pub async fn push_image(
+    c: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    tag: &str,
+    seed: &str,
+) -> (String, Vec<u8>) {
+    let config = format!(r#"{{"seed":"{seed}"}}"#).into_bytes();
+    let layer = format!("layer-{seed}").repeat(100).into_bytes();
+    let cd = push_blob(c, base, repo, &config).await;
+    let ld = push_blob(c, base, repo, &layer).await;
+    let m = image_manifest((&cd, config.len()), &[(&ld, layer.len())], "");
+    let r = c
+        .put(format!("{base}/v2/{repo}/manifests/{tag}"))
+        .header("Content-Type", OCI_MANIFEST)
+        .body(m.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "push manifest: {:?}", r.text().await);
+    (sha256(&m), m)
+}
+
+/// Poll `f` until it returns true or the deadline passes.
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// Every file under `dir`, relative, sorted: to show nothing was stored.
+pub fn files_under(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    fn walk(root: &Path, d: &Path, out: &mut Vec<String>) {
+        if let Ok(rd) = std::fs::read_dir(d) {
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(root, &p, out);
+                } else {
+                    out.push(p.strip_prefix(root).unwrap().to_string_lossy().into_owned());
+                }
+            }
+        }
+    }
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
