@@ -95,17 +95,14 @@ impl Config {
         if self.node_id == 0 {
             return Err(ConfigError::Invalid("node_id must be at least 1".into()));
         }
-        if self.raft.election_min_ms >= self.raft.election_max_ms
-            || self.raft.heartbeat_ms >= self.raft.election_min_ms
+        if self.raft.election_min_ms >= self.raft.election_max_ms || self.raft.heartbeat_ms >= self.raft.election_min_ms
         {
             return Err(ConfigError::Invalid(
                 "need heartbeat_ms < election_min_ms < election_max_ms".into(),
             ));
         }
         if self.max_manifest_bytes == 0 {
-            return Err(ConfigError::Invalid(
-                "max_manifest_bytes must be positive".into(),
-            ));
+            return Err(ConfigError::Invalid("max_manifest_bytes must be positive".into()));
         }
         Ok(())
     }

@@ -5,6 +5,10 @@
 //! [`cluster`] (the Raft node and its gRPC transport), [`api`] (the HTTP V2
 //! API), and [`node`], which wires one node together.
 
+// openraft and tonic fix the error types of the storage and RPC traits; they
+// are large by design and boxing them would only add allocations.
+#![allow(clippy::result_large_err)]
+
 pub mod api;
 pub mod blob;
 pub mod cluster;
@@ -32,11 +36,7 @@ pub struct NodeInfo {
 
 impl fmt::Display for NodeInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "api={} grpc={} region={}",
-            self.api, self.grpc, self.region
-        )
+        write!(f, "api={} grpc={} region={}", self.api, self.grpc, self.region)
     }
 }
 

@@ -8,11 +8,7 @@ use berth::config::Config;
 use berth::node::RunningNode;
 
 #[derive(Parser)]
-#[command(
-    name = "berth",
-    version,
-    about = "A replicated, highly available OCI registry"
-)]
+#[command(name = "berth", version, about = "A replicated, highly available OCI registry")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -40,8 +36,7 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,openraft=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,openraft=warn".into()),
         )
         .init();
     let cli = Cli::parse();

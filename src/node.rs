@@ -43,8 +43,7 @@ fn raft_config(cfg: &Config) -> anyhow::Result<Arc<openraft::Config>> {
 impl RunningNode {
     pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
         cfg.validate()?;
-        std::fs::create_dir_all(&cfg.data_dir)
-            .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+        std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
         let db = meta::open_db(&cfg.data_dir.join("meta")).context("opening metadata database")?;
         let store = BlobStore::new(cfg.data_dir.join("blobs"))?;
         let uploads = Uploads::new(cfg.node_id, cfg.data_dir.join("uploads"), store)?;
@@ -59,15 +58,9 @@ impl RunningNode {
         let grpc_addr = grpc.local_addr()?;
 
         let sm = StateMachine::new(db.clone(), cfg.data_dir.join("snapshots"))?;
-        let raft = Raft::new(
-            cfg.node_id,
-            raft_config(&cfg)?,
-            Network,
-            LogStore::new(db.clone()),
-            sm,
-        )
-        .await
-        .context("starting raft")?;
+        let raft = Raft::new(cfg.node_id, raft_config(&cfg)?, Network, LogStore::new(db.clone()), sm)
+            .await
+            .context("starting raft")?;
         let cluster = Cluster::new(cfg.node_id, raft.clone(), cfg.consistency);
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = Vec::new();

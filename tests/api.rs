@@ -8,16 +8,9 @@ use common::*;
 #[tokio::test]
 async fn base_endpoint_answers_with_api_version() {
     let n = start_node().await;
-    let r = client()
-        .get(format!("{}/v2/", n.base))
-        .send()
-        .await
-        .unwrap();
+    let r = client().get(format!("{}/v2/", n.base)).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(
-        r.headers()["Docker-Distribution-API-Version"],
-        "registry/2.0"
-    );
+    assert_eq!(r.headers()["Docker-Distribution-API-Version"], "registry/2.0");
     n.node.shutdown().await;
 }
 
@@ -38,39 +31,20 @@ async fn monolithic_blob_push_get_head_range() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["Content-Length"], "100000");
 
-    let r = c
-        .get(&url)
-        .header("Range", "bytes=10-19")
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(&url).header("Range", "bytes=10-19").send().await.unwrap();
     assert_eq!(r.status(), 206);
     assert_eq!(r.headers()["Content-Range"], "bytes 10-19/100000");
     assert_eq!(r.bytes().await.unwrap().as_ref(), &data[10..20]);
 
-    let r = c
-        .get(&url)
-        .header("Range", "bytes=-5")
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(&url).header("Range", "bytes=-5").send().await.unwrap();
     assert_eq!(r.status(), 206);
     assert_eq!(r.bytes().await.unwrap().as_ref(), &data[data.len() - 5..]);
 
-    let r = c
-        .get(&url)
-        .header("Range", "bytes=200000-")
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(&url).header("Range", "bytes=200000-").send().await.unwrap();
     assert_eq!(r.status(), 416);
 
     // Not linked into another repository.
-    let r = c
-        .get(format!("{}/v2/other/blobs/{d}", n.base))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(format!("{}/v2/other/blobs/{d}", n.base)).send().await.unwrap();
     expect_error(r, 404, "BLOB_UNKNOWN").await;
     n.node.shutdown().await;
 }
@@ -114,12 +88,7 @@ async fn chunked_upload_with_status_out_of_order_and_final_chunk() {
     assert_eq!(r.headers()["Range"], "0-9");
 
     // A streamed chunk without Content-Range appends.
-    let r = c
-        .patch(&url)
-        .body(data[10..20].to_vec())
-        .send()
-        .await
-        .unwrap();
+    let r = c.patch(&url).body(data[10..20].to_vec()).send().await.unwrap();
     assert_eq!(r.status(), 202);
     assert_eq!(r.headers()["Range"], "0-19");
 
@@ -134,10 +103,7 @@ async fn chunked_upload_with_status_out_of_order_and_final_chunk() {
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
-    assert_eq!(
-        r.headers()["Location"],
-        format!("/v2/repo/blobs/{d}").as_str()
-    );
+    assert_eq!(r.headers()["Location"], format!("/v2/repo/blobs/{d}").as_str());
 
     let got = c
         .get(format!("{}/v2/repo/blobs/{d}", n.base))
@@ -149,12 +115,7 @@ async fn chunked_upload_with_status_out_of_order_and_final_chunk() {
         .unwrap();
     assert_eq!(got.as_ref(), &data[..]);
     // The session is gone once completed.
-    expect_error(
-        c.get(&url).send().await.unwrap(),
-        404,
-        "BLOB_UPLOAD_UNKNOWN",
-    )
-    .await;
+    expect_error(c.get(&url).send().await.unwrap(), 404, "BLOB_UPLOAD_UNKNOWN").await;
     n.node.shutdown().await;
 }
 
@@ -170,18 +131,10 @@ async fn wrong_digest_is_refused_and_nothing_is_stored() {
         .await
         .unwrap();
     expect_error(r, 400, "DIGEST_INVALID").await;
-    let r = c
-        .get(format!("{}/v2/repo/blobs/{wrong}", n.base))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(format!("{}/v2/repo/blobs/{wrong}", n.base)).send().await.unwrap();
     expect_error(r, 404, "BLOB_UNKNOWN").await;
     let r = c
-        .get(format!(
-            "{}/v2/repo/blobs/{}",
-            n.base,
-            sha256(b"actual bytes")
-        ))
+        .get(format!("{}/v2/repo/blobs/{}", n.base, sha256(b"actual bytes")))
         .send()
         .await
         .unwrap();
@@ -218,12 +171,7 @@ async fn cancel_upload_and_unknown_upload() {
     let url = format!("{}{}", n.base, r.headers()["Location"].to_str().unwrap());
     c.patch(&url).body("partial").send().await.unwrap();
     assert_eq!(c.delete(&url).send().await.unwrap().status(), 204);
-    expect_error(
-        c.get(&url).send().await.unwrap(),
-        404,
-        "BLOB_UPLOAD_UNKNOWN",
-    )
-    .await;
+    expect_error(c.get(&url).send().await.unwrap(), 404, "BLOB_UPLOAD_UNKNOWN").await;
     expect_error(
         c.patch(&url).body("x").send().await.unwrap(),
         404,
@@ -231,11 +179,7 @@ async fn cancel_upload_and_unknown_upload() {
     )
     .await;
     let r = c
-        .get(format!(
-            "{}/v2/repo/blobs/uploads/1-{}",
-            n.base,
-            "0".repeat(32)
-        ))
+        .get(format!("{}/v2/repo/blobs/uploads/1-{}", n.base, "0".repeat(32)))
         .send()
         .await
         .unwrap();
@@ -247,15 +191,8 @@ async fn cancel_upload_and_unknown_upload() {
         .unwrap();
     expect_error(r, 404, "BLOB_UPLOAD_UNKNOWN").await;
     // An upload id of one repository is unknown in another.
-    let r = c
-        .post(format!("{}/v2/a/blobs/uploads/", n.base))
-        .send()
-        .await
-        .unwrap();
-    let loc = r.headers()["Location"]
-        .to_str()
-        .unwrap()
-        .replace("/v2/a/", "/v2/b/");
+    let r = c.post(format!("{}/v2/a/blobs/uploads/", n.base)).send().await.unwrap();
+    let loc = r.headers()["Location"].to_str().unwrap().replace("/v2/a/", "/v2/b/");
     expect_error(
         c.get(format!("{}{loc}", n.base)).send().await.unwrap(),
         404,
@@ -272,18 +209,12 @@ async fn cross_repository_mount_with_and_without_from() {
     let c = client();
     let d = push_blob(&c, &n.base, "src", b"shared layer").await;
     let r = c
-        .post(format!(
-            "{}/v2/dst/blobs/uploads/?mount={d}&from=src",
-            n.base
-        ))
+        .post(format!("{}/v2/dst/blobs/uploads/?mount={d}&from=src", n.base))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
-    assert_eq!(
-        r.headers()["Location"],
-        format!("/v2/dst/blobs/{d}").as_str()
-    );
+    assert_eq!(r.headers()["Location"], format!("/v2/dst/blobs/{d}").as_str());
     let r = c
         .post(format!("{}/v2/anon/blobs/uploads/?mount={d}", n.base))
         .send()
@@ -329,31 +260,20 @@ async fn manifests_by_tag_and_digest_with_errors() {
         assert_eq!(r.headers()["Docker-Content-Digest"], md.as_str());
         assert_eq!(r.bytes().await.unwrap().as_ref(), &m[..]);
     }
-    let r = c
-        .head(format!("{}/v2/img/manifests/v1", n.base))
-        .send()
-        .await
-        .unwrap();
+    let r = c.head(format!("{}/v2/img/manifests/v1", n.base)).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["Content-Length"], m.len().to_string().as_str());
 
     // Accept negotiation: a client that only takes Docker manifests.
     let r = c
         .get(format!("{}/v2/img/manifests/v1", n.base))
-        .header(
-            "Accept",
-            "application/vnd.docker.distribution.manifest.v2+json",
-        )
+        .header("Accept", "application/vnd.docker.distribution.manifest.v2+json")
         .send()
         .await
         .unwrap();
     expect_error(r, 404, "MANIFEST_UNKNOWN").await;
 
-    let r = c
-        .get(format!("{}/v2/img/manifests/nope", n.base))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(format!("{}/v2/img/manifests/nope", n.base)).send().await.unwrap();
     expect_error(r, 404, "MANIFEST_UNKNOWN").await;
 
     // PUT by a digest that does not match the body.
@@ -450,10 +370,7 @@ async fn index_needs_its_children_and_tag_params_answer_oci_tag() {
     let good = index(&child);
     let gd = sha256(&good);
     let r = c
-        .put(format!(
-            "{}/v2/multi/manifests/{gd}?tag=one&tag=two",
-            n.base
-        ))
+        .put(format!("{}/v2/multi/manifests/{gd}?tag=one&tag=two", n.base))
         .header("Content-Type", OCI_INDEX)
         .body(good)
         .send()
@@ -495,11 +412,7 @@ async fn tag_list_and_catalog_paginate_with_links() {
         assert_eq!(r.status(), 201);
         assert_eq!(r.headers()["Docker-Content-Digest"], md.as_str());
     }
-    let r = c
-        .get(format!("{}/v2/pages/tags/list", n.base))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(format!("{}/v2/pages/tags/list", n.base)).send().await.unwrap();
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["tags"], serde_json::json!(["t0", "t1", "t2", "t3", "t4"]));
 
@@ -508,10 +421,7 @@ async fn tag_list_and_catalog_paginate_with_links() {
         .send()
         .await
         .unwrap();
-    assert_eq!(
-        r.headers()["Link"],
-        "</v2/pages/tags/list?n=2&last=t1>; rel=\"next\""
-    );
+    assert_eq!(r.headers()["Link"], "</v2/pages/tags/list?n=2&last=t1>; rel=\"next\"");
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["tags"], serde_json::json!(["t0", "t1"]));
 
@@ -533,15 +443,8 @@ async fn tag_list_and_catalog_paginate_with_links() {
     assert_eq!(v["tags"], serde_json::json!([]));
 
     push_blob(&c, &n.base, "another", b"x").await;
-    let r = c
-        .get(format!("{}/v2/_catalog?n=1", n.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        r.headers()["Link"],
-        "</v2/_catalog?n=1&last=another>; rel=\"next\""
-    );
+    let r = c.get(format!("{}/v2/_catalog?n=1", n.base)).send().await.unwrap();
+    assert_eq!(r.headers()["Link"], "</v2/_catalog?n=1&last=another>; rel=\"next\"");
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["repositories"], serde_json::json!(["another"]));
     let v: serde_json::Value = c
@@ -554,11 +457,7 @@ async fn tag_list_and_catalog_paginate_with_links() {
         .unwrap();
     assert_eq!(v["repositories"], serde_json::json!(["another", "pages"]));
 
-    let r = c
-        .get(format!("{}/v2/unknown/tags/list", n.base))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(format!("{}/v2/unknown/tags/list", n.base)).send().await.unwrap();
     expect_error(r, 404, "NAME_UNKNOWN").await;
     n.node.shutdown().await;
 }
@@ -570,12 +469,9 @@ async fn referrers_with_artifact_type_filter() {
     let (subject, m) = push_image(&c, &n.base, "ref", "base", "s").await;
     let empty = push_blob(&c, &n.base, "ref", b"{}").await;
     let mut artifacts = Vec::new();
-    for (i, at) in [
-        "application/vnd.example.sbom",
-        "application/vnd.example.sig",
-    ]
-    .iter()
-    .enumerate()
+    for (i, at) in ["application/vnd.example.sbom", "application/vnd.example.sig"]
+        .iter()
+        .enumerate()
     {
         let body = format!(
             r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","artifactType":"{at}","config":{{"mediaType":"application/vnd.oci.empty.v1+json","digest":"{empty}","size":2}},"layers":[],"subject":{{"mediaType":"{OCI_MANIFEST}","digest":"{subject}","size":{}}},"annotations":{{"n":"{i}"}}}}"#,
@@ -668,10 +564,7 @@ async fn deletes_of_tags_manifests_and_blobs() {
         202
     );
     expect_error(
-        c.get(format!("{}/v2/del/manifests/drop", n.base))
-            .send()
-            .await
-            .unwrap(),
+        c.get(format!("{}/v2/del/manifests/drop", n.base)).send().await.unwrap(),
         404,
         "MANIFEST_UNKNOWN",
     )
@@ -694,11 +587,7 @@ async fn deletes_of_tags_manifests_and_blobs() {
         202
     );
     for r in ["keep", md.as_str()] {
-        let resp = c
-            .get(format!("{}/v2/del/manifests/{r}", n.base))
-            .send()
-            .await
-            .unwrap();
+        let resp = c.get(format!("{}/v2/del/manifests/{r}", n.base)).send().await.unwrap();
         expect_error(resp, 404, "MANIFEST_UNKNOWN").await;
     }
     let r = c
@@ -718,19 +607,13 @@ async fn deletes_of_tags_manifests_and_blobs() {
         202
     );
     expect_error(
-        c.get(format!("{}/v2/del/blobs/{d}", n.base))
-            .send()
-            .await
-            .unwrap(),
+        c.get(format!("{}/v2/del/blobs/{d}", n.base)).send().await.unwrap(),
         404,
         "BLOB_UNKNOWN",
     )
     .await;
     expect_error(
-        c.delete(format!("{}/v2/del/blobs/{d}", n.base))
-            .send()
-            .await
-            .unwrap(),
+        c.delete(format!("{}/v2/del/blobs/{d}", n.base)).send().await.unwrap(),
         404,
         "BLOB_UNKNOWN",
     )
@@ -750,11 +633,7 @@ async fn invalid_names_and_methods() {
     ] {
         let r = c.get(format!("{}{path}", n.base)).send().await.unwrap();
         // `..` may be normalized away by the client: then it is simply unknown.
-        assert!(
-            r.status() == 400 || r.status() == 404,
-            "{path}: {}",
-            r.status()
-        );
+        assert!(r.status() == 400 || r.status() == 404, "{path}: {}", r.status());
         if r.status() == 400 {
             expect_error(r, 400, "NAME_INVALID").await;
         }
@@ -821,9 +700,7 @@ async fn truncated_upload_changes_nothing() {
     assert_eq!(r.headers()["Range"], "0-9");
 
     // Declare 1000 bytes, send 10, hang up.
-    let mut s = tokio::net::TcpStream::connect(n.node.http_addr)
-        .await
-        .unwrap();
+    let mut s = tokio::net::TcpStream::connect(n.node.http_addr).await.unwrap();
     let req = format!("PATCH {loc} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nabcdefghij");
     s.write_all(req.as_bytes()).await.unwrap();
     s.shutdown().await.unwrap();
@@ -840,10 +717,7 @@ async fn truncated_upload_changes_nothing() {
             let url = url.clone();
             async move {
                 let r = c.get(&url).send().await.unwrap();
-                r.headers()
-                    .get("Range")
-                    .map(|v| v == "0-9")
-                    .unwrap_or(false)
+                r.headers().get("Range").map(|v| v == "0-9").unwrap_or(false)
             }
         },
     )

@@ -13,12 +13,8 @@ use crate::blob::UploadId;
 use crate::meta::{Command, Outcome};
 use crate::oci::{Digest, Error, ErrorCode, Name};
 
-fn body_stream(
-    req: Request<Incoming>,
-) -> impl Stream<Item = std::io::Result<Bytes>> + Send + Unpin {
-    req.into_body()
-        .into_data_stream()
-        .map_err(std::io::Error::other)
+fn body_stream(req: Request<Incoming>) -> impl Stream<Item = std::io::Result<Bytes>> + Send + Unpin {
+    req.into_body().into_data_stream().map_err(std::io::Error::other)
 }
 
 fn upload_location(name: &Name, id: &UploadId) -> String {
@@ -79,21 +75,12 @@ fn parse_range(value: &str, size: u64) -> Option<(u64, u64)> {
             (size.saturating_sub(n), size)
         }
         (a, "") => (a.parse().ok()?, size),
-        (a, b) => (
-            a.parse().ok()?,
-            b.parse::<u64>().ok()?.saturating_add(1).min(size),
-        ),
+        (a, b) => (a.parse().ok()?, b.parse::<u64>().ok()?.saturating_add(1).min(size)),
     };
     (start < end && start < size).then_some((start, end))
 }
 
-pub async fn get(
-    state: &AppState,
-    name: &Name,
-    digest: &Digest,
-    headers: &HeaderMap,
-    head: bool,
-) -> ApiResult {
+pub async fn get(state: &AppState, name: &Name, digest: &Digest, headers: &HeaderMap, head: bool) -> ApiResult {
     let size = linked_size(state, name, digest).await?;
     let reader = state
         .uploads
@@ -126,10 +113,7 @@ pub async fn get(
     };
     let mut b = common(status).header(header::CONTENT_LENGTH, end - start);
     if status == StatusCode::PARTIAL_CONTENT {
-        b = b.header(
-            header::CONTENT_RANGE,
-            format!("bytes {}-{}/{size}", start, end - 1),
-        );
+        b = b.header(header::CONTENT_RANGE, format!("bytes {}-{}/{size}", start, end - 1));
     }
     if head {
         return finish(b, empty());
@@ -143,25 +127,13 @@ pub async fn delete(state: &AppState, name: &Name, digest: &Digest) -> ApiResult
         digest: digest.clone(),
     };
     match state.cluster.propose(cmd).await? {
-        Outcome(Ok(())) => finish(
-            builder(StatusCode::ACCEPTED).header(header::CONTENT_LENGTH, 0),
-            empty(),
-        ),
-        Outcome(Err(_)) => Err(Error::new(
-            ErrorCode::BlobUnknown,
-            "blob unknown to repository",
-        )),
+        Outcome(Ok(())) => finish(builder(StatusCode::ACCEPTED).header(header::CONTENT_LENGTH, 0), empty()),
+        Outcome(Err(_)) => Err(Error::new(ErrorCode::BlobUnknown, "blob unknown to repository")),
     }
 }
 
 /// Record a verified, locally stored blob in the replicated index.
-async fn link(
-    state: &AppState,
-    name: &Name,
-    digest: &Digest,
-    size: u64,
-    holder: bool,
-) -> Result<(), Error> {
+async fn link(state: &AppState, name: &Name, digest: &Digest, size: u64, holder: bool) -> Result<(), Error> {
     let cmd = Command::LinkBlob {
         repo: name.clone(),
         digest: digest.clone(),
@@ -176,11 +148,7 @@ async fn link(
 
 /// Cross-repository mount: with `from`, the blob must be linked there; without,
 /// any repository's copy will do. Returns the size when the mount can happen.
-async fn mountable(
-    state: &AppState,
-    digest: &Digest,
-    from: Option<&str>,
-) -> Result<Option<u64>, Error> {
+async fn mountable(state: &AppState, digest: &Digest, from: Option<&str>) -> Result<Option<u64>, Error> {
     state.cluster.read_barrier().await?;
     let size = match from.map(str::parse::<Name>) {
         Some(Ok(from)) => state.meta.blob_link(&from, digest)?,
@@ -193,12 +161,7 @@ async fn mountable(
     }
 }
 
-pub async fn start_upload(
-    state: &AppState,
-    name: &Name,
-    query: &Query,
-    req: Request<Incoming>,
-) -> ApiResult {
+pub async fn start_upload(state: &AppState, name: &Name, query: &Query, req: Request<Incoming>) -> ApiResult {
     if let Some(m) = query.get("mount") {
         if let Ok(digest) = m.parse::<Digest>() {
             if let Some(size) = mountable(state, &digest, query.get("from")).await? {
@@ -211,11 +174,7 @@ pub async fn start_upload(
     if let Some(d) = query.get("digest") {
         let digest: Digest = d.parse()?;
         let id = state.uploads.start(name).await.map_err(blob_error)?;
-        let size = match state
-            .uploads
-            .finish(&id, name, &digest, body_stream(req))
-            .await
-        {
+        let size = match state.uploads.finish(&id, name, &digest, body_stream(req)).await {
             Ok(size) => size,
             Err(e) => {
                 let _ = state.uploads.cancel(&id, name).await;
@@ -255,20 +214,10 @@ fn content_range(headers: &HeaderMap) -> Result<Option<(u64, u64)>, Error> {
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
-pub async fn patch_upload(
-    state: &AppState,
-    name: &Name,
-    id: &UploadId,
-    req: Request<Incoming>,
-) -> ApiResult {
+pub async fn patch_upload(state: &AppState, name: &Name, id: &UploadId, req: Request<Incoming>) -> ApiResult {
     let range = content_range(req.headers())?;
     if let (Some((a, b)), Some(len)) = (range, content_length(req.headers())) {
         if b - a + 1 != len {
@@ -279,11 +228,7 @@ pub async fn patch_upload(
         }
     }
     let offset = range.map(|(a, _)| a);
-    match state
-        .uploads
-        .append(id, name, offset, body_stream(req))
-        .await
-    {
+    match state.uploads.append(id, name, offset, body_stream(req)).await {
         Ok(size) => upload_accepted(StatusCode::ACCEPTED, name, id, size),
         Err(crate::blob::BlobError::OutOfOrder { expected, .. }) => {
             let e = Error::new(ErrorCode::RangeInvalid, "chunk out of order");
@@ -293,10 +238,7 @@ pub async fn patch_upload(
                 header::LOCATION,
                 upload_location(name, id).parse().expect("valid header"),
             );
-            h.insert(
-                header::RANGE,
-                upload_range(expected).parse().expect("valid header"),
-            );
+            h.insert(header::RANGE, upload_range(expected).parse().expect("valid header"));
             Ok(resp)
         }
         Err(e) => Err(blob_error(e)),

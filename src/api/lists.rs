@@ -14,8 +14,7 @@ fn pagination(query: &Query) -> Result<(Option<usize>, Option<&str>), Error> {
     let n = match query.get("n") {
         None | Some("") => None,
         Some(v) => Some(v.parse::<usize>().map_err(|_| {
-            Error::new(ErrorCode::Unsupported, "n must be a non-negative integer")
-                .with_status(StatusCode::BAD_REQUEST)
+            Error::new(ErrorCode::Unsupported, "n must be a non-negative integer").with_status(StatusCode::BAD_REQUEST)
         })?),
     };
     Ok((n, query.get("last").filter(|l| !l.is_empty())))
@@ -28,10 +27,7 @@ fn page_response<T: Serialize>(body: &T, page: &Page, n: Option<usize>, base: &s
         .header(header::CONTENT_LENGTH, json.len());
     if let (true, Some(n), Some(last)) = (page.more, n, page.items.last()) {
         let last: String = form_urlencoded::byte_serialize(last.as_bytes()).collect();
-        b = b.header(
-            header::LINK,
-            format!("<{base}?n={n}&last={last}>; rel=\"next\""),
-        );
+        b = b.header(header::LINK, format!("<{base}?n={n}&last={last}>; rel=\"next\""));
     }
     finish(b, full(json))
 }
@@ -80,12 +76,7 @@ pub async fn catalog(state: &AppState, query: &Query) -> ApiResult {
     )
 }
 
-pub async fn referrers(
-    state: &AppState,
-    name: &Name,
-    subject: &Digest,
-    query: &Query,
-) -> ApiResult {
+pub async fn referrers(state: &AppState, name: &Name, subject: &Digest, query: &Query) -> ApiResult {
     state.cluster.read_barrier().await?;
     let mut manifests = state.meta.referrers(name, subject)?;
     let filter = query.get("artifactType").filter(|f| !f.is_empty());

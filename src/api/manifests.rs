@@ -16,11 +16,7 @@ fn unknown() -> Error {
 
 /// Resolve a reference to a digest and the stored manifest. Tags always go
 /// through the read barrier; digests only when missing locally.
-async fn lookup(
-    state: &AppState,
-    name: &Name,
-    r: &Reference,
-) -> Result<(Digest, ManifestRecord), Error> {
+async fn lookup(state: &AppState, name: &Name, r: &Reference) -> Result<(Digest, ManifestRecord), Error> {
     let digest = match r {
         Reference::Tag(t) => {
             state.cluster.read_barrier().await?;
@@ -60,21 +56,12 @@ fn accepts(req_headers: &http::HeaderMap, media_type: &str) -> bool {
     !any
 }
 
-pub async fn get(
-    state: &AppState,
-    name: &Name,
-    r: &Reference,
-    req: &Request<Incoming>,
-    head: bool,
-) -> ApiResult {
+pub async fn get(state: &AppState, name: &Name, r: &Reference, req: &Request<Incoming>, head: bool) -> ApiResult {
     let (digest, rec) = lookup(state, name, r).await?;
     if matches!(r, Reference::Tag(_)) && !accepts(req.headers(), &rec.media_type) {
         return Err(Error::new(
             ErrorCode::ManifestUnknown,
-            format!(
-                "manifest is {} which the client does not accept",
-                rec.media_type
-            ),
+            format!("manifest is {} which the client does not accept", rec.media_type),
         ));
     }
     let b = builder(StatusCode::OK)
@@ -85,16 +72,10 @@ pub async fn get(
     finish(b, if head { empty() } else { full(rec.bytes) })
 }
 
-async fn read_limited(
-    req: Request<Incoming>,
-    limit: usize,
-) -> Result<(Option<String>, Bytes), Error> {
+async fn read_limited(req: Request<Incoming>, limit: usize) -> Result<(Option<String>, Bytes), Error> {
     let too_big = || {
-        Error::new(
-            ErrorCode::SizeInvalid,
-            format!("manifest exceeds {limit} bytes"),
-        )
-        .with_status(StatusCode::PAYLOAD_TOO_LARGE)
+        Error::new(ErrorCode::SizeInvalid, format!("manifest exceeds {limit} bytes"))
+            .with_status(StatusCode::PAYLOAD_TOO_LARGE)
     };
     let declared = req
         .headers()
@@ -109,26 +90,17 @@ async fn read_limited(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let body = Limited::new(req.into_body(), limit)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                too_big()
-            } else {
-                Error::new(ErrorCode::ManifestInvalid, format!("reading manifest: {e}"))
-            }
-        })?;
+    let body = Limited::new(req.into_body(), limit).collect().await.map_err(|e| {
+        if e.is::<http_body_util::LengthLimitError>() {
+            too_big()
+        } else {
+            Error::new(ErrorCode::ManifestInvalid, format!("reading manifest: {e}"))
+        }
+    })?;
     Ok((ct, body.to_bytes()))
 }
 
-pub async fn put(
-    state: &AppState,
-    name: &Name,
-    r: &Reference,
-    query: &Query,
-    req: Request<Incoming>,
-) -> ApiResult {
+pub async fn put(state: &AppState, name: &Name, r: &Reference, query: &Query, req: Request<Incoming>) -> ApiResult {
     let (content_type, bytes) = read_limited(req, state.max_manifest_bytes).await?;
     let parsed = Manifest::parse(content_type.as_deref(), &bytes)?;
     let (digest, mut tags) = match r {
@@ -144,10 +116,7 @@ pub async fn put(
         }
         Reference::Tag(t) => (Digest::of(Algorithm::Sha256, &bytes), vec![t.clone()]),
     };
-    let param_tags = query
-        .all("tag")
-        .map(str::parse::<Tag>)
-        .collect::<Result<Vec<_>, _>>()?;
+    let param_tags = query.all("tag").map(str::parse::<Tag>).collect::<Result<Vec<_>, _>>()?;
     tags.extend(param_tags.iter().cloned());
     // Cheap pre-check so bad pushes do not even reach the Raft log; apply
     // re-checks, which settles races with concurrent deletes.
@@ -202,10 +171,7 @@ pub async fn delete(state: &AppState, name: &Name, r: &Reference) -> ApiResult {
     };
     let Outcome(res) = state.cluster.propose(cmd).await?;
     res?;
-    finish(
-        builder(StatusCode::ACCEPTED).header(header::CONTENT_LENGTH, 0),
-        empty(),
-    )
+    finish(builder(StatusCode::ACCEPTED).header(header::CONTENT_LENGTH, 0), empty())
 }
 
 /// The media type of the referrers response.

@@ -50,26 +50,16 @@ impl Query {
     }
 
     fn get(&self, key: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 
     fn all<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.0
-            .iter()
-            .filter(move |(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+        self.0.iter().filter(move |(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 }
 
 /// Accept connections until `shutdown` fires.
-pub async fn serve(
-    listener: TcpListener,
-    state: AppState,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) {
+pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let state = Arc::new(state);
     loop {
         let (stream, peer) = tokio::select! {
@@ -131,30 +121,18 @@ async fn dispatch(state: &AppState, req: Request<Incoming>) -> ApiResult {
             .expect("static response")),
         (Method::GET, Route::Catalog) => lists::catalog(state, &query).await,
         (Method::GET, Route::Tags(name)) => lists::tags(state, &name, &query).await,
-        (Method::GET, Route::Referrers(name, digest)) => {
-            lists::referrers(state, &name, &digest, &query).await
-        }
-        (Method::GET | Method::HEAD, Route::Manifest(name, r)) => {
-            manifests::get(state, &name, &r, &req, head).await
-        }
-        (Method::PUT, Route::Manifest(name, r)) => {
-            manifests::put(state, &name, &r, &query, req).await
-        }
+        (Method::GET, Route::Referrers(name, digest)) => lists::referrers(state, &name, &digest, &query).await,
+        (Method::GET | Method::HEAD, Route::Manifest(name, r)) => manifests::get(state, &name, &r, &req, head).await,
+        (Method::PUT, Route::Manifest(name, r)) => manifests::put(state, &name, &r, &query, req).await,
         (Method::DELETE, Route::Manifest(name, r)) => manifests::delete(state, &name, &r).await,
         (Method::GET | Method::HEAD, Route::Blob(name, digest)) => {
             blobs::get(state, &name, &digest, req.headers(), head).await
         }
         (Method::DELETE, Route::Blob(name, digest)) => blobs::delete(state, &name, &digest).await,
-        (Method::POST, Route::UploadStart(name)) => {
-            blobs::start_upload(state, &name, &query, req).await
-        }
+        (Method::POST, Route::UploadStart(name)) => blobs::start_upload(state, &name, &query, req).await,
         (Method::GET, Route::Upload(name, id)) => blobs::upload_status(state, &name, &id).await,
-        (Method::PATCH, Route::Upload(name, id)) => {
-            blobs::patch_upload(state, &name, &id, req).await
-        }
-        (Method::PUT, Route::Upload(name, id)) => {
-            blobs::finish_upload(state, &name, &id, &query, req).await
-        }
+        (Method::PATCH, Route::Upload(name, id)) => blobs::patch_upload(state, &name, &id, req).await,
+        (Method::PUT, Route::Upload(name, id)) => blobs::finish_upload(state, &name, &id, &query, req).await,
         (Method::DELETE, Route::Upload(name, id)) => blobs::cancel_upload(state, &name, &id).await,
         (m, r) => Err(Error::new(
             ErrorCode::Unsupported,

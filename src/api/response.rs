@@ -54,8 +54,7 @@ pub fn error_response(e: &Error, head: bool) -> Response<Body> {
 /// Build a response; header values here are always valid, so a failure is
 /// a bug reported as a 500 rather than a panic.
 pub fn finish(b: http::response::Builder, body: Body) -> ApiResult {
-    b.body(body)
-        .map_err(|e| Error::new(ErrorCode::Unknown, e.to_string()))
+    b.body(body).map_err(|e| Error::new(ErrorCode::Unknown, e.to_string()))
 }
 
 pub fn internal(e: impl std::fmt::Display) -> Error {
@@ -100,9 +99,7 @@ impl From<Rejection> for Error {
                 format!("manifest references unknown {d}"),
             ),
             Rejection::ManifestInvalid(m) => Error::new(ErrorCode::ManifestInvalid, m),
-            Rejection::ManifestUnknown => {
-                Error::new(ErrorCode::ManifestUnknown, "manifest unknown")
-            }
+            Rejection::ManifestUnknown => Error::new(ErrorCode::ManifestUnknown, "manifest unknown"),
             Rejection::BlobUnknown => Error::new(ErrorCode::BlobUnknown, "blob unknown"),
         }
     }

@@ -74,17 +74,12 @@ mod tests {
     fn routes() {
         let d = format!("sha256:{}", "a".repeat(64));
         assert_eq!(Route::parse("/v2/").unwrap(), Route::Base);
-        assert!(
-            matches!(Route::parse("/v2/a/b/tags/list"), Ok(Route::Tags(n)) if n.as_str() == "a/b")
-        );
+        assert!(matches!(Route::parse("/v2/a/b/tags/list"), Ok(Route::Tags(n)) if n.as_str() == "a/b"));
         assert!(matches!(
             Route::parse("/v2/x/blobs/uploads/"),
             Ok(Route::UploadStart(_))
         ));
-        assert!(matches!(
-            Route::parse(&format!("/v2/x/blobs/{d}")),
-            Ok(Route::Blob(..))
-        ));
+        assert!(matches!(Route::parse(&format!("/v2/x/blobs/{d}")), Ok(Route::Blob(..))));
         assert!(
             matches!(Route::parse(&format!("/v2/x/blobs/blobs/{d}")), Ok(Route::Blob(n, _)) if n.as_str() == "x/blobs")
         );

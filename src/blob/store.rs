@@ -3,14 +3,12 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use futures::Stream;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio_util::io::ReaderStream;
 
 use crate::oci::Digest;
 
 /// Read buffer for serving blobs: large enough that a pull is not
 /// dominated by per-read overhead.
-const READ_CHUNK: usize = 512 * 1024;
+const READ_CHUNK: usize = 1 << 20;
 
 /// The content-addressed store: `<root>/<algorithm>/<first two hex>/<hex>`.
 /// A file exists here only if its bytes hashed to its name when written.
@@ -32,10 +30,7 @@ impl BlobStore {
     }
 
     pub fn path(&self, d: &Digest) -> PathBuf {
-        self.root
-            .join(d.algorithm().as_str())
-            .join(&d.hex()[..2])
-            .join(d.hex())
+        self.root.join(d.algorithm().as_str()).join(&d.hex()[..2]).join(d.hex())
     }
 
     pub async fn contains(&self, d: &Digest) -> bool {
@@ -69,16 +64,45 @@ impl BlobStore {
 }
 
 impl BlobReader {
-    /// Stream bytes `start..end` (end exclusive) of the blob.
+    /// Stream bytes `start..end` (end exclusive) of the blob. A blocking
+    /// thread reads ahead in large chunks while hyper writes the previous
+    /// ones, so a pull costs one read and one send per chunk.
     pub async fn stream(
-        mut self,
+        self,
         start: u64,
         end: u64,
     ) -> std::io::Result<impl Stream<Item = std::io::Result<Bytes>> + Send + 'static> {
-        if start > 0 {
-            self.file.seek(SeekFrom::Start(start)).await?;
-        }
-        let limited = self.file.take(end.saturating_sub(start));
-        Ok(ReaderStream::with_capacity(limited, READ_CHUNK))
+        let mut file = self.file.into_std().await;
+        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
+        tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Seek};
+            if let Err(e) = file.seek(SeekFrom::Start(start)) {
+                let _ = tx.blocking_send(Err(e));
+                return;
+            }
+            let mut left = end.saturating_sub(start);
+            while left > 0 {
+                let want = left.min(READ_CHUNK as u64) as usize;
+                let mut buf = Vec::with_capacity(want);
+                let res = match (&mut file).take(want as u64).read_to_end(&mut buf) {
+                    Ok(n) if n == want => Ok(Bytes::from(buf)),
+                    Ok(_) => Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "blob file shrank",
+                    )),
+                    Err(e) => Err(e),
+                };
+                let failed = res.is_err();
+                if tx.blocking_send(res).is_err() || failed {
+                    return;
+                }
+                left -= want as u64;
+            }
+        });
+        Ok(tokio_stream_of(rx))
     }
+}
+
+fn tokio_stream_of<T: Send + 'static>(rx: tokio::sync::mpsc::Receiver<T>) -> impl Stream<Item = T> + Send + 'static {
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) })
 }

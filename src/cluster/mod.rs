@@ -41,11 +41,7 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn new(id: NodeId, raft: Raft, consistency: Consistency) -> Cluster {
-        Cluster {
-            id,
-            raft,
-            consistency,
-        }
+        Cluster { id, raft, consistency }
     }
 
     /// Propose a command and wait until it is committed and applied here.
@@ -55,9 +51,7 @@ impl Cluster {
         match tokio::time::timeout(DEADLINE, fut).await {
             Err(_) => Err(ClusterError::Timeout),
             Ok(Ok(resp)) => Ok(resp.data),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
-                Err(ClusterError::NoLeader)
-            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(ClusterError::NoLeader),
             Ok(Err(e)) => Err(ClusterError::Fatal(e.to_string())),
         }
     }

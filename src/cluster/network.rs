@@ -1,12 +1,10 @@
 //! The Raft network: one lazily connected gRPC client per peer.
 
-use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
-};
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -53,27 +51,19 @@ impl PeerClient {
                 .map_err(|e| Unreachable::new(&e))?
                 .connect_timeout(std::time::Duration::from_secs(1))
                 .tcp_nodelay(true);
-            self.client =
-                Some(RaftRpcClient::new(ep.connect_lazy()).max_decoding_message_size(64 << 20));
+            self.client = Some(RaftRpcClient::new(ep.connect_lazy()).max_decoding_message_size(64 << 20));
         }
         Ok(self.client.clone().expect("client set above"))
     }
 
-    async fn call<Req, Resp, E>(
-        &mut self,
-        rpc: Rpc,
-        req: &Req,
-        option: &RPCOption,
-    ) -> RpcResult<Resp, E>
+    async fn call<Req, Resp, E>(&mut self, rpc: Rpc, req: &Req, option: &RPCOption) -> RpcResult<Resp, E>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
         let mut client = self.client().map_err(RPCError::Unreachable)?;
-        let mut request = tonic::Request::new(RaftRequest {
-            data: pb::encode(req),
-        });
+        let mut request = tonic::Request::new(RaftRequest { data: pb::encode(req) });
         request.set_timeout(option.hard_ttl());
         let reply = match rpc {
             Rpc::Append => client.append_entries(request).await,

@@ -18,10 +18,7 @@ fn reply<T: serde::Serialize>(v: T) -> Result<Response<RaftReply>, Status> {
 
 #[tonic::async_trait]
 impl RaftRpc for RaftService {
-    async fn append_entries(
-        &self,
-        req: Request<RaftRequest>,
-    ) -> Result<Response<RaftReply>, Status> {
+    async fn append_entries(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let r = pb::decode(&req.into_inner().data)?;
         reply(self.raft.append_entries(r).await)
     }
@@ -31,10 +28,7 @@ impl RaftRpc for RaftService {
         reply(self.raft.vote(r).await)
     }
 
-    async fn install_snapshot(
-        &self,
-        req: Request<RaftRequest>,
-    ) -> Result<Response<RaftReply>, Status> {
+    async fn install_snapshot(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         let r = pb::decode(&req.into_inner().data)?;
         reply(self.raft.install_snapshot(r).await)
     }

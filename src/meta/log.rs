@@ -51,9 +51,7 @@ impl LogStore {
                     batch.extend(rx.try_iter());
                     let res = flush_db.flush_wal(true);
                     for cb in batch {
-                        let r = res
-                            .as_ref()
-                            .map_err(|e| std::io::Error::other(e.to_string()));
+                        let r = res.as_ref().map_err(|e| std::io::Error::other(e.to_string()));
                         cb.log_io_completed(r.map(|_| ()));
                     }
                 }
@@ -72,8 +70,7 @@ impl LogStore {
 
     fn get_raft<T: serde::de::DeserializeOwned>(&self, k: &[u8]) -> SResult<Option<T>> {
         let v = self.db.get_cf(self.cf_raft(), k).map_err(read_err)?;
-        v.map(|v| bincode::deserialize(&v).map_err(read_err))
-            .transpose()
+        v.map(|v| bincode::deserialize(&v).map_err(read_err)).transpose()
     }
 
     /// Small raft-state writes (vote, purge marker) are synced immediately:
@@ -82,9 +79,7 @@ impl LogStore {
         let bytes = bincode::serialize(v).map_err(write_err)?;
         let mut opts = rocksdb::WriteOptions::default();
         opts.set_sync(true);
-        self.db
-            .put_cf_opt(self.cf_raft(), k, bytes, &opts)
-            .map_err(write_err)
+        self.db.put_cf_opt(self.cf_raft(), k, bytes, &opts).map_err(write_err)
     }
 }
 
@@ -99,10 +94,10 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Unbounded => 0,
         };
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(
-            self.cf_logs(),
-            IteratorMode::From(&key(start), Direction::Forward),
-        ) {
+        for item in self
+            .db
+            .iterator_cf(self.cf_logs(), IteratorMode::From(&key(start), Direction::Forward))
+        {
             let (k, v) = item.map_err(read_err)?;
             let idx = u64::from_be_bytes(k[..8].try_into().expect("8-byte key"));
             if !range.contains(&idx) {
@@ -119,11 +114,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> SResult<LogState<TypeConfig>> {
         let last_purged_log_id: Option<LogId<NodeId>> = self.get_raft(KEY_PURGED)?;
-        let last = match self
-            .db
-            .iterator_cf(self.cf_logs(), IteratorMode::End)
-            .next()
-        {
+        let last = match self.db.iterator_cf(self.cf_logs(), IteratorMode::End).next() {
             Some(item) => {
                 let (_, v) = item.map_err(read_err)?;
                 let e: Entry = bincode::deserialize(&v).map_err(read_err)?;
@@ -152,15 +143,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> SResult<()> {
         // Not synced: losing it only means re-learning the commit index.
         let bytes = bincode::serialize(&committed).map_err(write_err)?;
-        self.db
-            .put_cf(self.cf_raft(), KEY_COMMITTED, bytes)
-            .map_err(write_err)
+        self.db.put_cf(self.cf_raft(), KEY_COMMITTED, bytes).map_err(write_err)
     }
 
     async fn read_committed(&mut self) -> SResult<Option<LogId<NodeId>>> {
-        Ok(self
-            .get_raft::<Option<LogId<NodeId>>>(KEY_COMMITTED)?
-            .flatten())
+        Ok(self.get_raft::<Option<LogId<NodeId>>>(KEY_COMMITTED)?.flatten())
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> SResult<()>

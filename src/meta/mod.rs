@@ -116,11 +116,7 @@ impl MetaReader {
         self.db.get_cf(self.cf(cf), key)
     }
 
-    pub fn manifest(
-        &self,
-        repo: &Name,
-        digest: &Digest,
-    ) -> Result<Option<ManifestRecord>, rocksdb::Error> {
+    pub fn manifest(&self, repo: &Name, digest: &Digest) -> Result<Option<ManifestRecord>, rocksdb::Error> {
         Ok(self
             .get(CF_MANIFESTS, &keys::repo_item(repo, &digest.to_string()))?
             .and_then(|v| bincode::deserialize(&v).ok()))
@@ -146,21 +142,12 @@ impl MetaReader {
     }
 
     pub fn repo_exists(&self, repo: &Name) -> Result<bool, rocksdb::Error> {
-        Ok(self
-            .db
-            .get_pinned_cf(self.cf(CF_REPOS), repo.as_str())?
-            .is_some())
+        Ok(self.db.get_pinned_cf(self.cf(CF_REPOS), repo.as_str())?.is_some())
     }
 
     /// Keys under `prefix` in `cf`, with the prefix stripped, sorted, after
     /// `last` (exclusive), at most `n` (None: all).
-    fn list(
-        &self,
-        cf: &str,
-        prefix: &[u8],
-        last: Option<&str>,
-        n: Option<usize>,
-    ) -> Result<Page, rocksdb::Error> {
+    fn list(&self, cf: &str, prefix: &[u8], last: Option<&str>, n: Option<usize>) -> Result<Page, rocksdb::Error> {
         let mut start = prefix.to_vec();
         if let Some(l) = last {
             start.extend_from_slice(l.as_bytes());
@@ -168,10 +155,9 @@ impl MetaReader {
         }
         let mut items = Vec::new();
         let mut more = false;
-        let iter = self.db.iterator_cf(
-            self.cf(cf),
-            IteratorMode::From(&start, rocksdb::Direction::Forward),
-        );
+        let iter = self
+            .db
+            .iterator_cf(self.cf(cf), IteratorMode::From(&start, rocksdb::Direction::Forward));
         for item in iter {
             let (k, _) = item?;
             if !k.starts_with(prefix) {
@@ -187,12 +173,7 @@ impl MetaReader {
         Ok(Page { items, more })
     }
 
-    pub fn tags(
-        &self,
-        repo: &Name,
-        last: Option<&str>,
-        n: Option<usize>,
-    ) -> Result<Page, rocksdb::Error> {
+    pub fn tags(&self, repo: &Name, last: Option<&str>, n: Option<usize>) -> Result<Page, rocksdb::Error> {
         self.list(CF_TAGS, &keys::repo_prefix(repo), last, n)
     }
 
@@ -201,11 +182,7 @@ impl MetaReader {
     }
 
     /// Descriptors of the manifests in `repo` whose subject is `subject`.
-    pub fn referrers(
-        &self,
-        repo: &Name,
-        subject: &Digest,
-    ) -> Result<Vec<Descriptor>, rocksdb::Error> {
+    pub fn referrers(&self, repo: &Name, subject: &Digest) -> Result<Vec<Descriptor>, rocksdb::Error> {
         let mut prefix = keys::repo_item(repo, &subject.to_string());
         prefix.push(0);
         let mut out = Vec::new();

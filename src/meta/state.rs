@@ -8,17 +8,14 @@ use std::sync::Arc;
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
-    EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageError,
-    StorageIOError, StoredMembership,
+    EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError,
+    StoredMembership,
 };
 use rocksdb::{IteratorMode, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 
 use super::command::{Command, Outcome, Rejection};
-use super::{
-    keys, BlobInfo, ManifestRecord, CF_BLOBS, CF_LINKS, CF_MANIFESTS, CF_REFERRERS, CF_REPOS,
-    CF_SM, CF_TAGS,
-};
+use super::{keys, BlobInfo, ManifestRecord, CF_BLOBS, CF_LINKS, CF_MANIFESTS, CF_REFERRERS, CF_REPOS, CF_SM, CF_TAGS};
 use crate::oci::{Descriptor, Manifest};
 use crate::{NodeId, NodeInfo, TypeConfig};
 
@@ -30,14 +27,7 @@ const KEY_MEMBERSHIP: &[u8] = b"membership";
 const KEY_SNAPSHOT: &[u8] = b"snapshot";
 
 /// Column families that make up the replicated state, in snapshot order.
-const STATE_CFS: [&str; 6] = [
-    CF_MANIFESTS,
-    CF_TAGS,
-    CF_LINKS,
-    CF_BLOBS,
-    CF_REFERRERS,
-    CF_REPOS,
-];
+const STATE_CFS: [&str; 6] = [CF_MANIFESTS, CF_TAGS, CF_LINKS, CF_BLOBS, CF_REFERRERS, CF_REPOS];
 
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
@@ -71,8 +61,7 @@ impl StateMachine {
 
     fn get_sm<T: serde::de::DeserializeOwned>(&self, k: &[u8]) -> SResult<Option<T>> {
         let v = self.db.get_cf(cf(&self.db, CF_SM), k).map_err(io_err)?;
-        v.map(|v| bincode::deserialize(&v).map_err(io_err))
-            .transpose()
+        v.map(|v| bincode::deserialize(&v).map_err(io_err)).transpose()
     }
 
     /// Apply one command's effects into `batch`, reading current state from
@@ -80,10 +69,7 @@ impl StateMachine {
     fn apply_command(&self, batch: &mut WriteBatch, cmd: Command) -> SResult<Outcome> {
         let db = &self.db;
         let exists = |cf_name: &str, k: &[u8]| -> SResult<bool> {
-            Ok(db
-                .get_pinned_cf(cf(db, cf_name), k)
-                .map_err(io_err)?
-                .is_some())
+            Ok(db.get_pinned_cf(cf(db, cf_name), k).map_err(io_err)?.is_some())
         };
         let result = match cmd {
             Command::PutManifest {
@@ -118,11 +104,7 @@ impl StateMachine {
                     bincode::serialize(&record).map_err(io_err)?,
                 );
                 for t in &tags {
-                    batch.put_cf(
-                        cf(db, CF_TAGS),
-                        keys::repo_item(&repo, t.as_str()),
-                        digest.to_string(),
-                    );
+                    batch.put_cf(cf(db, CF_TAGS), keys::repo_item(&repo, t.as_str()), digest.to_string());
                 }
                 if let Some(subject) = &m.subject {
                     let desc = Descriptor {
@@ -162,10 +144,7 @@ impl StateMachine {
                         }
                         if let Ok(m) = Manifest::parse(Some(&rec.media_type), &rec.bytes) {
                             if let Some(subject) = m.subject {
-                                batch.delete_cf(
-                                    cf(db, CF_REFERRERS),
-                                    keys::referrer(&repo, &subject, &digest),
-                                );
+                                batch.delete_cf(cf(db, CF_REFERRERS), keys::referrer(&repo, &subject, &digest));
                             }
                         }
                         Ok(())
@@ -188,11 +167,7 @@ impl StateMachine {
                 holder,
             } => {
                 let d = digest.to_string();
-                batch.put_cf(
-                    cf(db, CF_LINKS),
-                    keys::repo_item(&repo, &d),
-                    size.to_be_bytes(),
-                );
+                batch.put_cf(cf(db, CF_LINKS), keys::repo_item(&repo, &d), size.to_be_bytes());
                 let mut info: BlobInfo = match db.get_cf(cf(db, CF_BLOBS), &d).map_err(io_err)? {
                     Some(v) => bincode::deserialize(&v).map_err(io_err)?,
                     None => BlobInfo {
@@ -204,11 +179,7 @@ impl StateMachine {
                     info.holders.push(h);
                     info.holders.sort_unstable();
                 }
-                batch.put_cf(
-                    cf(db, CF_BLOBS),
-                    &d,
-                    bincode::serialize(&info).map_err(io_err)?,
-                );
+                batch.put_cf(cf(db, CF_BLOBS), &d, bincode::serialize(&info).map_err(io_err)?);
                 batch.put_cf(cf(db, CF_REPOS), repo.as_str(), b"");
                 Ok(())
             }
@@ -232,10 +203,7 @@ impl StateMachine {
 
 /// Snapshot file: for every key of every state column family, a record of
 /// `[cf index u8][key len u32][key][value len u32][value]`.
-fn write_snapshot(
-    db: &DB,
-    out: &std::path::Path,
-) -> std::io::Result<(Option<LogId<NodeId>>, Membership)> {
+fn write_snapshot(db: &DB, out: &std::path::Path) -> std::io::Result<(Option<LogId<NodeId>>, Membership)> {
     let snap = db.snapshot();
     let read_sm = |k: &[u8]| snap.get_cf(cf(db, CF_SM), k).map_err(std::io::Error::other);
     let applied: Option<LogId<NodeId>> = match read_sm(KEY_APPLIED)? {
@@ -265,11 +233,7 @@ fn write_snapshot(
 }
 
 /// Replace the whole state with a snapshot file's content, atomically.
-fn load_snapshot(
-    db: &DB,
-    file: std::fs::File,
-    meta: &SnapshotMeta<NodeId, NodeInfo>,
-) -> std::io::Result<()> {
+fn load_snapshot(db: &DB, file: std::fs::File, meta: &SnapshotMeta<NodeId, NodeInfo>) -> std::io::Result<()> {
     let mut batch = WriteBatch::default();
     for name in STATE_CFS {
         batch.delete_range_cf(cf(db, name), &b""[..], &[0xffu8; 300][..]);
@@ -358,11 +322,7 @@ fn set_current_snapshot(
     meta: &SnapshotMeta<NodeId, NodeInfo>,
     path: &std::path::Path,
 ) -> SResult<()> {
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default()
-        .to_owned();
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
     let stored = StoredSnapshot {
         meta: meta.clone(),
         file: name.clone(),
@@ -380,11 +340,7 @@ fn set_current_snapshot(
         for e in entries.flatten() {
             let n = e.file_name();
             let n = n.to_string_lossy();
-            if n.ends_with(".snap")
-                && n != name
-                && !n.starts_with("build-")
-                && !n.starts_with("recv-")
-            {
+            if n.ends_with(".snap") && n != name && !n.starts_with("build-") && !n.starts_with("recv-") {
                 let _ = std::fs::remove_file(e.path());
             }
         }
@@ -397,9 +353,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn applied_state(&mut self) -> SResult<(Option<LogId<NodeId>>, Membership)> {
         let applied = self.get_sm::<Option<LogId<NodeId>>>(KEY_APPLIED)?.flatten();
-        let membership = self
-            .get_sm::<Membership>(KEY_MEMBERSHIP)?
-            .unwrap_or_default();
+        let membership = self.get_sm::<Membership>(KEY_MEMBERSHIP)?.unwrap_or_default();
         Ok((applied, membership))
     }
 
@@ -422,11 +376,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 EntryPayload::Normal(cmd) => self.apply_command(&mut batch, cmd)?,
                 EntryPayload::Membership(m) => {
                     let stored = Membership::new(Some(entry.log_id), m);
-                    batch.put_cf(
-                        sm,
-                        KEY_MEMBERSHIP,
-                        bincode::serialize(&stored).map_err(io_err)?,
-                    );
+                    batch.put_cf(sm, KEY_MEMBERSHIP, bincode::serialize(&stored).map_err(io_err)?);
                     Outcome(Ok(()))
                 }
             };

@@ -80,11 +80,7 @@ impl FromStr for Digest {
                 ))
             }
         };
-        if hex.len() != algorithm.hex_len()
-            || !hex
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
+        if hex.len() != algorithm.hex_len() || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
             return Err(invalid());
         }
         Ok(Digest {
@@ -152,9 +148,7 @@ mod tests {
     fn parses_and_rejects() {
         let d: Digest = format!("sha256:{}", "a".repeat(64)).parse().unwrap();
         assert_eq!(d.algorithm(), Algorithm::Sha256);
-        assert!(format!("sha512:{}", "0".repeat(128))
-            .parse::<Digest>()
-            .is_ok());
+        assert!(format!("sha512:{}", "0".repeat(128)).parse::<Digest>().is_ok());
         for bad in [
             "sha256:../../etc/passwd",
             "sha256:ABC",

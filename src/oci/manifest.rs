@@ -71,8 +71,7 @@ impl Manifest {
     /// Parse and validate manifest bytes sent with `content_type` (the
     /// request's Content-Type, if any).
     pub fn parse(content_type: Option<&str>, bytes: &[u8]) -> Result<Manifest, Error> {
-        let raw: Raw = serde_json::from_slice(bytes)
-            .map_err(|e| invalid(format!("manifest is not valid: {e}")))?;
+        let raw: Raw = serde_json::from_slice(bytes).map_err(|e| invalid(format!("manifest is not valid: {e}")))?;
         if raw.schema_version.as_ref().and_then(|v| v.as_i64()) != Some(2) {
             return Err(invalid("schemaVersion must be 2"));
         }
@@ -81,9 +80,7 @@ impl Manifest {
             .filter(|c| !c.is_empty());
         let media_type = match (content_type, raw.media_type.as_deref()) {
             (Some(ct), Some(mt)) if ct != mt => {
-                return Err(invalid(format!(
-                    "Content-Type {ct} does not match mediaType {mt}"
-                )))
+                return Err(invalid(format!("Content-Type {ct} does not match mediaType {mt}")))
             }
             (Some(ct), _) => ct.to_owned(),
             (None, Some(mt)) => mt.to_owned(),
@@ -93,11 +90,7 @@ impl Manifest {
         let is_index = match media_type.as_str() {
             OCI_MANIFEST | DOCKER_MANIFEST => false,
             OCI_INDEX | DOCKER_LIST => true,
-            other => {
-                return Err(invalid(format!(
-                    "unsupported manifest media type {other:?}"
-                )))
-            }
+            other => return Err(invalid(format!("unsupported manifest media type {other:?}"))),
         };
         let mut blobs = Vec::new();
         let mut children = Vec::new();
@@ -106,31 +99,18 @@ impl Manifest {
             if raw.config.is_some() || raw.layers.is_some() {
                 return Err(invalid("an index has no config or layers"));
             }
-            let manifests = raw
-                .manifests
-                .ok_or_else(|| invalid("index without manifests"))?;
+            let manifests = raw.manifests.ok_or_else(|| invalid("index without manifests"))?;
             children.extend(manifests.into_iter().map(|d| d.digest));
             artifact_type = raw.artifact_type;
         } else {
             if raw.manifests.is_some() {
                 return Err(invalid("an image manifest has no manifests list"));
             }
-            let config = raw
-                .config
-                .ok_or_else(|| invalid("image manifest without config"))?;
-            let layers = raw
-                .layers
-                .ok_or_else(|| invalid("image manifest without layers"))?;
-            artifact_type = raw
-                .artifact_type
-                .or_else(|| Some(config.media_type.clone()));
+            let config = raw.config.ok_or_else(|| invalid("image manifest without config"))?;
+            let layers = raw.layers.ok_or_else(|| invalid("image manifest without layers"))?;
+            artifact_type = raw.artifact_type.or_else(|| Some(config.media_type.clone()));
             blobs.push(config.digest);
-            blobs.extend(
-                layers
-                    .into_iter()
-                    .filter(|l| !is_nondistributable(l))
-                    .map(|l| l.digest),
-            );
+            blobs.extend(layers.into_iter().filter(|l| !is_nondistributable(l)).map(|l| l.digest));
         }
         Ok(Manifest {
             media_type,
@@ -176,8 +156,6 @@ mod tests {
         let idx = format!(r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[]}}"#);
         assert!(Manifest::parse(Some(OCI_MANIFEST), idx.as_bytes()).is_err());
         assert!(Manifest::parse(Some(OCI_INDEX), idx.as_bytes()).is_ok());
-        assert!(
-            Manifest::parse(Some("text/plain"), br#"{"schemaVersion":2,"manifests":[]}"#).is_err()
-        );
+        assert!(Manifest::parse(Some("text/plain"), br#"{"schemaVersion":2,"manifests":[]}"#).is_err());
     }
 }

@@ -7,11 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{Digest, Error, ErrorCode};
 
-static NAME_RE: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*$").unwrap()
-});
-static TAG_RE: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$").unwrap());
+static NAME_RE: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*$").unwrap());
+static TAG_RE: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$").unwrap());
 
 /// Longest repository name accepted; Distribution uses the same bound.
 const MAX_NAME_LEN: usize = 255;
@@ -81,10 +79,7 @@ impl FromStr for Tag {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self, Error> {
         if !TAG_RE.is_match(s) {
-            return Err(Error::new(
-                ErrorCode::TagInvalid,
-                format!("invalid tag {s:?}"),
-            ));
+            return Err(Error::new(ErrorCode::TagInvalid, format!("invalid tag {s:?}")));
         }
         Ok(Tag(s.to_owned()))
     }
@@ -148,13 +143,7 @@ mod tests {
 
     #[test]
     fn names() {
-        for ok in [
-            "a",
-            "library/ubuntu",
-            "a-b/c__d/e.f",
-            "conformance/repo1",
-            "x--y",
-        ] {
+        for ok in ["a", "library/ubuntu", "a-b/c__d/e.f", "conformance/repo1", "x--y"] {
             assert!(ok.parse::<Name>().is_ok(), "{ok}");
         }
         for bad in [

@@ -48,12 +48,7 @@ pub fn client() -> reqwest::Client {
 
 /// Assert a spec error response: status and code.
 pub async fn expect_error(resp: reqwest::Response, status: u16, code: &str) {
-    assert_eq!(
-        resp.status().as_u16(),
-        status,
-        "unexpected status for {}",
-        resp.url()
-    );
+    assert_eq!(resp.status().as_u16(), status, "unexpected status for {}", resp.url());
     let body: serde_json::Value = resp.json().await.expect("error body is JSON");
     assert_eq!(body["errors"][0]["code"], code, "body: {body}");
 }
@@ -92,13 +87,7 @@ pub fn image_manifest(config: (&str, usize), layers: &[(&str, usize)], extra: &s
 
 /// Push a small image (config + one layer) and tag it; returns the manifest
 /// digest and bytes.
-pub async fn push_image(
-    c: &reqwest::Client,
-    base: &str,
-    repo: &str,
-    tag: &str,
-    seed: &str,
-) -> (String, Vec<u8>) {
+pub async fn push_image(c: &reqwest::Client, base: &str, repo: &str, tag: &str, seed: &str) -> (String, Vec<u8>) {
     let config = format!(r#"{{"seed":"{seed}"}}"#).into_bytes();
     let layer = format!("layer-{seed}").repeat(100).into_bytes();
     let cd = push_blob(c, base, repo, &config).await;

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Install what building and testing berth needs on a fresh Debian machine:
+# libclang (rocksdb bindings), protoc (tonic code generation), and the real
+# registry clients the tests drive (skopeo). Installs only what is missing.
+set -euo pipefail
+need=()
+[ -n "$(ls /usr/lib/llvm-*/lib/libclang*.so* 2>/dev/null | head -n1)" ] || need+=(libclang-dev)
+command -v protoc >/dev/null || need+=(protobuf-compiler)
+command -v skopeo >/dev/null || need+=(skopeo)
+command -v curl >/dev/null || need+=(curl)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: installing ${need[*]}"
+  if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
