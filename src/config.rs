@@ -39,6 +39,17 @@ impl Default for RaftSettings {
     }
 }
 
+/// A member of the initial cluster, as named in every node's config.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MemberConfig {
+    pub id: NodeId,
+    pub http: String,
+    pub grpc: String,
+    #[serde(default)]
+    pub region: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -47,6 +58,19 @@ pub struct Config {
     pub http: String,
     /// Cluster gRPC listen address.
     pub grpc: String,
+    /// Addresses other nodes and clients use to reach this node, when they
+    /// differ from the listen addresses (containers, NAT).
+    pub advertise_http: Option<String>,
+    pub advertise_grpc: Option<String>,
+    /// The first members of a new cluster. Exactly one of them (the lowest
+    /// id) initializes it, once; the others wait to be contacted. Empty: a
+    /// one-node cluster of this node.
+    pub initial_members: Vec<MemberConfig>,
+    /// Join an existing cluster through this member's gRPC address on
+    /// first start, instead of initializing one.
+    pub join: Option<String>,
+    /// When joining, stay a learner (a non-voting replica).
+    pub learner: bool,
     pub data_dir: PathBuf,
     pub region: String,
     pub consistency: Consistency,
@@ -63,6 +87,11 @@ impl Default for Config {
             node_id: 1,
             http: "127.0.0.1:5000".into(),
             grpc: "127.0.0.1:5001".into(),
+            advertise_http: None,
+            advertise_grpc: None,
+            initial_members: Vec::new(),
+            join: None,
+            learner: false,
             data_dir: PathBuf::from("./berth-data"),
             region: "default".into(),
             consistency: Consistency::Linearizable,
@@ -99,6 +128,17 @@ impl Config {
         {
             return Err(ConfigError::Invalid(
                 "need heartbeat_ms < election_min_ms < election_max_ms".into(),
+            ));
+        }
+        if !self.initial_members.is_empty() && !self.initial_members.iter().any(|m| m.id == self.node_id) {
+            return Err(ConfigError::Invalid(format!(
+                "node_id {} is not in initial_members",
+                self.node_id
+            )));
+        }
+        if self.join.is_some() && !self.initial_members.is_empty() {
+            return Err(ConfigError::Invalid(
+                "join and initial_members exclude each other".into(),
             ));
         }
         if self.max_manifest_bytes == 0 {

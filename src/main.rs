@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+use berth::cluster::{ClusterAdmin, JoinRequest, MemberStatus};
 use berth::config::Config;
 use berth::node::RunningNode;
 
@@ -21,6 +22,9 @@ enum Cmd {
         /// TOML configuration file; flags below override it.
         #[arg(long, env = "BERTH_CONFIG")]
         config: Option<PathBuf>,
+        /// This node's id (>= 1, unique in the cluster).
+        #[arg(long)]
+        node_id: Option<u64>,
         /// HTTP API listen address.
         #[arg(long, env = "BERTH_HTTP")]
         http: Option<String>,
@@ -30,6 +34,65 @@ enum Cmd {
         /// Data directory.
         #[arg(long, env = "BERTH_DATA_DIR")]
         data_dir: Option<PathBuf>,
+        /// On first start, join the cluster through this member's gRPC address.
+        #[arg(long)]
+        join: Option<String>,
+        /// With --join: stay a learner (non-voting replica).
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Inspect and change cluster membership.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Members, leader, term, log and applied index of each node, and whether it answers.
+    Status {
+        /// gRPC address of any member.
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a running node (started without --join) to the cluster.
+    Join {
+        /// gRPC address of any member.
+        #[arg(long)]
+        node: String,
+        /// The new node's id.
+        #[arg(long)]
+        id: u64,
+        /// The new node's gRPC address.
+        #[arg(long)]
+        addr: String,
+        /// The new node's HTTP API address.
+        #[arg(long, default_value = "")]
+        api: String,
+        #[arg(long, default_value = "")]
+        region: String,
+        /// Stay a learner instead of becoming a voter.
+        #[arg(long)]
+        learner: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a node from the cluster. Refused if the remaining voters would lack a working majority.
+    Leave {
+        /// gRPC address of any member.
+        #[arg(long)]
+        node: String,
+        /// The leaving node's id.
+        #[arg(long)]
+        id: u64,
+        /// Remove even if too few remaining voters answer.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -38,36 +101,123 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,openraft=warn".into()),
         )
+        .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new()?;
     match cli.command {
         Cmd::Serve {
             config,
+            node_id,
             http,
             grpc,
             data_dir,
+            join,
+            learner,
         } => {
             let mut cfg = match config {
                 Some(p) => Config::load(&p)?,
                 None => Config::default(),
             };
-            if let Some(h) = http {
-                cfg.http = h;
-            }
-            if let Some(g) = grpc {
-                cfg.grpc = g;
-            }
-            if let Some(d) = data_dir {
-                cfg.data_dir = d;
-            }
+            cfg.node_id = node_id.unwrap_or(cfg.node_id);
+            cfg.http = http.unwrap_or(cfg.http);
+            cfg.grpc = grpc.unwrap_or(cfg.grpc);
+            cfg.data_dir = data_dir.unwrap_or(cfg.data_dir);
+            cfg.join = join.or(cfg.join);
+            cfg.learner |= learner;
             rt.block_on(async move {
                 let node = RunningNode::start(cfg).await?;
-                tokio::signal::ctrl_c().await?;
+                shutdown_signal().await;
                 tracing::info!("shutting down");
                 node.shutdown().await;
                 anyhow::Ok(())
             })
         }
+        Cmd::Cluster { command } => rt.block_on(cluster(command)),
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn cluster(cmd: ClusterCmd) -> anyhow::Result<()> {
+    let report = |json: bool, msg: String| {
+        if json {
+            println!("{}", serde_json::json!({ "ok": true, "message": msg }));
+        } else {
+            println!("{msg}");
+        }
+    };
+    match cmd {
+        ClusterCmd::Status { node, json } => {
+            let rows = ClusterAdmin::new(&node)
+                .status()
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print_status(&rows);
+            }
+        }
+        ClusterCmd::Join {
+            node,
+            id,
+            addr,
+            api,
+            region,
+            learner,
+            json,
+        } => {
+            let req = JoinRequest {
+                id,
+                api,
+                grpc: addr,
+                region,
+                learner,
+            };
+            let msg = ClusterAdmin::new(&node)
+                .join(req)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+            report(json, msg);
+        }
+        ClusterCmd::Leave { node, id, force, json } => {
+            let msg = ClusterAdmin::new(&node)
+                .leave(id, force)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+            report(json, msg);
+        }
+    }
+    Ok(())
+}
+
+fn print_status(rows: &[MemberStatus]) {
+    let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+    println!(
+        "{:<4} {:<8} {:<10} {:<8} {:<6} {:<7} {:<9} {:<9} {:<22} {:<22} REGION",
+        "ID", "ROLE", "STATE", "ANSWERS", "TERM", "LEADER", "LAST_LOG", "APPLIED", "GRPC", "API"
+    );
+    for r in rows {
+        println!(
+            "{:<4} {:<8} {:<10} {:<8} {:<6} {:<7} {:<9} {:<9} {:<22} {:<22} {}",
+            r.id,
+            r.role,
+            r.state.as_deref().unwrap_or("down"),
+            if r.answers { "yes" } else { "NO" },
+            opt(r.term),
+            opt(r.leader),
+            opt(r.last_log_index),
+            opt(r.applied_index),
+            r.grpc,
+            r.api,
+            r.region
+        );
     }
 }

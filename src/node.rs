@@ -1,6 +1,7 @@
 //! One berth node: opens storage, starts Raft and its gRPC transport,
 //! bootstraps the one-member cluster on first start, and serves the API.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +13,10 @@ use tokio::task::JoinHandle;
 
 use crate::api::{self, AppState};
 use crate::blob::{BlobStore, Uploads};
-use crate::cluster::{Cluster, Network, RaftRpcServer, RaftService};
+use crate::cluster::{
+    AdminServer, AdminService, Cluster, ClusterAdmin, JoinRequest, MetaServer, MetaService, Network, RaftRpcServer,
+    RaftService, MAX_MESSAGE,
+};
 use crate::config::Config;
 use crate::meta::{self, LogStore, MetaReader, StateMachine};
 use crate::{NodeInfo, Raft};
@@ -65,15 +69,22 @@ impl RunningNode {
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = Vec::new();
 
-        let svc = RaftRpcServer::new(RaftService { raft: raft.clone() })
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20);
+        let raft_svc = RaftRpcServer::new(RaftService { raft: raft.clone() })
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        let meta_svc = MetaServer::new(MetaService { raft: raft.clone() })
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        let admin_svc = AdminServer::new(AdminService {
+            cluster: cluster.clone(),
+        });
         let mut grpc_stop = rx.clone();
         tasks.push(tokio::spawn(async move {
-            let incoming = tokio_stream_from(grpc);
             let res = tonic::transport::Server::builder()
-                .add_service(svc)
-                .serve_with_incoming_shutdown(incoming, async move {
+                .add_service(raft_svc)
+                .add_service(meta_svc)
+                .add_service(admin_svc)
+                .serve_with_incoming_shutdown(accept_stream(grpc), async move {
                     let _ = grpc_stop.changed().await;
                 })
                 .await;
@@ -82,20 +93,22 @@ impl RunningNode {
             }
         }));
 
+        let me = NodeInfo {
+            api: cfg.advertise_http.clone().unwrap_or_else(|| http_addr.to_string()),
+            grpc: cfg.advertise_grpc.clone().unwrap_or_else(|| grpc_addr.to_string()),
+            region: cfg.region.clone(),
+        };
         if !raft.is_initialized().await? {
-            let me = NodeInfo {
-                api: http_addr.to_string(),
-                grpc: grpc_addr.to_string(),
-                region: cfg.region.clone(),
-            };
-            tracing::info!(node = cfg.node_id, "initializing a new one-member cluster");
-            raft.initialize(std::collections::BTreeMap::from([(cfg.node_id, me)]))
-                .await?;
+            bootstrap(&cfg, &raft, me, &mut tasks).await?;
         }
-        raft.wait(Some(Duration::from_secs(60)))
-            .metrics(|m| m.current_leader.is_some(), "a leader is known")
-            .await
-            .context("waiting for a leader")?;
+        if cfg.join.is_none() && cfg.initial_members.is_empty() {
+            // A one-node cluster elects itself at once; wait for it so the
+            // first request does not have to.
+            raft.wait(Some(Duration::from_secs(30)))
+                .metrics(|m| m.current_leader.is_some(), "a leader is known")
+                .await
+                .context("waiting for leadership")?;
+        }
 
         let state = AppState {
             meta: MetaReader::new(db),
@@ -129,7 +142,7 @@ impl RunningNode {
     }
 }
 
-fn tokio_stream_from(
+fn accept_stream(
     listener: TcpListener,
 ) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send + 'static {
     futures::stream::unfold(listener, |l| async move {
@@ -139,6 +152,68 @@ fn tokio_stream_from(
         });
         Some((r, l))
     })
+}
+
+/// First start of a node: initialize a new cluster, join an existing one,
+/// or wait to be contacted by the member that initializes.
+async fn bootstrap(cfg: &Config, raft: &Raft, me: NodeInfo, tasks: &mut Vec<JoinHandle<()>>) -> anyhow::Result<()> {
+    if let Some(via) = cfg.join.clone() {
+        let req = JoinRequest {
+            id: cfg.node_id,
+            api: me.api,
+            grpc: me.grpc,
+            region: me.region,
+            learner: cfg.learner,
+        };
+        tracing::info!(%via, "joining an existing cluster");
+        tasks.push(tokio::spawn(async move {
+            let admin = ClusterAdmin::new(&via);
+            loop {
+                match admin.join(req.clone()).await {
+                    Ok(msg) => {
+                        tracing::info!("{msg}");
+                        return;
+                    }
+                    Err(e) => tracing::warn!(error = %e.message(), "join failed; retrying"),
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }));
+        return Ok(());
+    }
+    let members: BTreeMap<u64, NodeInfo> = if cfg.initial_members.is_empty() {
+        BTreeMap::from([(cfg.node_id, me)])
+    } else {
+        cfg.initial_members
+            .iter()
+            .map(|m| {
+                (
+                    m.id,
+                    NodeInfo {
+                        api: m.http.clone(),
+                        grpc: m.grpc.clone(),
+                        region: m.region.clone(),
+                    },
+                )
+            })
+            .collect()
+    };
+    let first = *members.keys().next().expect("at least one member");
+    if first == cfg.node_id {
+        tracing::info!(
+            node = cfg.node_id,
+            members = members.len(),
+            "initializing a new cluster"
+        );
+        raft.initialize(members).await?;
+    } else {
+        tracing::info!(
+            node = cfg.node_id,
+            initializer = first,
+            "waiting for node {first} to initialize the cluster"
+        );
+    }
+    Ok(())
 }
 
 /// Periodically remove abandoned upload sessions.

@@ -1,25 +1,37 @@
-//! The Raft node: proposing commands, read barriers, and the gRPC transport
-//! between members. Does not parse manifests.
+//! The Raft node: proposing commands (forwarded to the leader from
+//! followers), read barriers (read index through the leader), membership
+//! administration, and the gRPC services between members. Does not parse
+//! manifests.
 
+mod admin;
+mod meta_service;
 mod network;
 mod pb;
+mod peers;
 mod service;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 
+pub use admin::{AdminService, ClusterAdmin, MemberStatus};
+pub use meta_service::MetaService;
 pub use network::Network;
+pub use pb::admin_server::AdminServer;
+pub use pb::meta_server::MetaServer;
 pub use pb::raft_rpc_server::RaftRpcServer;
+pub use pb::{JoinRequest, LeaveRequest, Member, NodeStatus};
+pub use peers::{Peers, MAX_MESSAGE};
 pub use service::RaftService;
 
 use crate::config::Consistency;
 use crate::meta::{Command, Outcome};
-use crate::{NodeId, Raft};
+use crate::{NodeId, NodeInfo, Raft};
 
-/// How long a write or read barrier may wait (for example through an
-/// election) before the client is told to retry.
+/// How long a write or read barrier may keep retrying (for example through
+/// an election) before the client is told to come back later (503).
 const DEADLINE: Duration = Duration::from_secs(10);
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -36,37 +48,132 @@ pub enum ClusterError {
 pub struct Cluster {
     pub id: NodeId,
     pub raft: Raft,
+    pub peers: Peers,
     consistency: Consistency,
 }
 
 impl Cluster {
     pub fn new(id: NodeId, raft: Raft, consistency: Consistency) -> Cluster {
-        Cluster { id, raft, consistency }
-    }
-
-    /// Propose a command and wait until it is committed and applied here.
-    #[tracing::instrument(level = "debug", skip_all)]
-    pub async fn propose(&self, cmd: Command) -> Result<Outcome, ClusterError> {
-        let fut = self.raft.client_write(cmd);
-        match tokio::time::timeout(DEADLINE, fut).await {
-            Err(_) => Err(ClusterError::Timeout),
-            Ok(Ok(resp)) => Ok(resp.data),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(ClusterError::NoLeader),
-            Ok(Err(e)) => Err(ClusterError::Fatal(e.to_string())),
+        Cluster {
+            id,
+            raft,
+            peers: Peers::default(),
+            consistency,
         }
     }
 
+    /// Wait until this node has applied the log up to `index`.
+    async fn wait_applied(&self, index: u64, deadline: Instant) -> Result<(), ClusterError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        self.raft
+            .wait(Some(left))
+            .applied_index_at_least(Some(index), "read barrier")
+            .await
+            .map(|_| ())
+            .map_err(|_| ClusterError::Timeout)
+    }
+
+    /// Propose a command and wait until it is committed and applied here.
+    /// On a follower the command is forwarded to the leader. Commands are
+    /// idempotent, so a retry after a lost answer cannot apply twice.
+    #[tracing::instrument(level = "debug", skip_all)]
+    pub async fn propose(&self, cmd: Command) -> Result<Outcome, ClusterError> {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let leader_node = match self.raft.client_write(cmd.clone()).await {
+                Ok(resp) => return Ok(resp.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => f.leader_node,
+                Err(RaftError::APIError(e)) => return Err(ClusterError::Fatal(e.to_string())),
+                Err(RaftError::Fatal(e)) => return Err(ClusterError::Fatal(e.to_string())),
+            };
+            if let Some(leader) = leader_node {
+                match self.forward_write(&leader, &cmd).await {
+                    Ok(Some((outcome, index))) => {
+                        self.wait_applied(index, deadline).await?;
+                        return Ok(outcome);
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::debug!(error = %e, leader = %leader.grpc, "forwarding write failed"),
+                }
+            }
+            if Instant::now() + RETRY_PAUSE >= deadline {
+                return Err(ClusterError::NoLeader);
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+    }
+
+    /// Send a command to the leader; `None` if it is not the leader any more.
+    async fn forward_write(&self, leader: &NodeInfo, cmd: &Command) -> Result<Option<(Outcome, u64)>, tonic::Status> {
+        let mut client = self
+            .peers
+            .meta(&leader.grpc)
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let mut req = tonic::Request::new(pb::WriteRequest {
+            command: pb::encode(cmd),
+        });
+        req.set_timeout(DEADLINE);
+        let reply = client.client_write(req).await?.into_inner();
+        if reply.not_leader {
+            return Ok(None);
+        }
+        Ok(Some((pb::decode(&reply.outcome)?, reply.log_index)))
+    }
+
     /// Wait until the local state machine reflects every write acknowledged
-    /// before this call (unless the operator chose local, possibly stale reads).
+    /// before this call (unless the operator chose local, possibly stale,
+    /// reads). The leader confirms its leadership with a quorum; a follower
+    /// asks the leader for that read index, then waits to apply it.
     pub async fn read_barrier(&self) -> Result<(), ClusterError> {
         if self.consistency == Consistency::Local {
             return Ok(());
         }
-        match tokio::time::timeout(DEADLINE, self.raft.ensure_linearizable()).await {
-            Err(_) => Err(ClusterError::Timeout),
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(RaftError::APIError(_))) => Err(ClusterError::NoLeader),
-            Ok(Err(e)) => Err(ClusterError::Fatal(e.to_string())),
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let leader_node = match self.raft.get_read_log_id().await {
+                Ok((read, _)) => {
+                    if let Some(read) = read {
+                        self.wait_applied(read.index, deadline).await?;
+                    }
+                    return Ok(());
+                }
+                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => f.leader_node,
+                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => None,
+                Err(RaftError::Fatal(e)) => return Err(ClusterError::Fatal(e.to_string())),
+            };
+            if let Some(leader) = leader_node {
+                match self.remote_read_index(&leader).await {
+                    Ok(Some(index)) => {
+                        self.wait_applied(index, deadline).await?;
+                        return Ok(());
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::debug!(error = %e, "read index from leader failed"),
+                }
+            }
+            if Instant::now() + RETRY_PAUSE >= deadline {
+                return Err(ClusterError::NoLeader);
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
         }
+    }
+
+    async fn remote_read_index(&self, leader: &NodeInfo) -> Result<Option<u64>, tonic::Status> {
+        let mut client = self
+            .peers
+            .meta(&leader.grpc)
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let mut req = tonic::Request::new(pb::Empty {});
+        req.set_timeout(DEADLINE);
+        let reply = client.read_index(req).await?.into_inner();
+        Ok((!reply.not_leader).then_some(reply.log_index))
+    }
+
+    /// This node's view of the leader, if it has one.
+    pub fn leader(&self) -> Option<(NodeId, NodeInfo)> {
+        let m = self.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        let node = m.membership_config.membership().get_node(&id)?.clone();
+        Some((id, node))
     }
 }

@@ -139,3 +139,49 @@ pub fn files_under(dir: &Path) -> Vec<String> {
     out.sort();
     out
 }
+
+/// A `berth serve` child process, killed (SIGKILL) when dropped.
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn berth() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+}
+
+/// Start `berth serve` with `args` and wait until its API answers.
+pub async fn spawn_serve(args: &[String], http: u16) -> Proc {
+    let log = std::env::var("BERTH_TEST_LOGS").is_ok();
+    let child = berth()
+        .arg("serve")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(if log {
+            std::process::Stdio::inherit()
+        } else {
+            std::process::Stdio::null()
+        })
+        .spawn()
+        .expect("start berth");
+    let url = format!("http://127.0.0.1:{http}/v2/");
+    wait_for("node to answer", Duration::from_secs(60), || {
+        let url = url.clone();
+        async move { reqwest::get(&url).await.is_ok() }
+    })
+    .await;
+    Proc(child)
+}
+pub mod cluster;

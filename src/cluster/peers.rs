@@ -1,0 +1,43 @@
+//! Lazily connected gRPC channels to other members, one per address.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+use super::pb::admin_client::AdminClient;
+use super::pb::meta_client::MetaClient;
+
+#[derive(Clone, Default)]
+pub struct Peers {
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+/// Largest gRPC message: manifests (4 MiB by default) travel in commands.
+pub const MAX_MESSAGE: usize = 64 << 20;
+
+impl Peers {
+    pub fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut map = self.channels.lock().unwrap();
+        if let Some(c) = map.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        map.insert(addr.to_owned(), c.clone());
+        Ok(c)
+    }
+
+    pub fn meta(&self, addr: &str) -> Result<MetaClient<Channel>, tonic::transport::Error> {
+        Ok(MetaClient::new(self.channel(addr)?)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE))
+    }
+
+    pub fn admin(&self, addr: &str) -> Result<AdminClient<Channel>, tonic::transport::Error> {
+        Ok(AdminClient::new(self.channel(addr)?))
+    }
+}

@@ -1,0 +1,136 @@
+//! Multi-node clusters of real `berth serve` processes on loopback.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use berth::cluster::{ClusterAdmin, NodeStatus};
+
+use super::{free_port, spawn_serve, wait_for, Proc};
+
+pub struct NodeSpec {
+    pub id: u64,
+    pub http: u16,
+    pub grpc: u16,
+    pub config: PathBuf,
+}
+
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<NodeSpec>,
+    pub procs: Vec<Option<Proc>>,
+}
+
+impl TestCluster {
+    /// Write configs for `n` nodes that bootstrap together, and start them.
+    pub async fn start(n: u64, snapshot_logs: u64) -> TestCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let nodes: Vec<NodeSpec> = (1..=n)
+            .map(|id| NodeSpec {
+                id,
+                http: free_port(),
+                grpc: free_port(),
+                config: dir.path().join(format!("n{id}.toml")),
+            })
+            .collect();
+        let members: String = nodes
+            .iter()
+            .map(|s| {
+                format!(
+                    "[[initial_members]]\nid = {}\nhttp = \"127.0.0.1:{}\"\ngrpc = \"127.0.0.1:{}\"\n",
+                    s.id, s.http, s.grpc
+                )
+            })
+            .collect();
+        for s in &nodes {
+            let cfg = format!(
+                "node_id = {}\nhttp = \"127.0.0.1:{}\"\ngrpc = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n\
+                 [raft]\nheartbeat_ms = 50\nelection_min_ms = 300\nelection_max_ms = 600\nsnapshot_logs = {snapshot_logs}\n\n{members}",
+                s.id,
+                s.http,
+                s.grpc,
+                dir.path().join(format!("data{}", s.id)).display()
+            );
+            std::fs::write(&s.config, cfg).unwrap();
+        }
+        let mut c = TestCluster {
+            dir,
+            nodes,
+            procs: Vec::new(),
+        };
+        for i in 0..c.nodes.len() {
+            c.procs.push(None);
+            c.start_node(i).await;
+        }
+        c.wait_leader_everywhere().await;
+        c
+    }
+
+    pub async fn start_node(&mut self, i: usize) {
+        let s = &self.nodes[i];
+        let args = vec!["--config".to_string(), s.config.display().to_string()];
+        self.procs[i] = Some(spawn_serve(&args, s.http).await);
+    }
+
+    /// SIGKILL node `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut p) = self.procs[i].take() {
+            p.0.kill().unwrap();
+            p.0.wait().unwrap();
+        }
+    }
+
+    pub fn base(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.nodes[i].http)
+    }
+
+    pub fn grpc(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", self.nodes[i].grpc)
+    }
+
+    pub fn alive(&self) -> Vec<usize> {
+        (0..self.nodes.len()).filter(|i| self.procs[*i].is_some()).collect()
+    }
+
+    pub async fn status(&self, i: usize) -> Option<NodeStatus> {
+        let admin = ClusterAdmin::new(&self.grpc(i));
+        admin.node_status().await.ok()
+    }
+
+    /// Wait until every running node names the same leader, which is
+    /// running; returns its index.
+    pub async fn wait_leader_everywhere(&self) -> usize {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(i) = self.agreed_leader().await {
+                return i;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no leader agreed by every running node"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn agreed_leader(&self) -> Option<usize> {
+        let alive = self.alive();
+        let mut seen = None;
+        for i in &alive {
+            let s = self.status(*i).await?;
+            if s.leader == 0 || seen.is_some_and(|l| l != s.leader) {
+                return None;
+            }
+            seen = Some(s.leader);
+        }
+        alive.iter().copied().find(|i| Some(self.nodes[*i].id) == seen)
+    }
+
+    /// Wait until node `i` has applied at least `index`.
+    pub async fn wait_applied(&self, i: usize, index: u64) {
+        wait_for("node to apply", Duration::from_secs(60), || async move {
+            self.status(i).await.is_some_and(|s| s.applied_index >= index)
+        })
+        .await;
+    }
+}
