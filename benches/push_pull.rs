@@ -40,38 +40,17 @@ fn peak_rss_mib(pid: u32) -> Option<f64> {
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let size_mib: u64 = arg("--size-mib")
-        .map(|s| s.parse().expect("--size-mib N"))
-        .unwrap_or(1024);
+    let arg = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let size_mib: u64 = arg("--size-mib").map(|s| s.parse().expect("--size-mib N")).unwrap_or(1024);
 
     let dir = tempfile::tempdir().unwrap();
     let (registry, mut child) = match arg("--registry") {
         Some(r) => (r, None),
         None => {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let grpc = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let grpc = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
             let c = Command::new(env!("CARGO_BIN_EXE_berth"))
-                .args([
-                    "serve",
-                    "--http",
-                    &format!("127.0.0.1:{port}"),
-                    "--grpc",
-                    &format!("127.0.0.1:{grpc}"),
-                ])
+                .args(["serve", "--http", &format!("127.0.0.1:{port}"), "--grpc", &format!("127.0.0.1:{grpc}")])
                 .arg("--data-dir")
                 .arg(dir.path())
                 .stderr(Stdio::null())
@@ -114,22 +93,13 @@ async fn main() {
         if r.status() == 202 {
             // Registries without monolithic POST: follow the Location with PUT.
             let loc = r.headers()["Location"].to_str().unwrap().to_owned();
-            let url = if loc.starts_with("http") {
-                loc
-            } else {
-                format!("{base}{loc}")
-            };
+            let url = if loc.starts_with("http") { loc } else { format!("{base}{loc}") };
             let sep = if url.contains('?') { '&' } else { '?' };
             let body = reqwest::Body::wrap_stream(
                 futures::stream::iter(0..size_mib).map(move |i| Ok::<_, std::io::Error>(chunk(seed, i))),
             );
             let t = Instant::now();
-            let r = client
-                .put(format!("{url}{sep}digest={digest}"))
-                .body(body)
-                .send()
-                .await
-                .unwrap();
+            let r = client.put(format!("{url}{sep}digest={digest}")).body(body).send().await.unwrap();
             assert_eq!(r.status(), 201, "push failed");
             pushes.push(report("push (POST+PUT)", bytes, t.elapsed()));
         } else {
@@ -138,11 +108,7 @@ async fn main() {
         }
 
         let t = Instant::now();
-        let r = client
-            .get(format!("{base}/v2/bench/blob/blobs/{digest}"))
-            .send()
-            .await
-            .unwrap();
+        let r = client.get(format!("{base}/v2/bench/blob/blobs/{digest}")).send().await.unwrap();
         assert_eq!(r.status(), 200);
         let mut got = 0u64;
         let mut s = r.bytes_stream();

@@ -30,12 +30,7 @@ pub struct RaftSettings {
 
 impl Default for RaftSettings {
     fn default() -> Self {
-        RaftSettings {
-            heartbeat_ms: 100,
-            election_min_ms: 500,
-            election_max_ms: 1000,
-            snapshot_logs: 10_000,
-        }
+        RaftSettings { heartbeat_ms: 100, election_min_ms: 500, election_max_ms: 1000, snapshot_logs: 10_000 }
     }
 }
 
@@ -79,6 +74,14 @@ pub struct Config {
     /// Upload sessions untouched this long are removed.
     pub upload_expiry_secs: u64,
     pub raft: RaftSettings,
+    /// Target copies of each blob (capped at the cluster size).
+    pub replicas: usize,
+    /// Copies fsynced before a push is acknowledged (default: min(2, voters)).
+    pub min_copies: Option<usize>,
+    /// Regions those copies must span before a push is acknowledged.
+    pub min_regions: usize,
+    /// Keep a local copy of blobs streamed from peers.
+    pub cache_on_read: bool,
 }
 
 impl Default for Config {
@@ -98,6 +101,10 @@ impl Default for Config {
             max_manifest_bytes: 4 << 20,
             upload_expiry_secs: 24 * 3600,
             raft: RaftSettings::default(),
+            replicas: 3,
+            min_copies: None,
+            min_regions: 1,
+            cache_on_read: true,
         }
     }
 }
@@ -126,20 +133,13 @@ impl Config {
         }
         if self.raft.election_min_ms >= self.raft.election_max_ms || self.raft.heartbeat_ms >= self.raft.election_min_ms
         {
-            return Err(ConfigError::Invalid(
-                "need heartbeat_ms < election_min_ms < election_max_ms".into(),
-            ));
+            return Err(ConfigError::Invalid("need heartbeat_ms < election_min_ms < election_max_ms".into()));
         }
         if !self.initial_members.is_empty() && !self.initial_members.iter().any(|m| m.id == self.node_id) {
-            return Err(ConfigError::Invalid(format!(
-                "node_id {} is not in initial_members",
-                self.node_id
-            )));
+            return Err(ConfigError::Invalid(format!("node_id {} is not in initial_members", self.node_id)));
         }
         if self.join.is_some() && !self.initial_members.is_empty() {
-            return Err(ConfigError::Invalid(
-                "join and initial_members exclude each other".into(),
-            ));
+            return Err(ConfigError::Invalid("join and initial_members exclude each other".into()));
         }
         if self.max_manifest_bytes == 0 {
             return Err(ConfigError::Invalid("max_manifest_bytes must be positive".into()));

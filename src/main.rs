@@ -106,15 +106,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new()?;
     match cli.command {
-        Cmd::Serve {
-            config,
-            node_id,
-            http,
-            grpc,
-            data_dir,
-            join,
-            learner,
-        } => {
+        Cmd::Serve { config, node_id, http, grpc, data_dir, join, learner } => {
             let mut cfg = match config {
                 Some(p) => Config::load(&p)?,
                 None => Config::default(),
@@ -155,43 +147,21 @@ async fn cluster(cmd: ClusterCmd) -> anyhow::Result<()> {
     };
     match cmd {
         ClusterCmd::Status { node, json } => {
-            let rows = ClusterAdmin::new(&node)
-                .status()
-                .await
-                .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+            let rows = ClusterAdmin::new(&node).status().await.map_err(|e| anyhow::anyhow!("{}", e.message()))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 print_status(&rows);
             }
         }
-        ClusterCmd::Join {
-            node,
-            id,
-            addr,
-            api,
-            region,
-            learner,
-            json,
-        } => {
-            let req = JoinRequest {
-                id,
-                api,
-                grpc: addr,
-                region,
-                learner,
-            };
-            let msg = ClusterAdmin::new(&node)
-                .join(req)
-                .await
-                .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+        ClusterCmd::Join { node, id, addr, api, region, learner, json } => {
+            let req = JoinRequest { id, api, grpc: addr, region, learner };
+            let msg = ClusterAdmin::new(&node).join(req).await.map_err(|e| anyhow::anyhow!("{}", e.message()))?;
             report(json, msg);
         }
         ClusterCmd::Leave { node, id, force, json } => {
-            let msg = ClusterAdmin::new(&node)
-                .leave(id, force)
-                .await
-                .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+            let msg =
+                ClusterAdmin::new(&node).leave(id, force).await.map_err(|e| anyhow::anyhow!("{}", e.message()))?;
             report(json, msg);
         }
     }

@@ -12,10 +12,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::api::{self, AppState};
-use crate::blob::{BlobStore, Uploads};
+use crate::blob::{BlobStore, Policy, Replicator, Uploads};
 use crate::cluster::{
-    AdminServer, AdminService, Cluster, ClusterAdmin, JoinRequest, MetaServer, MetaService, Network, RaftRpcServer,
-    RaftService, MAX_MESSAGE,
+    AdminServer, AdminService, BlobService, BlobsServer, Cluster, ClusterAdmin, JoinRequest, MetaServer, MetaService,
+    Network, RaftRpcServer, RaftService, MAX_MESSAGE,
 };
 use crate::config::Config;
 use crate::meta::{self, LogStore, MetaReader, StateMachine};
@@ -52,12 +52,8 @@ impl RunningNode {
         let store = BlobStore::new(cfg.data_dir.join("blobs"))?;
         let uploads = Uploads::new(cfg.node_id, cfg.data_dir.join("uploads"), store)?;
 
-        let http = TcpListener::bind(&cfg.http)
-            .await
-            .with_context(|| format!("binding {}", cfg.http))?;
-        let grpc = TcpListener::bind(&cfg.grpc)
-            .await
-            .with_context(|| format!("binding {}", cfg.grpc))?;
+        let http = TcpListener::bind(&cfg.http).await.with_context(|| format!("binding {}", cfg.http))?;
+        let grpc = TcpListener::bind(&cfg.grpc).await.with_context(|| format!("binding {}", cfg.grpc))?;
         let http_addr = http.local_addr()?;
         let grpc_addr = grpc.local_addr()?;
 
@@ -75,15 +71,17 @@ impl RunningNode {
         let meta_svc = MetaServer::new(MetaService { raft: raft.clone() })
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
-        let admin_svc = AdminServer::new(AdminService {
-            cluster: cluster.clone(),
-        });
+        let admin_svc = AdminServer::new(AdminService { cluster: cluster.clone() });
+        let blob_svc = BlobsServer::new(BlobService { store: uploads.store().clone(), peers: cluster.peers.clone() })
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
         let mut grpc_stop = rx.clone();
         tasks.push(tokio::spawn(async move {
             let res = tonic::transport::Server::builder()
                 .add_service(raft_svc)
                 .add_service(meta_svc)
                 .add_service(admin_svc)
+                .add_service(blob_svc)
                 .serve_with_incoming_shutdown(accept_stream(grpc), async move {
                     let _ = grpc_stop.changed().await;
                 })
@@ -110,26 +108,26 @@ impl RunningNode {
                 .context("waiting for leadership")?;
         }
 
+        let meta = MetaReader::new(db);
+        let policy = Policy {
+            replicas: cfg.replicas,
+            min_copies: cfg.min_copies,
+            min_regions: cfg.min_regions,
+            cache_on_read: cfg.cache_on_read,
+        };
+        let replicator = Replicator::new(cluster.clone(), meta.clone(), uploads.store().clone(), policy);
         let state = AppState {
-            meta: MetaReader::new(db),
+            meta,
+            replicator,
             cluster: cluster.clone(),
             uploads: uploads.clone(),
             max_manifest_bytes: cfg.max_manifest_bytes,
+            http: AppState::http_client(),
         };
         tasks.push(tokio::spawn(api::serve(http, state, rx.clone())));
-        tasks.push(tokio::spawn(expire_uploads(
-            uploads,
-            Duration::from_secs(cfg.upload_expiry_secs),
-            rx,
-        )));
+        tasks.push(tokio::spawn(expire_uploads(uploads, Duration::from_secs(cfg.upload_expiry_secs), rx)));
         tracing::info!(node = cfg.node_id, %http_addr, %grpc_addr, "berth node serving");
-        Ok(RunningNode {
-            http_addr,
-            grpc_addr,
-            cluster,
-            shutdown,
-            tasks,
-        })
+        Ok(RunningNode { http_addr, grpc_addr, cluster, shutdown, tasks })
     }
 
     /// Stop accepting requests and stop Raft.
@@ -158,13 +156,7 @@ fn accept_stream(
 /// or wait to be contacted by the member that initializes.
 async fn bootstrap(cfg: &Config, raft: &Raft, me: NodeInfo, tasks: &mut Vec<JoinHandle<()>>) -> anyhow::Result<()> {
     if let Some(via) = cfg.join.clone() {
-        let req = JoinRequest {
-            id: cfg.node_id,
-            api: me.api,
-            grpc: me.grpc,
-            region: me.region,
-            learner: cfg.learner,
-        };
+        let req = JoinRequest { id: cfg.node_id, api: me.api, grpc: me.grpc, region: me.region, learner: cfg.learner };
         tracing::info!(%via, "joining an existing cluster");
         tasks.push(tokio::spawn(async move {
             let admin = ClusterAdmin::new(&via);
@@ -186,32 +178,15 @@ async fn bootstrap(cfg: &Config, raft: &Raft, me: NodeInfo, tasks: &mut Vec<Join
     } else {
         cfg.initial_members
             .iter()
-            .map(|m| {
-                (
-                    m.id,
-                    NodeInfo {
-                        api: m.http.clone(),
-                        grpc: m.grpc.clone(),
-                        region: m.region.clone(),
-                    },
-                )
-            })
+            .map(|m| (m.id, NodeInfo { api: m.http.clone(), grpc: m.grpc.clone(), region: m.region.clone() }))
             .collect()
     };
     let first = *members.keys().next().expect("at least one member");
     if first == cfg.node_id {
-        tracing::info!(
-            node = cfg.node_id,
-            members = members.len(),
-            "initializing a new cluster"
-        );
+        tracing::info!(node = cfg.node_id, members = members.len(), "initializing a new cluster");
         raft.initialize(members).await?;
     } else {
-        tracing::info!(
-            node = cfg.node_id,
-            initializer = first,
-            "waiting for node {first} to initialize the cluster"
-        );
+        tracing::info!(node = cfg.node_id, initializer = first, "waiting for node {first} to initialize the cluster");
     }
     Ok(())
 }

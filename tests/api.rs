@@ -56,34 +56,18 @@ async fn chunked_upload_with_status_out_of_order_and_final_chunk() {
     let data = b"hello chunked world, in three parts".to_vec();
     let d = sha256(&data);
 
-    let r = c
-        .post(format!("{}/v2/repo/blobs/uploads/", n.base))
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(format!("{}/v2/repo/blobs/uploads/", n.base)).send().await.unwrap();
     assert_eq!(r.status(), 202);
     let loc = r.headers()["Location"].to_str().unwrap().to_owned();
     assert!(r.headers().contains_key("Docker-Upload-UUID"));
     let url = format!("{}{loc}", n.base);
 
-    let r = c
-        .patch(&url)
-        .header("Content-Range", "0-9")
-        .body(data[..10].to_vec())
-        .send()
-        .await
-        .unwrap();
+    let r = c.patch(&url).header("Content-Range", "0-9").body(data[..10].to_vec()).send().await.unwrap();
     assert_eq!(r.status(), 202);
     assert_eq!(r.headers()["Range"], "0-9");
 
     // A chunk that does not start where the last one ended.
-    let r = c
-        .patch(&url)
-        .header("Content-Range", "15-19")
-        .body(data[15..20].to_vec())
-        .send()
-        .await
-        .unwrap();
+    let r = c.patch(&url).header("Content-Range", "15-19").body(data[15..20].to_vec()).send().await.unwrap();
     assert_eq!(r.status(), 416);
     assert_eq!(r.headers()["Range"], "0-9");
 
@@ -96,23 +80,11 @@ async fn chunked_upload_with_status_out_of_order_and_final_chunk() {
     assert_eq!(r.status(), 204);
     assert_eq!(r.headers()["Range"], "0-19");
 
-    let r = c
-        .put(format!("{url}?digest={d}"))
-        .body(data[20..].to_vec())
-        .send()
-        .await
-        .unwrap();
+    let r = c.put(format!("{url}?digest={d}")).body(data[20..].to_vec()).send().await.unwrap();
     assert_eq!(r.status(), 201);
     assert_eq!(r.headers()["Location"], format!("/v2/repo/blobs/{d}").as_str());
 
-    let got = c
-        .get(format!("{}/v2/repo/blobs/{d}", n.base))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let got = c.get(format!("{}/v2/repo/blobs/{d}", n.base)).send().await.unwrap().bytes().await.unwrap();
     assert_eq!(got.as_ref(), &data[..]);
     // The session is gone once completed.
     expect_error(c.get(&url).send().await.unwrap(), 404, "BLOB_UPLOAD_UNKNOWN").await;
@@ -133,27 +105,14 @@ async fn wrong_digest_is_refused_and_nothing_is_stored() {
     expect_error(r, 400, "DIGEST_INVALID").await;
     let r = c.get(format!("{}/v2/repo/blobs/{wrong}", n.base)).send().await.unwrap();
     expect_error(r, 404, "BLOB_UNKNOWN").await;
-    let r = c
-        .get(format!("{}/v2/repo/blobs/{}", n.base, sha256(b"actual bytes")))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(format!("{}/v2/repo/blobs/{}", n.base, sha256(b"actual bytes"))).send().await.unwrap();
     expect_error(r, 404, "BLOB_UNKNOWN").await;
     assert!(files_under(&n.dir.path().join("blobs")).is_empty());
     assert!(files_under(&n.dir.path().join("uploads")).is_empty());
 
     // Malformed digests.
-    for bad in [
-        "sha256:abc",
-        "sha256:../../etc/passwd",
-        "md5:d41d8cd98f00b204e9800998ecf8427e",
-    ] {
-        let r = c
-            .post(format!("{}/v2/repo/blobs/uploads/?digest={bad}", n.base))
-            .body("x")
-            .send()
-            .await
-            .unwrap();
+    for bad in ["sha256:abc", "sha256:../../etc/passwd", "md5:d41d8cd98f00b204e9800998ecf8427e"] {
+        let r = c.post(format!("{}/v2/repo/blobs/uploads/?digest={bad}", n.base)).body("x").send().await.unwrap();
         expect_error(r, 400, "DIGEST_INVALID").await;
     }
     n.node.shutdown().await;
@@ -163,42 +122,20 @@ async fn wrong_digest_is_refused_and_nothing_is_stored() {
 async fn cancel_upload_and_unknown_upload() {
     let n = start_node().await;
     let c = client();
-    let r = c
-        .post(format!("{}/v2/repo/blobs/uploads/", n.base))
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(format!("{}/v2/repo/blobs/uploads/", n.base)).send().await.unwrap();
     let url = format!("{}{}", n.base, r.headers()["Location"].to_str().unwrap());
     c.patch(&url).body("partial").send().await.unwrap();
     assert_eq!(c.delete(&url).send().await.unwrap().status(), 204);
     expect_error(c.get(&url).send().await.unwrap(), 404, "BLOB_UPLOAD_UNKNOWN").await;
-    expect_error(
-        c.patch(&url).body("x").send().await.unwrap(),
-        404,
-        "BLOB_UPLOAD_UNKNOWN",
-    )
-    .await;
-    let r = c
-        .get(format!("{}/v2/repo/blobs/uploads/1-{}", n.base, "0".repeat(32)))
-        .send()
-        .await
-        .unwrap();
+    expect_error(c.patch(&url).body("x").send().await.unwrap(), 404, "BLOB_UPLOAD_UNKNOWN").await;
+    let r = c.get(format!("{}/v2/repo/blobs/uploads/1-{}", n.base, "0".repeat(32))).send().await.unwrap();
     expect_error(r, 404, "BLOB_UPLOAD_UNKNOWN").await;
-    let r = c
-        .get(format!("{}/v2/repo/blobs/uploads/garbage", n.base))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(format!("{}/v2/repo/blobs/uploads/garbage", n.base)).send().await.unwrap();
     expect_error(r, 404, "BLOB_UPLOAD_UNKNOWN").await;
     // An upload id of one repository is unknown in another.
     let r = c.post(format!("{}/v2/a/blobs/uploads/", n.base)).send().await.unwrap();
     let loc = r.headers()["Location"].to_str().unwrap().replace("/v2/a/", "/v2/b/");
-    expect_error(
-        c.get(format!("{}{loc}", n.base)).send().await.unwrap(),
-        404,
-        "BLOB_UPLOAD_UNKNOWN",
-    )
-    .await;
+    expect_error(c.get(format!("{}{loc}", n.base)).send().await.unwrap(), 404, "BLOB_UPLOAD_UNKNOWN").await;
     assert!(files_under(&n.dir.path().join("blobs")).is_empty());
     n.node.shutdown().await;
 }
@@ -208,37 +145,15 @@ async fn cross_repository_mount_with_and_without_from() {
     let n = start_node().await;
     let c = client();
     let d = push_blob(&c, &n.base, "src", b"shared layer").await;
-    let r = c
-        .post(format!("{}/v2/dst/blobs/uploads/?mount={d}&from=src", n.base))
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(format!("{}/v2/dst/blobs/uploads/?mount={d}&from=src", n.base)).send().await.unwrap();
     assert_eq!(r.status(), 201);
     assert_eq!(r.headers()["Location"], format!("/v2/dst/blobs/{d}").as_str());
-    let r = c
-        .post(format!("{}/v2/anon/blobs/uploads/?mount={d}", n.base))
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(format!("{}/v2/anon/blobs/uploads/?mount={d}", n.base)).send().await.unwrap();
     assert_eq!(r.status(), 201);
-    assert_eq!(
-        c.get(format!("{}/v2/anon/blobs/{d}", n.base))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(c.get(format!("{}/v2/anon/blobs/{d}", n.base)).send().await.unwrap().status(), 200);
     // Unknown blob: a normal upload session instead.
-    let r = c
-        .post(format!(
-            "{}/v2/dst/blobs/uploads/?mount={}&from=src",
-            n.base,
-            sha256(b"nope")
-        ))
-        .send()
-        .await
-        .unwrap();
+    let r =
+        c.post(format!("{}/v2/dst/blobs/uploads/?mount={}&from=src", n.base, sha256(b"nope"))).send().await.unwrap();
     assert_eq!(r.status(), 202);
     n.node.shutdown().await;
 }
@@ -250,11 +165,7 @@ async fn manifests_by_tag_and_digest_with_errors() {
     let (md, m) = push_image(&c, &n.base, "img", "v1", "a").await;
 
     for reference in ["v1", md.as_str()] {
-        let r = c
-            .get(format!("{}/v2/img/manifests/{reference}", n.base))
-            .send()
-            .await
-            .unwrap();
+        let r = c.get(format!("{}/v2/img/manifests/{reference}", n.base)).send().await.unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["Content-Type"], OCI_MANIFEST);
         assert_eq!(r.headers()["Docker-Content-Digest"], md.as_str());
@@ -336,11 +247,7 @@ async fn manifests_by_tag_and_digest_with_errors() {
     expect_error(r, 400, "TAG_INVALID").await;
 
     for bad in ["bad", "broken", "huge"] {
-        let r = c
-            .get(format!("{}/v2/img/manifests/{bad}", n.base))
-            .send()
-            .await
-            .unwrap();
+        let r = c.get(format!("{}/v2/img/manifests/{bad}", n.base)).send().await.unwrap();
         expect_error(r, 404, "MANIFEST_UNKNOWN").await;
     }
     n.node.shutdown().await;
@@ -377,19 +284,10 @@ async fn index_needs_its_children_and_tag_params_answer_oci_tag() {
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
-    let tags: Vec<_> = r
-        .headers()
-        .get_all("OCI-Tag")
-        .iter()
-        .map(|v| v.to_str().unwrap().to_owned())
-        .collect();
+    let tags: Vec<_> = r.headers().get_all("OCI-Tag").iter().map(|v| v.to_str().unwrap().to_owned()).collect();
     assert_eq!(tags, ["one", "two"]);
     for t in ["one", "two"] {
-        let r = c
-            .get(format!("{}/v2/multi/manifests/{t}", n.base))
-            .send()
-            .await
-            .unwrap();
+        let r = c.get(format!("{}/v2/multi/manifests/{t}", n.base)).send().await.unwrap();
         assert_eq!(r.headers()["Docker-Content-Digest"], gd.as_str());
         assert_eq!(r.headers()["Content-Type"], OCI_INDEX);
     }
@@ -416,29 +314,17 @@ async fn tag_list_and_catalog_paginate_with_links() {
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["tags"], serde_json::json!(["t0", "t1", "t2", "t3", "t4"]));
 
-    let r = c
-        .get(format!("{}/v2/pages/tags/list?n=2", n.base))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(format!("{}/v2/pages/tags/list?n=2", n.base)).send().await.unwrap();
     assert_eq!(r.headers()["Link"], "</v2/pages/tags/list?n=2&last=t1>; rel=\"next\"");
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["tags"], serde_json::json!(["t0", "t1"]));
 
-    let r = c
-        .get(format!("{}/v2/pages/tags/list?n=2&last=t3", n.base))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(format!("{}/v2/pages/tags/list?n=2&last=t3", n.base)).send().await.unwrap();
     assert!(r.headers().get("Link").is_none());
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["tags"], serde_json::json!(["t4"]));
 
-    let r = c
-        .get(format!("{}/v2/pages/tags/list?n=0", n.base))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(format!("{}/v2/pages/tags/list?n=0", n.base)).send().await.unwrap();
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["tags"], serde_json::json!([]));
 
@@ -447,14 +333,7 @@ async fn tag_list_and_catalog_paginate_with_links() {
     assert_eq!(r.headers()["Link"], "</v2/_catalog?n=1&last=another>; rel=\"next\"");
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["repositories"], serde_json::json!(["another"]));
-    let v: serde_json::Value = c
-        .get(format!("{}/v2/_catalog", n.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: serde_json::Value = c.get(format!("{}/v2/_catalog", n.base)).send().await.unwrap().json().await.unwrap();
     assert_eq!(v["repositories"], serde_json::json!(["another", "pages"]));
 
     let r = c.get(format!("{}/v2/unknown/tags/list", n.base)).send().await.unwrap();
@@ -469,10 +348,7 @@ async fn referrers_with_artifact_type_filter() {
     let (subject, m) = push_image(&c, &n.base, "ref", "base", "s").await;
     let empty = push_blob(&c, &n.base, "ref", b"{}").await;
     let mut artifacts = Vec::new();
-    for (i, at) in ["application/vnd.example.sbom", "application/vnd.example.sig"]
-        .iter()
-        .enumerate()
-    {
+    for (i, at) in ["application/vnd.example.sbom", "application/vnd.example.sig"].iter().enumerate() {
         let body = format!(
             r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","artifactType":"{at}","config":{{"mediaType":"application/vnd.oci.empty.v1+json","digest":"{empty}","size":2}},"layers":[],"subject":{{"mediaType":"{OCI_MANIFEST}","digest":"{subject}","size":{}}},"annotations":{{"n":"{i}"}}}}"#,
             m.len()
@@ -489,21 +365,14 @@ async fn referrers_with_artifact_type_filter() {
         assert_eq!(r.headers()["OCI-Subject"], subject.as_str());
         artifacts.push(d);
     }
-    let r = c
-        .get(format!("{}/v2/ref/referrers/{subject}", n.base))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(format!("{}/v2/ref/referrers/{subject}", n.base)).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["Content-Type"], OCI_INDEX);
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["manifests"].as_array().unwrap().len(), 2);
 
     let r = c
-        .get(format!(
-            "{}/v2/ref/referrers/{subject}?artifactType=application/vnd.example.sig",
-            n.base
-        ))
+        .get(format!("{}/v2/ref/referrers/{subject}?artifactType=application/vnd.example.sig", n.base))
         .send()
         .await
         .unwrap();
@@ -516,27 +385,13 @@ async fn referrers_with_artifact_type_filter() {
     assert_eq!(ms[0]["annotations"]["n"], "1");
 
     // Deleting a referrer removes it from the list.
-    let r = c
-        .delete(format!("{}/v2/ref/manifests/{}", n.base, artifacts[0]))
-        .send()
-        .await
-        .unwrap();
+    let r = c.delete(format!("{}/v2/ref/manifests/{}", n.base, artifacts[0])).send().await.unwrap();
     assert_eq!(r.status(), 202);
-    let v: serde_json::Value = c
-        .get(format!("{}/v2/ref/referrers/{subject}", n.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: serde_json::Value =
+        c.get(format!("{}/v2/ref/referrers/{subject}", n.base)).send().await.unwrap().json().await.unwrap();
     assert_eq!(v["manifests"].as_array().unwrap().len(), 1);
 
-    let r = c
-        .get(format!("{}/v2/ref/referrers/sha256:nothex", n.base))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(format!("{}/v2/ref/referrers/sha256:nothex", n.base)).send().await.unwrap();
     expect_error(r, 400, "DIGEST_INVALID").await;
     n.node.shutdown().await;
 }
@@ -555,69 +410,23 @@ async fn deletes_of_tags_manifests_and_blobs() {
         .unwrap();
     assert_eq!(r.status(), 201);
 
-    assert_eq!(
-        c.delete(format!("{}/v2/del/manifests/drop", n.base))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        202
-    );
-    expect_error(
-        c.get(format!("{}/v2/del/manifests/drop", n.base)).send().await.unwrap(),
-        404,
-        "MANIFEST_UNKNOWN",
-    )
-    .await;
-    assert_eq!(
-        c.get(format!("{}/v2/del/manifests/keep", n.base))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(c.delete(format!("{}/v2/del/manifests/drop", n.base)).send().await.unwrap().status(), 202);
+    expect_error(c.get(format!("{}/v2/del/manifests/drop", n.base)).send().await.unwrap(), 404, "MANIFEST_UNKNOWN")
+        .await;
+    assert_eq!(c.get(format!("{}/v2/del/manifests/keep", n.base)).send().await.unwrap().status(), 200);
 
-    assert_eq!(
-        c.delete(format!("{}/v2/del/manifests/{md}", n.base))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        202
-    );
+    assert_eq!(c.delete(format!("{}/v2/del/manifests/{md}", n.base)).send().await.unwrap().status(), 202);
     for r in ["keep", md.as_str()] {
         let resp = c.get(format!("{}/v2/del/manifests/{r}", n.base)).send().await.unwrap();
         expect_error(resp, 404, "MANIFEST_UNKNOWN").await;
     }
-    let r = c
-        .delete(format!("{}/v2/del/manifests/{md}", n.base))
-        .send()
-        .await
-        .unwrap();
+    let r = c.delete(format!("{}/v2/del/manifests/{md}", n.base)).send().await.unwrap();
     expect_error(r, 404, "MANIFEST_UNKNOWN").await;
 
     let d = push_blob(&c, &n.base, "del", b"blob to delete").await;
-    assert_eq!(
-        c.delete(format!("{}/v2/del/blobs/{d}", n.base))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        202
-    );
-    expect_error(
-        c.get(format!("{}/v2/del/blobs/{d}", n.base)).send().await.unwrap(),
-        404,
-        "BLOB_UNKNOWN",
-    )
-    .await;
-    expect_error(
-        c.delete(format!("{}/v2/del/blobs/{d}", n.base)).send().await.unwrap(),
-        404,
-        "BLOB_UNKNOWN",
-    )
-    .await;
+    assert_eq!(c.delete(format!("{}/v2/del/blobs/{d}", n.base)).send().await.unwrap().status(), 202);
+    expect_error(c.get(format!("{}/v2/del/blobs/{d}", n.base)).send().await.unwrap(), 404, "BLOB_UNKNOWN").await;
+    expect_error(c.delete(format!("{}/v2/del/blobs/{d}", n.base)).send().await.unwrap(), 404, "BLOB_UNKNOWN").await;
     n.node.shutdown().await;
 }
 
@@ -625,12 +434,7 @@ async fn deletes_of_tags_manifests_and_blobs() {
 async fn invalid_names_and_methods() {
     let n = start_node().await;
     let c = client();
-    for path in [
-        "/v2/UPPER/tags/list",
-        "/v2/a/../b/tags/list",
-        "/v2/a//b/manifests/x",
-        "/v2/-a/blobs/uploads/",
-    ] {
+    for path in ["/v2/UPPER/tags/list", "/v2/a/../b/tags/list", "/v2/a//b/manifests/x", "/v2/-a/blobs/uploads/"] {
         let r = c.get(format!("{}{path}", n.base)).send().await.unwrap();
         // `..` may be normalized away by the client: then it is simply unknown.
         assert!(r.status() == 400 || r.status() == 404, "{path}: {}", r.status());
@@ -638,17 +442,9 @@ async fn invalid_names_and_methods() {
             expect_error(r, 400, "NAME_INVALID").await;
         }
     }
-    let r = c
-        .post(format!("{}/v2/UPPER/blobs/uploads/", n.base))
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(format!("{}/v2/UPPER/blobs/uploads/", n.base)).send().await.unwrap();
     expect_error(r, 400, "NAME_INVALID").await;
-    let r = c
-        .post(format!("{}/v2/ok/manifests/latest", n.base))
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(format!("{}/v2/ok/manifests/latest", n.base)).send().await.unwrap();
     expect_error(r, 405, "UNSUPPORTED").await;
     assert!(files_under(&n.dir.path().join("blobs")).is_empty());
     n.node.shutdown().await;
@@ -661,21 +457,9 @@ async fn sha512_blobs_and_manifests() {
     let c = client();
     let data = b"sha512 content".to_vec();
     let d = format!("sha512:{}", hex::encode(Sha512::digest(&data)));
-    let r = c
-        .post(format!("{}/v2/s5/blobs/uploads/?digest={d}", n.base))
-        .body(data.clone())
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(format!("{}/v2/s5/blobs/uploads/?digest={d}", n.base)).body(data.clone()).send().await.unwrap();
     assert_eq!(r.status(), 201);
-    let got = c
-        .get(format!("{}/v2/s5/blobs/{d}", n.base))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let got = c.get(format!("{}/v2/s5/blobs/{d}", n.base)).send().await.unwrap().bytes().await.unwrap();
     assert_eq!(got.as_ref(), &data[..]);
     n.node.shutdown().await;
 }
@@ -685,18 +469,9 @@ async fn truncated_upload_changes_nothing() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let n = start_node().await;
     let c = client();
-    let r = c
-        .post(format!("{}/v2/trunc/blobs/uploads/", n.base))
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(format!("{}/v2/trunc/blobs/uploads/", n.base)).send().await.unwrap();
     let loc = r.headers()["Location"].to_str().unwrap().to_owned();
-    let r = c
-        .patch(format!("{}{loc}", n.base))
-        .body("0123456789")
-        .send()
-        .await
-        .unwrap();
+    let r = c.patch(format!("{}{loc}", n.base)).body("0123456789").send().await.unwrap();
     assert_eq!(r.headers()["Range"], "0-9");
 
     // Declare 1000 bytes, send 10, hang up.
@@ -709,24 +484,16 @@ async fn truncated_upload_changes_nothing() {
 
     // The session still holds exactly the first chunk.
     let url = format!("{}{loc}", n.base);
-    wait_for(
-        "truncated chunk rolled back",
-        std::time::Duration::from_secs(10),
-        || {
-            let c = c.clone();
-            let url = url.clone();
-            async move {
-                let r = c.get(&url).send().await.unwrap();
-                r.headers().get("Range").map(|v| v == "0-9").unwrap_or(false)
-            }
-        },
-    )
+    wait_for("truncated chunk rolled back", std::time::Duration::from_secs(10), || {
+        let c = c.clone();
+        let url = url.clone();
+        async move {
+            let r = c.get(&url).send().await.unwrap();
+            r.headers().get("Range").map(|v| v == "0-9").unwrap_or(false)
+        }
+    })
     .await;
-    let r = c
-        .put(format!("{url}?digest={}", sha256(b"0123456789")))
-        .send()
-        .await
-        .unwrap();
+    let r = c.put(format!("{url}?digest={}", sha256(b"0123456789"))).send().await.unwrap();
     assert_eq!(r.status(), 201);
     n.node.shutdown().await;
 }

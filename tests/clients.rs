@@ -19,10 +19,7 @@ impl Drop for Proc {
 }
 
 fn run(cmd: &str, args: &[&str]) -> Output {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
     assert!(
         out.status.success(),
         "{cmd} {args:?} failed:\n{}\n{}",
@@ -33,34 +30,15 @@ fn run(cmd: &str, args: &[&str]) -> Output {
 }
 
 fn available(cmd: &str, probe: &[&str]) -> bool {
-    Command::new(cmd)
-        .args(probe)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    Command::new(cmd).args(probe).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
 }
 
 async fn start_berth() -> (Proc, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let grpc = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let grpc = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let child = Command::new(env!("CARGO_BIN_EXE_berth"))
-        .args([
-            "serve",
-            "--http",
-            &format!("127.0.0.1:{port}"),
-            "--grpc",
-            &format!("127.0.0.1:{grpc}"),
-        ])
+        .args(["serve", "--http", &format!("127.0.0.1:{port}"), "--grpc", &format!("127.0.0.1:{grpc}")])
         .arg("--data-dir")
         .arg(dir.path())
         .stdout(Stdio::null())
@@ -114,22 +92,14 @@ async fn docker_and_skopeo_round_trip() {
             let data: Vec<u8> = (0..size).map(|i| ((i * 31) % 251) as u8).collect();
             std::fs::write(ctx.path().join(name), data).unwrap();
         }
-        std::fs::write(
-            ctx.path().join("Dockerfile"),
-            "FROM scratch\nCOPY a /a\nCOPY b /b\nCOPY c /c\n",
-        )
-        .unwrap();
+        std::fs::write(ctx.path().join("Dockerfile"), "FROM scratch\nCOPY a /a\nCOPY b /b\nCOPY c /c\n").unwrap();
         let out = Command::new("docker")
             .env("DOCKER_BUILDKIT", "0")
             .args(["build", "-q", "-t", &image])
             .arg(ctx.path())
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "docker build: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "docker build: {}", String::from_utf8_lossy(&out.stderr));
         let id_before = run("docker", &["inspect", "--format", "{{.Id}}", &image]).stdout;
         run("docker", &["push", &image]);
         run("docker", &["rmi", "-f", &image]);
@@ -154,26 +124,13 @@ async fn docker_and_skopeo_round_trip() {
         let b = run("skopeo", &["inspect", "--raw", "--tls-verify=false", &back]).stdout;
         let layers = |raw: &[u8]| -> Vec<String> {
             let v: serde_json::Value = serde_json::from_slice(raw).unwrap();
-            v["layers"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|l| l["digest"].as_str().unwrap().to_owned())
-                .collect()
+            v["layers"].as_array().unwrap().iter().map(|l| l["digest"].as_str().unwrap().to_owned()).collect()
         };
         assert_eq!(layers(&a), layers(&b), "layers differ after skopeo round trip");
         assert!(!layers(&a).is_empty());
         // And out again into a fresh layout, every blob verified by skopeo.
         let again = tempfile::tempdir().unwrap();
-        run(
-            "skopeo",
-            &[
-                "copy",
-                "--src-tls-verify=false",
-                &back,
-                &format!("oci:{}:x", again.path().display()),
-            ],
-        );
+        run("skopeo", &["copy", "--src-tls-verify=false", &back, &format!("oci:{}:x", again.path().display())]);
     }
     cleanup.0.push(format!("{addr}/clients/copied:{unique}"));
 }

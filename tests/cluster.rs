@@ -41,19 +41,13 @@ async fn follower_writes_are_read_on_other_followers_and_survive_leader_loss() {
 
     // Push through one follower, read at once through the other.
     let (d, m) = push_image(&c, &cl.base(f[0]), "app", "v1", "one").await;
-    assert_eq!(
-        digest_of(&c, &cl.base(f[1]), "app", "v1").await.as_deref(),
-        Some(d.as_str())
-    );
+    assert_eq!(digest_of(&c, &cl.base(f[1]), "app", "v1").await.as_deref(), Some(d.as_str()));
     let mut acked = vec![("v1".to_string(), d.clone())];
     for i in 0..20 {
         let t = format!("f{i}");
         assert_eq!(tag(&c, &cl.base(f[i % 2]), "app", &t, &m).await, 201);
         // Read-your-write on the other follower, immediately.
-        assert_eq!(
-            digest_of(&c, &cl.base(f[(i + 1) % 2]), "app", &t).await.as_deref(),
-            Some(d.as_str())
-        );
+        assert_eq!(digest_of(&c, &cl.base(f[(i + 1) % 2]), "app", &t).await.as_deref(), Some(d.as_str()));
         acked.push((t, d.clone()));
     }
 
@@ -75,11 +69,7 @@ async fn follower_writes_are_read_on_other_followers_and_survive_leader_loss() {
     }
     for i in cl.alive() {
         for (t, d) in &acked {
-            assert_eq!(
-                digest_of(&c, &cl.base(i), "app", t).await.as_deref(),
-                Some(d.as_str()),
-                "node {i} tag {t}"
-            );
+            assert_eq!(digest_of(&c, &cl.base(i), "app", t).await.as_deref(), Some(d.as_str()), "node {i} tag {t}");
         }
     }
 
@@ -87,20 +77,10 @@ async fn follower_writes_are_read_on_other_followers_and_survive_leader_loss() {
     cl.start_node(leader).await;
     cl.wait_leader_everywhere().await;
     for (t, d) in &acked {
-        assert_eq!(
-            digest_of(&c, &cl.base(leader), "app", t).await.as_deref(),
-            Some(d.as_str()),
-            "restarted {t}"
-        );
+        assert_eq!(digest_of(&c, &cl.base(leader), "app", t).await.as_deref(), Some(d.as_str()), "restarted {t}");
     }
-    let v: serde_json::Value = c
-        .get(format!("{}/v2/app/tags/list", cl.base(leader)))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: serde_json::Value =
+        c.get(format!("{}/v2/app/tags/list", cl.base(leader))).send().await.unwrap().json().await.unwrap();
     assert_eq!(v["tags"].as_array().unwrap().len(), acked.len());
 
     // And the whole cluster restarts with everything in place.
@@ -139,14 +119,8 @@ async fn five_nodes_keep_writing_with_two_down() {
         assert_eq!(status, 201);
     }
     for i in cl.alive() {
-        let v: serde_json::Value = c
-            .get(format!("{}/v2/five/tags/list", cl.base(i)))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: serde_json::Value =
+            c.get(format!("{}/v2/five/tags/list", cl.base(i))).send().await.unwrap().json().await.unwrap();
         assert_eq!(v["tags"].as_array().unwrap().len(), 11, "node {i}");
     }
 }
@@ -198,58 +172,30 @@ async fn a_node_joins_under_load_and_another_leaves() {
     wait_for("node 4 to become a voter", Duration::from_secs(60), || {
         let admin = &admin;
         async move {
-            admin
-                .status()
-                .await
-                .is_ok_and(|rows| rows.iter().any(|r| r.id == 4 && r.role == "voter" && r.answers))
+            admin.status().await.is_ok_and(|rows| rows.iter().any(|r| r.id == 4 && r.role == "voter" && r.answers))
         }
     })
     .await;
     let base4 = format!("http://127.0.0.1:{http}");
-    let v: serde_json::Value = c
-        .get(format!("{base4}/v2/grow/tags/list"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: serde_json::Value = c.get(format!("{base4}/v2/grow/tags/list")).send().await.unwrap().json().await.unwrap();
     assert_eq!(v["tags"].as_array().unwrap().len(), 61);
 
     // A follower leaves through the command line; the cluster goes on.
     let leaver = followers(&cl, leader)[0];
     let out = berth()
-        .args([
-            "cluster",
-            "leave",
-            "--node",
-            &cl.grpc(leader),
-            "--id",
-            &cl.nodes[leaver].id.to_string(),
-        ])
+        .args(["cluster", "leave", "--node", &cl.grpc(leader), "--id", &cl.nodes[leaver].id.to_string()])
         .output()
         .unwrap();
     assert!(out.status.success(), "leave: {}", String::from_utf8_lossy(&out.stderr));
-    let out = berth()
-        .args(["cluster", "status", "--json", "--node", &cl.grpc(leader)])
-        .output()
-        .unwrap();
+    let out = berth().args(["cluster", "status", "--json", "--node", &cl.grpc(leader)]).output().unwrap();
     let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let ids: Vec<u64> = rows
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["id"].as_u64().unwrap())
-        .collect();
+    let ids: Vec<u64> = rows.as_array().unwrap().iter().map(|r| r["id"].as_u64().unwrap()).collect();
     assert!(!ids.contains(&cl.nodes[leaver].id), "{ids:?}");
     assert_eq!(ids.len(), 3);
     assert_eq!(tag(&c, &base4, "grow", "after-leave", &m).await, 201);
 
     // Refused: removing voters until no majority would answer.
-    let out = berth()
-        .args(["cluster", "status", "--node", &cl.grpc(leader)])
-        .output()
-        .unwrap();
+    let out = berth().args(["cluster", "status", "--node", &cl.grpc(leader)]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("voter"));
 }
 
@@ -282,23 +228,13 @@ async fn a_node_that_missed_many_writes_catches_up_from_a_snapshot() {
     // The leader compacted its log past where the lagging node stopped,
     // so only a snapshot can bring it back.
     let ls = cl.status(leader).await.unwrap();
-    assert!(
-        ls.purged_index > before,
-        "leader purged {} <= {before}",
-        ls.purged_index
-    );
+    assert!(ls.purged_index > before, "leader purged {} <= {before}", ls.purged_index);
 
     cl.start_node(lagger).await;
     cl.wait_applied(lagger, ls.last_log_index).await;
     let st = cl.status(lagger).await.unwrap();
     assert!(st.snapshot_index > before, "installed a snapshot: {st:?}");
-    let v: serde_json::Value = c
-        .get(format!("{}/v2/snap/tags/list", cl.base(lagger)))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: serde_json::Value =
+        c.get(format!("{}/v2/snap/tags/list", cl.base(lagger))).send().await.unwrap().json().await.unwrap();
     assert_eq!(v["tags"].as_array().unwrap().len(), 10_001);
 }

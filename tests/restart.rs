@@ -19,22 +19,12 @@ impl Drop for Proc {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 async fn spawn(dir: &std::path::Path, http: u16, grpc: u16) -> Proc {
     let child = Command::new(env!("CARGO_BIN_EXE_berth"))
-        .args([
-            "serve",
-            "--http",
-            &format!("127.0.0.1:{http}"),
-            "--grpc",
-            &format!("127.0.0.1:{grpc}"),
-        ])
+        .args(["serve", "--http", &format!("127.0.0.1:{http}"), "--grpc", &format!("127.0.0.1:{grpc}")])
         .arg("--data-dir")
         .arg(dir)
         .stdout(Stdio::null())
@@ -60,30 +50,15 @@ async fn sigkill_and_restart_keeps_every_acknowledged_write() {
     let mut node = spawn(dir.path(), http, grpc).await;
     let mut images = Vec::new();
     for i in 0..20 {
-        let (d, m) = push_image(
-            &c,
-            &base,
-            &format!("crash/r{}", i % 3),
-            &format!("t{i}"),
-            &format!("s{i}"),
-        )
-        .await;
+        let (d, m) = push_image(&c, &base, &format!("crash/r{}", i % 3), &format!("t{i}"), &format!("s{i}")).await;
         images.push((i, d, m));
     }
     let big: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 256) as u8).collect();
     let big_digest = push_blob(&c, &base, "crash/big", &big).await;
     // An upload in progress at the time of the crash.
-    let r = c
-        .post(format!("{base}/v2/crash/open/blobs/uploads/"))
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(format!("{base}/v2/crash/open/blobs/uploads/")).send().await.unwrap();
     let loc = r.headers()["Location"].to_str().unwrap().to_owned();
-    c.patch(format!("{base}{loc}"))
-        .body("first half,")
-        .send()
-        .await
-        .unwrap();
+    c.patch(format!("{base}{loc}")).body("first half,").send().await.unwrap();
 
     node.0.kill().unwrap(); // SIGKILL
     node.0.wait().unwrap();
@@ -93,29 +68,15 @@ async fn sigkill_and_restart_keeps_every_acknowledged_write() {
     for (i, d, m) in &images {
         let repo = format!("crash/r{}", i % 3);
         for reference in [format!("t{i}"), d.clone()] {
-            let r = c
-                .get(format!("{base}/v2/{repo}/manifests/{reference}"))
-                .send()
-                .await
-                .unwrap();
+            let r = c.get(format!("{base}/v2/{repo}/manifests/{reference}")).send().await.unwrap();
             assert_eq!(r.status(), 200, "{repo}:{reference}");
             assert_eq!(r.bytes().await.unwrap().as_ref(), &m[..]);
         }
     }
-    let got = c
-        .get(format!("{base}/v2/crash/big/blobs/{big_digest}"))
-        .send()
-        .await
-        .unwrap();
+    let got = c.get(format!("{base}/v2/crash/big/blobs/{big_digest}")).send().await.unwrap();
     assert_eq!(got.bytes().await.unwrap().as_ref(), &big[..]);
-    let v: serde_json::Value = c
-        .get(format!("{base}/v2/crash/r0/tags/list"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: serde_json::Value =
+        c.get(format!("{base}/v2/crash/r0/tags/list")).send().await.unwrap().json().await.unwrap();
     assert_eq!(v["tags"].as_array().unwrap().len(), 7);
 
     // The open upload resumes where it was.

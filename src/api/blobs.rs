@@ -12,6 +12,7 @@ use super::{AppState, Query};
 use crate::blob::UploadId;
 use crate::meta::{Command, Outcome};
 use crate::oci::{Digest, Error, ErrorCode, Name};
+use crate::NodeId;
 
 fn body_stream(req: Request<Incoming>) -> impl Stream<Item = std::io::Result<Bytes>> + Send + Unpin {
     req.into_body().into_data_stream().map_err(std::io::Error::other)
@@ -55,10 +56,7 @@ async fn linked_size(state: &AppState, name: &Name, digest: &Digest) -> Result<u
         return Ok(size);
     }
     state.cluster.read_barrier().await?;
-    state
-        .meta
-        .blob_link(name, digest)?
-        .ok_or_else(|| Error::new(ErrorCode::BlobUnknown, "blob unknown to registry"))
+    state.meta.blob_link(name, digest)?.ok_or_else(|| Error::new(ErrorCode::BlobUnknown, "blob unknown to registry"))
 }
 
 /// Parse `Range: bytes=a-b`, `bytes=a-` or `bytes=-n` against `size`.
@@ -82,12 +80,6 @@ fn parse_range(value: &str, size: u64) -> Option<(u64, u64)> {
 
 pub async fn get(state: &AppState, name: &Name, digest: &Digest, headers: &HeaderMap, head: bool) -> ApiResult {
     let size = linked_size(state, name, digest).await?;
-    let reader = state
-        .uploads
-        .store()
-        .open(digest)
-        .await?
-        .ok_or_else(|| Error::new(ErrorCode::BlobUnknown, "blob is not stored on this node"))?;
     let common = |status| {
         builder(status)
             .header("Docker-Content-Digest", digest.to_string())
@@ -103,10 +95,8 @@ pub async fn get(state: &AppState, name: &Name, digest: &Digest, headers: &Heade
             None => {
                 let e = Error::new(ErrorCode::RangeInvalid, "requested range not satisfiable");
                 let mut resp = super::response::error_response(&e, head);
-                resp.headers_mut().insert(
-                    header::CONTENT_RANGE,
-                    format!("bytes */{size}").parse().expect("valid header"),
-                );
+                resp.headers_mut()
+                    .insert(header::CONTENT_RANGE, format!("bytes */{size}").parse().expect("valid header"));
                 return Ok(resp);
             }
         },
@@ -115,35 +105,44 @@ pub async fn get(state: &AppState, name: &Name, digest: &Digest, headers: &Heade
     if status == StatusCode::PARTIAL_CONTENT {
         b = b.header(header::CONTENT_RANGE, format!("bytes {}-{}/{size}", start, end - 1));
     }
+    // HEAD answers from the index: no bytes move.
     if head {
         return finish(b, empty());
     }
+    let store = state.replicator.store();
+    if let Some(reader) = store.open(digest).await? {
+        return finish(b, stream(reader.stream(start, end).await?));
+    }
+    if status == StatusCode::OK {
+        return finish(b, stream(state.replicator.read_through(digest, size).await?));
+    }
+    // A range of a remote blob: copy it here whole (verified), then serve.
+    state.replicator.fetch_local(digest).await?;
+    let reader = store.open(digest).await?.ok_or_else(|| Error::new(ErrorCode::BlobUnknown, "blob unavailable"))?;
     finish(b, stream(reader.stream(start, end).await?))
 }
 
 pub async fn delete(state: &AppState, name: &Name, digest: &Digest) -> ApiResult {
-    let cmd = Command::UnlinkBlob {
-        repo: name.clone(),
-        digest: digest.clone(),
-    };
+    let cmd = Command::UnlinkBlob { repo: name.clone(), digest: digest.clone() };
     match state.cluster.propose(cmd).await? {
         Outcome(Ok(())) => finish(builder(StatusCode::ACCEPTED).header(header::CONTENT_LENGTH, 0), empty()),
         Outcome(Err(_)) => Err(Error::new(ErrorCode::BlobUnknown, "blob unknown to repository")),
     }
 }
 
-/// Record a verified, locally stored blob in the replicated index.
-async fn link(state: &AppState, name: &Name, digest: &Digest, size: u64, holder: bool) -> Result<(), Error> {
-    let cmd = Command::LinkBlob {
-        repo: name.clone(),
-        digest: digest.clone(),
-        size,
-        holder: holder.then_some(state.cluster.id),
-    };
+/// Link a blob into `name`, recording `holders` as having it fsynced.
+async fn link(state: &AppState, name: &Name, digest: &Digest, size: u64, holders: Vec<NodeId>) -> Result<(), Error> {
+    let cmd = Command::LinkBlob { repo: name.clone(), digest: digest.clone(), size, holders };
     match state.cluster.propose(cmd).await? {
         Outcome(Ok(())) => Ok(()),
         Outcome(Err(r)) => Err(super::response::internal(format!("link rejected: {r:?}"))),
     }
+}
+
+/// A blob just stored here: copy it to enough nodes, then link it.
+async fn replicate_and_link(state: &AppState, name: &Name, digest: &Digest, size: u64) -> Result<(), Error> {
+    let holders = state.replicator.replicate(digest, size, &[state.cluster.id]).await?;
+    link(state, name, digest, size, holders).await
 }
 
 /// Cross-repository mount: with `from`, the blob must be linked there; without,
@@ -155,17 +154,15 @@ async fn mountable(state: &AppState, digest: &Digest, from: Option<&str>) -> Res
         Some(Err(_)) => None,
         None => state.meta.blob(digest)?.map(|b| b.size),
     };
-    match size {
-        Some(s) if state.uploads.store().contains(digest).await => Ok(Some(s)),
-        _ => Ok(None),
-    }
+    let held = state.meta.blob(digest)?.is_some_and(|b| !b.holders.is_empty());
+    Ok(size.filter(|_| held))
 }
 
 pub async fn start_upload(state: &AppState, name: &Name, query: &Query, req: Request<Incoming>) -> ApiResult {
     if let Some(m) = query.get("mount") {
         if let Ok(digest) = m.parse::<Digest>() {
             if let Some(size) = mountable(state, &digest, query.get("from")).await? {
-                link(state, name, &digest, size, false).await?;
+                link(state, name, &digest, size, Vec::new()).await?;
                 return blob_created(name, &digest);
             }
         }
@@ -181,7 +178,7 @@ pub async fn start_upload(state: &AppState, name: &Name, query: &Query, req: Req
                 return Err(blob_error(e));
             }
         };
-        link(state, name, &digest, size, true).await?;
+        replicate_and_link(state, name, &digest, size).await?;
         return blob_created(name, &digest);
     }
     let id = state.uploads.start(name).await.map_err(blob_error)?;
@@ -203,10 +200,7 @@ fn content_range(headers: &HeaderMap) -> Result<Option<(u64, u64)>, Error> {
     let s = s.strip_prefix("bytes ").unwrap_or(s);
     let s = s.split('/').next().unwrap_or(s);
     let (a, b) = s.split_once('-').ok_or_else(bad)?;
-    let (a, b): (u64, u64) = (
-        a.trim().parse().map_err(|_| bad())?,
-        b.trim().parse().map_err(|_| bad())?,
-    );
+    let (a, b): (u64, u64) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
     if b < a {
         return Err(bad());
     }
@@ -221,10 +215,7 @@ pub async fn patch_upload(state: &AppState, name: &Name, id: &UploadId, req: Req
     let range = content_range(req.headers())?;
     if let (Some((a, b)), Some(len)) = (range, content_length(req.headers())) {
         if b - a + 1 != len {
-            return Err(Error::new(
-                ErrorCode::RangeInvalid,
-                "Content-Range does not match Content-Length",
-            ));
+            return Err(Error::new(ErrorCode::RangeInvalid, "Content-Range does not match Content-Length"));
         }
     }
     let offset = range.map(|(a, _)| a);
@@ -234,10 +225,7 @@ pub async fn patch_upload(state: &AppState, name: &Name, id: &UploadId, req: Req
             let e = Error::new(ErrorCode::RangeInvalid, "chunk out of order");
             let mut resp = super::response::error_response(&e, false);
             let h = resp.headers_mut();
-            h.insert(
-                header::LOCATION,
-                upload_location(name, id).parse().expect("valid header"),
-            );
+            h.insert(header::LOCATION, upload_location(name, id).parse().expect("valid header"));
             h.insert(header::RANGE, upload_range(expected).parse().expect("valid header"));
             Ok(resp)
         }
@@ -262,12 +250,8 @@ pub async fn finish_upload(
             return Err(Error::new(ErrorCode::RangeInvalid, "chunk out of order"));
         }
     }
-    let size = state
-        .uploads
-        .finish(id, name, &digest, body_stream(req))
-        .await
-        .map_err(blob_error)?;
-    link(state, name, &digest, size, true).await?;
+    let size = state.uploads.finish(id, name, &digest, body_stream(req)).await.map_err(blob_error)?;
+    replicate_and_link(state, name, &digest, size).await?;
     blob_created(name, &digest)
 }
 

@@ -36,10 +36,7 @@ pub async fn tags(state: &AppState, name: &Name, query: &Query) -> ApiResult {
     let (n, last) = pagination(query)?;
     state.cluster.read_barrier().await?;
     if !state.meta.repo_exists(name)? {
-        return Err(Error::new(
-            ErrorCode::NameUnknown,
-            format!("repository {name} is not known"),
-        ));
+        return Err(Error::new(ErrorCode::NameUnknown, format!("repository {name} is not known")));
     }
     let page = state.meta.tags(name, last, n)?;
     #[derive(Serialize)]
@@ -47,15 +44,7 @@ pub async fn tags(state: &AppState, name: &Name, query: &Query) -> ApiResult {
         name: &'a str,
         tags: &'a [String],
     }
-    page_response(
-        &TagList {
-            name: name.as_str(),
-            tags: &page.items,
-        },
-        &page,
-        n,
-        &format!("/v2/{name}/tags/list"),
-    )
+    page_response(&TagList { name: name.as_str(), tags: &page.items }, &page, n, &format!("/v2/{name}/tags/list"))
 }
 
 pub async fn catalog(state: &AppState, query: &Query) -> ApiResult {
@@ -66,14 +55,7 @@ pub async fn catalog(state: &AppState, query: &Query) -> ApiResult {
     struct Catalog<'a> {
         repositories: &'a [String],
     }
-    page_response(
-        &Catalog {
-            repositories: &page.items,
-        },
-        &page,
-        n,
-        "/v2/_catalog",
-    )
+    page_response(&Catalog { repositories: &page.items }, &page, n, "/v2/_catalog")
 }
 
 pub async fn referrers(state: &AppState, name: &Name, subject: &Digest, query: &Query) -> ApiResult {
@@ -90,15 +72,9 @@ pub async fn referrers(state: &AppState, name: &Name, subject: &Digest, query: &
         media_type: &'static str,
         manifests: Vec<Descriptor>,
     }
-    let json = serde_json::to_vec(&Index {
-        schema_version: 2,
-        media_type: INDEX,
-        manifests,
-    })
-    .map_err(super::response::internal)?;
-    let mut b = builder(StatusCode::OK)
-        .header(header::CONTENT_TYPE, INDEX)
-        .header(header::CONTENT_LENGTH, json.len());
+    let json = serde_json::to_vec(&Index { schema_version: 2, media_type: INDEX, manifests })
+        .map_err(super::response::internal)?;
+    let mut b = builder(StatusCode::OK).header(header::CONTENT_TYPE, INDEX).header(header::CONTENT_LENGTH, json.len());
     if filter.is_some() {
         b = b.header("OCI-Filters-Applied", "artifactType");
     }

@@ -77,19 +77,12 @@ async fn read_limited(req: Request<Incoming>, limit: usize) -> Result<(Option<St
         Error::new(ErrorCode::SizeInvalid, format!("manifest exceeds {limit} bytes"))
             .with_status(StatusCode::PAYLOAD_TOO_LARGE)
     };
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
+    let declared =
+        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > limit) {
         return Err(too_big());
     }
-    let ct = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let body = Limited::new(req.into_body(), limit).collect().await.map_err(|e| {
         if e.is::<http_body_util::LengthLimitError>() {
             too_big()
@@ -107,10 +100,7 @@ pub async fn put(state: &AppState, name: &Name, r: &Reference, query: &Query, re
         Reference::Digest(want) => {
             let got = Digest::of(want.algorithm(), &bytes);
             if &got != want {
-                return Err(Error::new(
-                    ErrorCode::DigestInvalid,
-                    format!("manifest digest is {got}, not {want}"),
-                ));
+                return Err(Error::new(ErrorCode::DigestInvalid, format!("manifest digest is {got}, not {want}")));
             }
             (got, Vec::new())
         }
@@ -122,18 +112,22 @@ pub async fn put(state: &AppState, name: &Name, r: &Reference, query: &Query, re
     // re-checks, which settles races with concurrent deletes.
     for b in &parsed.blobs {
         if state.meta.blob_link(name, b)?.is_none() {
-            return Err(Error::new(
-                ErrorCode::ManifestBlobUnknown,
-                format!("blob {b} unknown to repository"),
-            ));
+            return Err(Error::new(ErrorCode::ManifestBlobUnknown, format!("blob {b} unknown to repository")));
+        }
+    }
+    // Every referenced blob must be durable before the manifest is.
+    for b in &parsed.blobs {
+        if let Some(info) = state.meta.blob(b)? {
+            if !state.replicator.durable(&info.holders) {
+                let holders = state.replicator.replicate(b, info.size, &info.holders).await?;
+                let cmd = Command::AddHolders { digest: b.clone(), size: info.size, holders };
+                state.cluster.propose(cmd).await?;
+            }
         }
     }
     for c in &parsed.children {
         if state.meta.manifest(name, c)?.is_none() {
-            return Err(Error::new(
-                ErrorCode::ManifestBlobUnknown,
-                format!("manifest {c} unknown to repository"),
-            ));
+            return Err(Error::new(ErrorCode::ManifestBlobUnknown, format!("manifest {c} unknown to repository")));
         }
     }
     let cmd = Command::PutManifest {
@@ -160,14 +154,8 @@ pub async fn put(state: &AppState, name: &Name, r: &Reference, query: &Query, re
 
 pub async fn delete(state: &AppState, name: &Name, r: &Reference) -> ApiResult {
     let cmd = match r {
-        Reference::Digest(d) => Command::DeleteManifest {
-            repo: name.clone(),
-            digest: d.clone(),
-        },
-        Reference::Tag(t) => Command::DeleteTag {
-            repo: name.clone(),
-            tag: t.clone(),
-        },
+        Reference::Digest(d) => Command::DeleteManifest { repo: name.clone(), digest: d.clone() },
+        Reference::Tag(t) => Command::DeleteTag { repo: name.clone(), tag: t.clone() },
     };
     let Outcome(res) = state.cluster.propose(cmd).await?;
     res?;

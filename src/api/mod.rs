@@ -4,6 +4,7 @@
 //! and `cluster`.
 
 mod blobs;
+mod forward;
 mod lists;
 mod manifests;
 mod response;
@@ -22,7 +23,7 @@ use tracing::Instrument;
 pub use response::Body;
 pub use route::Route;
 
-use crate::blob::Uploads;
+use crate::blob::{Replicator, Uploads};
 use crate::cluster::Cluster;
 use crate::meta::MetaReader;
 use crate::oci::{Error, ErrorCode};
@@ -34,7 +35,16 @@ pub struct AppState {
     pub meta: MetaReader,
     pub cluster: Cluster,
     pub uploads: Uploads,
+    pub replicator: Replicator,
     pub max_manifest_bytes: usize,
+    /// For streaming upload requests to the node that owns the session.
+    pub http: forward::HttpClient,
+}
+
+impl AppState {
+    pub fn http_client() -> forward::HttpClient {
+        forward::client()
+    }
 }
 
 /// The decoded query string of a request.
@@ -42,11 +52,7 @@ pub struct Query(Vec<(String, String)>);
 
 impl Query {
     fn parse(uri: &http::Uri) -> Query {
-        Query(
-            form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
-                .into_owned()
-                .collect(),
-        )
+        Query(form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()).into_owned().collect())
     }
 
     fn get(&self, key: &str) -> Option<&str> {
@@ -114,6 +120,11 @@ async fn dispatch(state: &AppState, req: Request<Incoming>) -> ApiResult {
     let query = Query::parse(req.uri());
     let method = req.method().clone();
     let head = method == Method::HEAD;
+    if let Route::Upload(_, id) = &route {
+        if forward::is_foreign(state, id) {
+            return forward::to_owner(state, id, req).await;
+        }
+    }
     match (method, route) {
         (Method::GET | Method::HEAD, Route::Base) => Ok(builder(StatusCode::OK)
             .header(http::header::CONTENT_TYPE, "application/json")
@@ -134,9 +145,6 @@ async fn dispatch(state: &AppState, req: Request<Incoming>) -> ApiResult {
         (Method::PATCH, Route::Upload(name, id)) => blobs::patch_upload(state, &name, &id, req).await,
         (Method::PUT, Route::Upload(name, id)) => blobs::finish_upload(state, &name, &id, &query, req).await,
         (Method::DELETE, Route::Upload(name, id)) => blobs::cancel_upload(state, &name, &id).await,
-        (m, r) => Err(Error::new(
-            ErrorCode::Unsupported,
-            format!("{m} is not supported on {r:?}"),
-        )),
+        (m, r) => Err(Error::new(ErrorCode::Unsupported, format!("{m} is not supported on {r:?}"))),
     }
 }

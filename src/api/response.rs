@@ -4,51 +4,44 @@
 use bytes::Bytes;
 use futures::{Stream, TryStreamExt};
 use http::{header, HeaderValue, Response, StatusCode};
-use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full, StreamBody};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full, StreamBody};
 
-use crate::blob::BlobError;
+use crate::blob::{BlobError, ReplicationError};
 use crate::cluster::ClusterError;
 use crate::meta::Rejection;
 use crate::oci::{Error, ErrorCode};
 
-pub type Body = BoxBody<Bytes, std::io::Error>;
+pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 pub type ApiResult = Result<Response<Body>, Error>;
 
 pub fn empty() -> Body {
-    Empty::new().map_err(|never| match never {}).boxed()
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
 
 pub fn full(b: impl Into<Bytes>) -> Body {
-    Full::new(b.into()).map_err(|never| match never {}).boxed()
+    Full::new(b.into()).map_err(|never| match never {}).boxed_unsync()
 }
 
 pub fn stream<S>(s: S) -> Body
 where
-    S: Stream<Item = std::io::Result<Bytes>> + Send + Sync + 'static,
+    S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
 {
-    StreamBody::new(s.map_ok(http_body::Frame::data)).boxed()
+    StreamBody::new(s.map_ok(http_body::Frame::data)).boxed_unsync()
 }
 
 /// A response builder with the headers every berth response carries.
 pub fn builder(status: StatusCode) -> http::response::Builder {
-    Response::builder().status(status).header(
-        "Docker-Distribution-API-Version",
-        HeaderValue::from_static("registry/2.0"),
-    )
+    Response::builder()
+        .status(status)
+        .header("Docker-Distribution-API-Version", HeaderValue::from_static("registry/2.0"))
 }
 
 pub fn error_response(e: &Error, head: bool) -> Response<Body> {
     let body = e.body();
-    let b = builder(e.status())
-        .header(header::CONTENT_TYPE, "application/json")
-        .header(header::CONTENT_LENGTH, body.len());
-    let b = if e.status() == StatusCode::SERVICE_UNAVAILABLE {
-        b.header(header::RETRY_AFTER, "1")
-    } else {
-        b
-    };
-    b.body(if head { empty() } else { full(body) })
-        .expect("valid error response")
+    let b =
+        builder(e.status()).header(header::CONTENT_TYPE, "application/json").header(header::CONTENT_LENGTH, body.len());
+    let b = if e.status() == StatusCode::SERVICE_UNAVAILABLE { b.header(header::RETRY_AFTER, "1") } else { b };
+    b.body(if head { empty() } else { full(body) }).expect("valid error response")
 }
 
 /// Build a response; header values here are always valid, so a failure is
@@ -83,6 +76,16 @@ impl From<std::io::Error> for Error {
     }
 }
 
+impl From<ReplicationError> for Error {
+    fn from(e: ReplicationError) -> Error {
+        match e {
+            ReplicationError::NotEnoughCopies { .. } => Error::new(ErrorCode::Unavailable, e.to_string()),
+            ReplicationError::NoHolder => Error::new(ErrorCode::BlobUnknown, e.to_string()),
+            ReplicationError::Blob(b) => blob_error(b),
+        }
+    }
+}
+
 /// Blob errors keep their spec code; storage failures are logged as internal.
 pub fn blob_error(e: BlobError) -> Error {
     match e {
@@ -94,10 +97,9 @@ pub fn blob_error(e: BlobError) -> Error {
 impl From<Rejection> for Error {
     fn from(r: Rejection) -> Error {
         match r {
-            Rejection::MissingReference(d) => Error::new(
-                ErrorCode::ManifestBlobUnknown,
-                format!("manifest references unknown {d}"),
-            ),
+            Rejection::MissingReference(d) => {
+                Error::new(ErrorCode::ManifestBlobUnknown, format!("manifest references unknown {d}"))
+            }
             Rejection::ManifestInvalid(m) => Error::new(ErrorCode::ManifestInvalid, m),
             Rejection::ManifestUnknown => Error::new(ErrorCode::ManifestUnknown, "manifest unknown"),
             Rejection::BlobUnknown => Error::new(ErrorCode::BlobUnknown, "blob unknown"),

@@ -41,10 +41,7 @@ impl Route {
         if let Some(name) = rest.strip_suffix("/tags/list") {
             return Ok(Route::Tags(name.parse()?));
         }
-        if let Some(name) = rest
-            .strip_suffix("/blobs/uploads/")
-            .or_else(|| rest.strip_suffix("/blobs/uploads"))
-        {
+        if let Some(name) = rest.strip_suffix("/blobs/uploads/").or_else(|| rest.strip_suffix("/blobs/uploads")) {
             return Ok(Route::UploadStart(name.parse()?));
         }
         let (head, last) = rest.rsplit_once('/').ok_or_else(not_found)?;
@@ -56,9 +53,7 @@ impl Route {
             "uploads" => {
                 let name = name.strip_suffix("/blobs").ok_or_else(not_found)?;
                 let name: Name = name.parse()?;
-                let id = last
-                    .parse()
-                    .map_err(|_| Error::new(ErrorCode::BlobUploadUnknown, "unknown upload"))?;
+                let id = last.parse().map_err(|_| Error::new(ErrorCode::BlobUploadUnknown, "unknown upload"))?;
                 Ok(Route::Upload(name, id))
             }
             _ => Err(not_found()),
@@ -75,22 +70,13 @@ mod tests {
         let d = format!("sha256:{}", "a".repeat(64));
         assert_eq!(Route::parse("/v2/").unwrap(), Route::Base);
         assert!(matches!(Route::parse("/v2/a/b/tags/list"), Ok(Route::Tags(n)) if n.as_str() == "a/b"));
-        assert!(matches!(
-            Route::parse("/v2/x/blobs/uploads/"),
-            Ok(Route::UploadStart(_))
-        ));
+        assert!(matches!(Route::parse("/v2/x/blobs/uploads/"), Ok(Route::UploadStart(_))));
         assert!(matches!(Route::parse(&format!("/v2/x/blobs/{d}")), Ok(Route::Blob(..))));
         assert!(
             matches!(Route::parse(&format!("/v2/x/blobs/blobs/{d}")), Ok(Route::Blob(n, _)) if n.as_str() == "x/blobs")
         );
-        assert!(matches!(
-            Route::parse("/v2/x/manifests/latest"),
-            Ok(Route::Manifest(..))
-        ));
-        assert!(matches!(
-            Route::parse(&format!("/v2/x/referrers/{d}")),
-            Ok(Route::Referrers(..))
-        ));
+        assert!(matches!(Route::parse("/v2/x/manifests/latest"), Ok(Route::Manifest(..))));
+        assert!(matches!(Route::parse(&format!("/v2/x/referrers/{d}")), Ok(Route::Referrers(..))));
         let e = Route::parse("/v2/UP/manifests/latest").unwrap_err();
         assert_eq!(e.code, ErrorCode::NameInvalid);
         let e = Route::parse("/v2/x/blobs/sha256:..%2f..").unwrap_err();

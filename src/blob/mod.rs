@@ -2,9 +2,13 @@
 //! Bytes are hashed as they arrive, fsynced, and renamed into place only
 //! when their digest matches, so a partial or wrong blob is never visible.
 
+pub mod placement;
+mod replicate;
 mod store;
 mod upload;
+mod write;
 
+pub use replicate::{Policy, ReplicationError, Replicator};
 pub use store::{BlobReader, BlobStore};
 pub use upload::{UploadId, Uploads};
 

@@ -4,7 +4,12 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use futures::Stream;
 
+use super::write::append_stream;
+use super::BlobError;
 use crate::oci::Digest;
+
+/// Where blobs arriving from peers are written before they are verified.
+const INCOMING: &str = ".incoming";
 
 /// Read buffer for serving blobs: large enough that a pull is not
 /// dominated by per-read overhead.
@@ -26,7 +31,51 @@ pub struct BlobReader {
 impl BlobStore {
     pub fn new(root: PathBuf) -> std::io::Result<BlobStore> {
         std::fs::create_dir_all(&root)?;
+        // Leftovers of transfers interrupted by a crash are never valid.
+        let incoming = root.join(INCOMING);
+        let _ = std::fs::remove_dir_all(&incoming);
+        std::fs::create_dir_all(&incoming)?;
         Ok(BlobStore { root })
+    }
+
+    /// Store a blob arriving as a stream (from a peer): hashed as it is
+    /// written, kept only if it matches `expected`, fsynced before it
+    /// becomes visible. Returns its size.
+    pub async fn ingest<S>(&self, expected: &Digest, body: S) -> Result<u64, BlobError>
+    where
+        S: Stream<Item = std::io::Result<Bytes>> + Send + Unpin,
+    {
+        let tmp = self.root.join(INCOMING).join(format!("{:032x}", rand::random::<u128>()));
+        tokio::fs::File::create(&tmp).await?;
+        let result = async {
+            let (size, hasher) = append_stream(&tmp, 0, Some(expected.algorithm().hasher()), body).await?;
+            let computed = hasher.expect("hasher given").finish();
+            if &computed != expected {
+                return Err(BlobError::DigestMismatch { computed: computed.to_string() });
+            }
+            let store = self.clone();
+            let (path, d) = (tmp.clone(), expected.clone());
+            tokio::task::spawn_blocking(move || {
+                std::fs::File::open(&path)?.sync_all()?;
+                store.commit_file(&path, &d)
+            })
+            .await
+            .map_err(|e| BlobError::Io(std::io::Error::other(e)))??;
+            Ok(size)
+        }
+        .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        result
+    }
+
+    /// Remove a local copy (found corrupt, or no longer placed here).
+    pub async fn remove(&self, d: &Digest) -> std::io::Result<()> {
+        match tokio::fs::remove_file(self.path(d)).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
     }
 
     pub fn path(&self, d: &Digest) -> PathBuf {
@@ -86,10 +135,7 @@ impl BlobReader {
                 let mut buf = Vec::with_capacity(want);
                 let res = match (&mut file).take(want as u64).read_to_end(&mut buf) {
                     Ok(n) if n == want => Ok(Bytes::from(buf)),
-                    Ok(_) => Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "blob file shrank",
-                    )),
+                    Ok(_) => Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "blob file shrank")),
                     Err(e) => Err(e),
                 };
                 let failed = res.is_err();

@@ -5,16 +5,17 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use tokio::sync::Mutex as AsyncMutex;
 
+use super::write::append_stream;
 use super::{BlobError, BlobStore};
 use crate::oci::{Algorithm, Digest, Hasher, Name};
 use crate::NodeId;
@@ -38,10 +39,7 @@ impl FromStr for UploadId {
         if token.len() != 32 || !token.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
             return Err(BlobError::UploadUnknown);
         }
-        Ok(UploadId {
-            node,
-            token: token.to_owned(),
-        })
+        Ok(UploadId { node, token: token.to_owned() })
     }
 }
 
@@ -88,12 +86,7 @@ fn rehash(path: &std::path::Path, alg: Algorithm) -> std::io::Result<Hasher> {
 impl Uploads {
     pub fn new(node: NodeId, dir: PathBuf, store: BlobStore) -> std::io::Result<Uploads> {
         std::fs::create_dir_all(&dir)?;
-        Ok(Uploads {
-            node,
-            dir,
-            store,
-            sessions: Default::default(),
-        })
+        Ok(Uploads { node, dir, store, sessions: Default::default() })
     }
 
     pub fn store(&self) -> &BlobStore {
@@ -102,23 +95,13 @@ impl Uploads {
 
     /// Start a session for `repo`.
     pub async fn start(&self, repo: &Name) -> Result<UploadId, BlobError> {
-        let id = UploadId {
-            node: self.node,
-            token: format!("{:032x}", rand::random::<u128>()),
-        };
+        let id = UploadId { node: self.node, token: format!("{:032x}", rand::random::<u128>()) };
         let dir = self.dir.join(id.to_string());
         tokio::fs::create_dir_all(&dir).await?;
         tokio::fs::write(dir.join("repo"), repo.as_str()).await?;
         tokio::fs::File::create(data_path(&dir)).await?;
-        let s = Session {
-            dir,
-            size: 0,
-            hasher: Some(Algorithm::Sha256.hasher()),
-        };
-        self.sessions
-            .lock()
-            .unwrap()
-            .insert(id.to_string(), Arc::new(AsyncMutex::new(s)));
+        let s = Session { dir, size: 0, hasher: Some(Algorithm::Sha256.hasher()) };
+        self.sessions.lock().unwrap().insert(id.to_string(), Arc::new(AsyncMutex::new(s)));
         Ok(id)
     }
 
@@ -138,17 +121,11 @@ impl Uploads {
                     Ok(m) => m.len(),
                     Err(_) => return Err(BlobError::UploadUnknown),
                 };
-                let s = Arc::new(AsyncMutex::new(Session {
-                    dir: dir.clone(),
-                    size,
-                    hasher: None,
-                }));
+                let s = Arc::new(AsyncMutex::new(Session { dir: dir.clone(), size, hasher: None }));
                 self.sessions.lock().unwrap().entry(key).or_insert(s).clone()
             }
         };
-        let owner = tokio::fs::read_to_string(dir.join("repo"))
-            .await
-            .map_err(|_| BlobError::UploadUnknown)?;
+        let owner = tokio::fs::read_to_string(dir.join("repo")).await.map_err(|_| BlobError::UploadUnknown)?;
         if owner != repo.as_str() {
             return Err(BlobError::UploadUnknown);
         }
@@ -175,10 +152,7 @@ impl Uploads {
         let mut s = s.lock().await;
         if let Some(o) = offset {
             if o != s.size {
-                return Err(BlobError::OutOfOrder {
-                    expected: s.size,
-                    got: o,
-                });
+                return Err(BlobError::OutOfOrder { expected: s.size, got: o });
             }
         }
         append_locked(&mut s, body).await?;
@@ -209,9 +183,7 @@ impl Uploads {
                 None => rehash(&path, want.algorithm())?.finish(),
             };
             if computed != want {
-                return Err(BlobError::DigestMismatch {
-                    computed: computed.to_string(),
-                });
+                return Err(BlobError::DigestMismatch { computed: computed.to_string() });
             }
             std::fs::File::open(&path)?.sync_all()?;
             store.commit_file(&path, &want)?;
@@ -231,9 +203,7 @@ impl Uploads {
     pub async fn cancel(&self, id: &UploadId, repo: &Name) -> Result<(), BlobError> {
         let s = self.session(id, repo).await?;
         let s = s.lock().await;
-        tokio::fs::remove_dir_all(&s.dir)
-            .await
-            .map_err(|_| BlobError::UploadUnknown)?;
+        tokio::fs::remove_dir_all(&s.dir).await.map_err(|_| BlobError::UploadUnknown)?;
         self.sessions.lock().unwrap().remove(&id.to_string());
         Ok(())
     }
@@ -262,115 +232,22 @@ impl Uploads {
     }
 }
 
-/// Stream `body` onto the end of the session's data file, hashing on a
-/// blocking thread while the next chunk arrives. On any error the file is
-/// truncated back to its previous size.
-async fn append_locked<S>(s: &mut Session, mut body: S) -> Result<(), BlobError>
+/// Append `body` to the session's data file; a failed chunk leaves the
+/// session exactly as it was (the running hash must then be recomputed).
+async fn append_locked<S>(s: &mut Session, body: S) -> Result<(), BlobError>
 where
     S: Stream<Item = std::io::Result<Bytes>> + Send + Unpin,
 {
-    let path = data_path(&s.dir);
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(8);
     let start = s.size;
-    let hasher = s.hasher.take();
-    let writer_path = path.clone();
-    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<(u64, Option<Hasher>)> {
-        let mut hasher = hasher;
-        let f = std::fs::OpenOptions::new().append(true).open(&writer_path)?;
-        let mut w = std::io::BufWriter::with_capacity(WRITE_CHUNK, f);
-        let mut n = 0u64;
-        let mut writeback = Writeback::new(start);
-        while let Some(chunk) = rx.blocking_recv() {
-            if let Some(h) = hasher.as_mut() {
-                h.update(&chunk);
-            }
-            w.write_all(&chunk)?;
-            n += chunk.len() as u64;
-            writeback.advance(&mut w, start + n)?;
-        }
-        w.flush()?;
-        Ok((n, hasher))
-    });
-    let mut body_err = None;
-    while let Some(item) = body.next().await {
-        match item {
-            Ok(b) if b.is_empty() => {}
-            Ok(b) => {
-                if tx.send(b).await.is_err() {
-                    break;
-                }
-            }
-            Err(e) => {
-                body_err = Some(e);
-                break;
-            }
-        }
-    }
-    drop(tx);
-    let written = writer.await.map_err(|e| BlobError::Io(std::io::Error::other(e)))?;
-    match (written, body_err) {
-        (Ok((n, hasher)), None) => {
+    match append_stream(&data_path(&s.dir), start, s.hasher.take(), body).await {
+        Ok((n, hasher)) => {
             s.size = start + n;
             s.hasher = hasher;
             Ok(())
         }
-        (res, err) => {
-            // Roll back the partial chunk; the hash must be recomputed.
-            let f = std::fs::OpenOptions::new().write(true).open(&path)?;
-            f.set_len(start)?;
-            s.size = start;
-            s.hasher = if start == 0 {
-                Some(Algorithm::Sha256.hasher())
-            } else {
-                None
-            };
-            match err {
-                Some(e) => Err(BlobError::Body(e)),
-                None => Err(BlobError::Io(
-                    res.err().unwrap_or_else(|| std::io::Error::other("write failed")),
-                )),
-            }
+        Err(e) => {
+            s.hasher = (start == 0).then(|| Algorithm::Sha256.hasher());
+            Err(e)
         }
     }
 }
-
-/// Starts disk writeback of an upload as it streams in, so the fsync at the
-/// end of the upload finds little left to do: the disk works while the
-/// network delivers, instead of after it. It also bounds the dirty pages one
-/// upload can pile up in the page cache.
-struct Writeback {
-    started: u64,
-}
-
-/// Writeback is started every this many bytes.
-const WRITEBACK_WINDOW: u64 = 8 << 20;
-
-impl Writeback {
-    fn new(offset: u64) -> Writeback {
-        Writeback { started: offset }
-    }
-
-    fn advance(&mut self, w: &mut std::io::BufWriter<std::fs::File>, written: u64) -> std::io::Result<()> {
-        if written - self.started < WRITEBACK_WINDOW {
-            return Ok(());
-        }
-        w.flush()?;
-        start_writeback(w.get_ref(), self.started, written - self.started);
-        self.started = written;
-        Ok(())
-    }
-}
-
-#[cfg(target_os = "linux")]
-fn start_writeback(f: &std::fs::File, offset: u64, len: u64) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: sync_file_range only reads the descriptor and the range; the
-    // file stays open for the duration of the call. Failure is harmless:
-    // the final fsync still makes the data durable.
-    unsafe {
-        libc::sync_file_range(f.as_raw_fd(), offset as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE);
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn start_writeback(_f: &std::fs::File, _offset: u64, _len: u64) {}

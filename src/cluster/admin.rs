@@ -91,48 +91,30 @@ impl Admin for AdminService {
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<AdminReply>, Status> {
         let req = req.into_inner();
         if let Some(leader) = self.forward_target()? {
-            let mut c = self
-                .cluster
-                .peers
-                .admin(&leader)
-                .map_err(|e| Status::unavailable(e.to_string()))?;
+            let mut c = self.cluster.peers.admin(&leader).map_err(|e| Status::unavailable(e.to_string()))?;
             return c.join(req).await;
         }
         if req.id == 0 || req.grpc.is_empty() {
-            return Err(Status::invalid_argument(
-                "a joining node needs an id >= 1 and a gRPC address",
-            ));
+            return Err(Status::invalid_argument("a joining node needs an id >= 1 and a gRPC address"));
         }
-        let node = NodeInfo {
-            api: req.api.clone(),
-            grpc: req.grpc.clone(),
-            region: req.region.clone(),
-        };
+        let node = NodeInfo { api: req.api.clone(), grpc: req.grpc.clone(), region: req.region.clone() };
         let raft = &self.cluster.raft;
         tracing::info!(id = req.id, grpc = %req.grpc, "adding learner");
         raft.add_learner(req.id, node, true).await.map_err(raft_status)?;
         if req.learner {
-            return Ok(Response::new(AdminReply {
-                message: format!("node {} joined as a learner", req.id),
-            }));
+            return Ok(Response::new(AdminReply { message: format!("node {} joined as a learner", req.id) }));
         }
         tracing::info!(id = req.id, "promoting to voter");
         raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([req.id])), false)
             .await
             .map_err(raft_status)?;
-        Ok(Response::new(AdminReply {
-            message: format!("node {} joined as a voter", req.id),
-        }))
+        Ok(Response::new(AdminReply { message: format!("node {} joined as a voter", req.id) }))
     }
 
     async fn leave(&self, req: Request<LeaveRequest>) -> Result<Response<AdminReply>, Status> {
         let req = req.into_inner();
         if let Some(leader) = self.forward_target()? {
-            let mut c = self
-                .cluster
-                .peers
-                .admin(&leader)
-                .map_err(|e| Status::unavailable(e.to_string()))?;
+            let mut c = self.cluster.peers.admin(&leader).map_err(|e| Status::unavailable(e.to_string()))?;
             return c.leave(req).await;
         }
         let m = self.cluster.raft.metrics().borrow().clone();
@@ -160,14 +142,8 @@ impl Admin for AdminService {
             ChangeMembers::RemoveNodes(BTreeSet::from([req.id]))
         };
         tracing::info!(id = req.id, "removing member");
-        self.cluster
-            .raft
-            .change_membership(change, false)
-            .await
-            .map_err(raft_status)?;
-        Ok(Response::new(AdminReply {
-            message: format!("node {} left the cluster", req.id),
-        }))
+        self.cluster.raft.change_membership(change, false).await.map_err(raft_status)?;
+        Ok(Response::new(AdminReply { message: format!("node {} left the cluster", req.id) }))
     }
 }
 
@@ -195,10 +171,7 @@ pub struct ClusterAdmin {
 
 impl ClusterAdmin {
     pub fn new(node: &str) -> ClusterAdmin {
-        ClusterAdmin {
-            peers: super::Peers::default(),
-            node: node.to_owned(),
-        }
+        ClusterAdmin { peers: super::Peers::default(), node: node.to_owned() }
     }
 
     async fn status_at(&self, addr: &str) -> Result<NodeStatus, Status> {
@@ -238,18 +211,12 @@ impl ClusterAdmin {
     }
 
     pub async fn join(&self, req: JoinRequest) -> Result<String, Status> {
-        let mut c = self
-            .peers
-            .admin(&self.node)
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let mut c = self.peers.admin(&self.node).map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(c.join(req).await?.into_inner().message)
     }
 
     pub async fn leave(&self, id: u64, force: bool) -> Result<String, Status> {
-        let mut c = self
-            .peers
-            .admin(&self.node)
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let mut c = self.peers.admin(&self.node).map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(c.leave(LeaveRequest { id, force }).await?.into_inner().message)
     }
 }

@@ -21,24 +21,21 @@ impl Meta for MetaService {
                 outcome: pb::encode(&resp.data),
                 log_index: resp.log_id.index,
             })),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Ok(Response::new(WriteReply {
-                not_leader: true,
-                ..Default::default()
-            })),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                Ok(Response::new(WriteReply { not_leader: true, ..Default::default() }))
+            }
             Err(e) => Err(Status::internal(e.to_string())),
         }
     }
 
     async fn read_index(&self, _req: Request<Empty>) -> Result<Response<ReadIndexReply>, Status> {
         match self.raft.get_read_log_id().await {
-            Ok((read, _)) => Ok(Response::new(ReadIndexReply {
-                not_leader: false,
-                log_index: read.map(|l| l.index).unwrap_or(0),
-            })),
-            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => Ok(Response::new(ReadIndexReply {
-                not_leader: true,
-                log_index: 0,
-            })),
+            Ok((read, _)) => {
+                Ok(Response::new(ReadIndexReply { not_leader: false, log_index: read.map(|l| l.index).unwrap_or(0) }))
+            }
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => {
+                Ok(Response::new(ReadIndexReply { not_leader: true, log_index: 0 }))
+            }
             Err(e) => Err(Status::unavailable(e.to_string())),
         }
     }

@@ -4,6 +4,7 @@
 //! manifests.
 
 mod admin;
+pub mod blob_service;
 mod meta_service;
 mod network;
 mod pb;
@@ -15,12 +16,14 @@ use std::time::{Duration, Instant};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 
 pub use admin::{AdminService, ClusterAdmin, MemberStatus};
+pub use blob_service::BlobService;
 pub use meta_service::MetaService;
 pub use network::Network;
 pub use pb::admin_server::AdminServer;
+pub use pb::blobs_server::BlobsServer;
 pub use pb::meta_server::MetaServer;
 pub use pb::raft_rpc_server::RaftRpcServer;
-pub use pb::{JoinRequest, LeaveRequest, Member, NodeStatus};
+pub use pb::{JoinRequest, LeaveRequest, Member, NodeStatus, PullRequest};
 pub use peers::{Peers, MAX_MESSAGE};
 pub use service::RaftService;
 
@@ -54,12 +57,7 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn new(id: NodeId, raft: Raft, consistency: Consistency) -> Cluster {
-        Cluster {
-            id,
-            raft,
-            peers: Peers::default(),
-            consistency,
-        }
+        Cluster { id, raft, peers: Peers::default(), consistency }
     }
 
     /// Wait until this node has applied the log up to `index`.
@@ -105,13 +103,8 @@ impl Cluster {
 
     /// Send a command to the leader; `None` if it is not the leader any more.
     async fn forward_write(&self, leader: &NodeInfo, cmd: &Command) -> Result<Option<(Outcome, u64)>, tonic::Status> {
-        let mut client = self
-            .peers
-            .meta(&leader.grpc)
-            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-        let mut req = tonic::Request::new(pb::WriteRequest {
-            command: pb::encode(cmd),
-        });
+        let mut client = self.peers.meta(&leader.grpc).map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let mut req = tonic::Request::new(pb::WriteRequest { command: pb::encode(cmd) });
         req.set_timeout(DEADLINE);
         let reply = client.client_write(req).await?.into_inner();
         if reply.not_leader {
@@ -159,10 +152,7 @@ impl Cluster {
     }
 
     async fn remote_read_index(&self, leader: &NodeInfo) -> Result<Option<u64>, tonic::Status> {
-        let mut client = self
-            .peers
-            .meta(&leader.grpc)
-            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let mut client = self.peers.meta(&leader.grpc).map_err(|e| tonic::Status::unavailable(e.to_string()))?;
         let mut req = tonic::Request::new(pb::Empty {});
         req.set_timeout(DEADLINE);
         let reply = client.read_index(req).await?.into_inner();

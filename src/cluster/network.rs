@@ -21,11 +21,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> PeerClient {
-        PeerClient {
-            target,
-            addr: node.grpc.clone(),
-            client: None,
-        }
+        PeerClient { target, addr: node.grpc.clone(), client: None }
     }
 }
 

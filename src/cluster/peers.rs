@@ -7,6 +7,7 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
 use super::pb::admin_client::AdminClient;
+use super::pb::blobs_client::BlobsClient;
 use super::pb::meta_client::MetaClient;
 
 #[derive(Clone, Default)]
@@ -39,5 +40,11 @@ impl Peers {
 
     pub fn admin(&self, addr: &str) -> Result<AdminClient<Channel>, tonic::transport::Error> {
         Ok(AdminClient::new(self.channel(addr)?))
+    }
+
+    pub fn blobs(&self, addr: &str) -> Result<BlobsClient<Channel>, tonic::transport::Error> {
+        Ok(BlobsClient::new(self.channel(addr)?)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE))
     }
 }

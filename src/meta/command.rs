@@ -29,13 +29,24 @@ pub enum Command {
         repo: Name,
         tag: Tag,
     },
-    /// Make a blob visible in `repo`, and record `holder` (if any) as having
-    /// it fsynced. A cross-repository mount links without a new holder.
+    /// Make a blob visible in `repo`, and record `holders` as having it
+    /// fsynced. A cross-repository mount links with no new holders.
     LinkBlob {
         repo: Name,
         digest: Digest,
         size: u64,
-        holder: Option<NodeId>,
+        holders: Vec<NodeId>,
+    },
+    /// Record more nodes holding a fsynced, verified copy (replication, repair).
+    AddHolders {
+        digest: Digest,
+        size: u64,
+        holders: Vec<NodeId>,
+    },
+    /// Forget copies that are gone (corrupt, or their node left).
+    RemoveHolders {
+        digest: Digest,
+        holders: Vec<NodeId>,
     },
     UnlinkBlob {
         repo: Name,

@@ -94,10 +94,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Unbounded => 0,
         };
         let mut out = Vec::new();
-        for item in self
-            .db
-            .iterator_cf(self.cf_logs(), IteratorMode::From(&key(start), Direction::Forward))
-        {
+        for item in self.db.iterator_cf(self.cf_logs(), IteratorMode::From(&key(start), Direction::Forward)) {
             let (k, v) = item.map_err(read_err)?;
             let idx = u64::from_be_bytes(k[..8].try_into().expect("8-byte key"));
             if !range.contains(&idx) {
@@ -122,10 +119,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
             None => last_purged_log_id,
         };
-        Ok(LogState {
-            last_purged_log_id,
-            last_log_id: last,
-        })
+        Ok(LogState { last_purged_log_id, last_log_id: last })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -161,9 +155,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.put_cf(self.cf_logs(), key(e.log_id.index), bytes);
         }
         self.db.write(batch).map_err(write_err)?;
-        self.flusher
-            .send(callback)
-            .map_err(|_| write_err(std::io::Error::other("log flusher stopped")))?;
+        self.flusher.send(callback).map_err(|_| write_err(std::io::Error::other("log flusher stopped")))?;
         Ok(())
     }
 

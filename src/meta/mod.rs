@@ -74,19 +74,9 @@ pub fn open_db(path: &Path) -> Result<Arc<DB>, rocksdb::Error> {
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
-    let cfs = [
-        CF_LOGS,
-        CF_RAFT,
-        CF_SM,
-        CF_MANIFESTS,
-        CF_TAGS,
-        CF_LINKS,
-        CF_BLOBS,
-        CF_REFERRERS,
-        CF_REPOS,
-    ]
-    .into_iter()
-    .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+    let cfs = [CF_LOGS, CF_RAFT, CF_SM, CF_MANIFESTS, CF_TAGS, CF_LINKS, CF_BLOBS, CF_REFERRERS, CF_REPOS]
+        .into_iter()
+        .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
     Ok(Arc::new(DB::open_cf_descriptors(&opts, path, cfs)?))
 }
 
@@ -136,9 +126,7 @@ impl MetaReader {
     }
 
     pub fn blob(&self, digest: &Digest) -> Result<Option<BlobInfo>, rocksdb::Error> {
-        Ok(self
-            .get(CF_BLOBS, digest.to_string().as_bytes())?
-            .and_then(|v| bincode::deserialize(&v).ok()))
+        Ok(self.get(CF_BLOBS, digest.to_string().as_bytes())?.and_then(|v| bincode::deserialize(&v).ok()))
     }
 
     pub fn repo_exists(&self, repo: &Name) -> Result<bool, rocksdb::Error> {
@@ -155,9 +143,7 @@ impl MetaReader {
         }
         let mut items = Vec::new();
         let mut more = false;
-        let iter = self
-            .db
-            .iterator_cf(self.cf(cf), IteratorMode::From(&start, rocksdb::Direction::Forward));
+        let iter = self.db.iterator_cf(self.cf(cf), IteratorMode::From(&start, rocksdb::Direction::Forward));
         for item in iter {
             let (k, _) = item?;
             if !k.starts_with(prefix) {

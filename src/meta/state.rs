@@ -52,11 +52,7 @@ fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
 impl StateMachine {
     pub fn new(db: Arc<DB>, snap_dir: PathBuf) -> std::io::Result<StateMachine> {
         std::fs::create_dir_all(&snap_dir)?;
-        Ok(StateMachine {
-            db,
-            snap_dir,
-            receiving: None,
-        })
+        Ok(StateMachine { db, snap_dir, receiving: None })
     }
 
     fn get_sm<T: serde::de::DeserializeOwned>(&self, k: &[u8]) -> SResult<Option<T>> {
@@ -72,13 +68,7 @@ impl StateMachine {
             Ok(db.get_pinned_cf(cf(db, cf_name), k).map_err(io_err)?.is_some())
         };
         let result = match cmd {
-            Command::PutManifest {
-                repo,
-                digest,
-                media_type,
-                bytes,
-                tags,
-            } => {
+            Command::PutManifest { repo, digest, media_type, bytes, tags } => {
                 let m = match Manifest::parse(Some(&media_type), &bytes) {
                     Ok(m) => m,
                     Err(e) => return Ok(Outcome(Err(Rejection::ManifestInvalid(e.message)))),
@@ -93,10 +83,7 @@ impl StateMachine {
                         return Ok(Outcome(Err(Rejection::MissingReference(c.clone()))));
                     }
                 }
-                let record = ManifestRecord {
-                    media_type: media_type.clone(),
-                    bytes,
-                };
+                let record = ManifestRecord { media_type: media_type.clone(), bytes };
                 let size = record.bytes.len() as u64;
                 batch.put_cf(
                     cf(db, CF_MANIFESTS),
@@ -160,27 +147,24 @@ impl StateMachine {
                     Err(Rejection::ManifestUnknown)
                 }
             }
-            Command::LinkBlob {
-                repo,
-                digest,
-                size,
-                holder,
-            } => {
+            Command::LinkBlob { repo, digest, size, holders } => {
                 let d = digest.to_string();
                 batch.put_cf(cf(db, CF_LINKS), keys::repo_item(&repo, &d), size.to_be_bytes());
-                let mut info: BlobInfo = match db.get_cf(cf(db, CF_BLOBS), &d).map_err(io_err)? {
-                    Some(v) => bincode::deserialize(&v).map_err(io_err)?,
-                    None => BlobInfo {
-                        size,
-                        holders: Vec::new(),
-                    },
-                };
-                if let Some(h) = holder.filter(|h| !info.holders.contains(h)) {
-                    info.holders.push(h);
-                    info.holders.sort_unstable();
-                }
-                batch.put_cf(cf(db, CF_BLOBS), &d, bincode::serialize(&info).map_err(io_err)?);
+                self.add_holders(batch, &d, size, &holders)?;
                 batch.put_cf(cf(db, CF_REPOS), repo.as_str(), b"");
+                Ok(())
+            }
+            Command::AddHolders { digest, size, holders } => {
+                self.add_holders(batch, &digest.to_string(), size, &holders)?;
+                Ok(())
+            }
+            Command::RemoveHolders { digest, holders } => {
+                let d = digest.to_string();
+                if let Some(v) = db.get_cf(cf(db, CF_BLOBS), &d).map_err(io_err)? {
+                    let mut info: BlobInfo = bincode::deserialize(&v).map_err(io_err)?;
+                    info.holders.retain(|h| !holders.contains(h));
+                    batch.put_cf(cf(db, CF_BLOBS), &d, bincode::serialize(&info).map_err(io_err)?);
+                }
                 Ok(())
             }
             Command::UnlinkBlob { repo, digest } => {
@@ -194,6 +178,23 @@ impl StateMachine {
             }
         };
         Ok(Outcome(result))
+    }
+
+    /// Merge `holders` into the blob index entry of `d`.
+    fn add_holders(&self, batch: &mut WriteBatch, d: &str, size: u64, holders: &[NodeId]) -> SResult<()> {
+        let db = &self.db;
+        let mut info: BlobInfo = match db.get_cf(cf(db, CF_BLOBS), d).map_err(io_err)? {
+            Some(v) => bincode::deserialize(&v).map_err(io_err)?,
+            None => BlobInfo { size, holders: Vec::new() },
+        };
+        for h in holders {
+            if !info.holders.contains(h) {
+                info.holders.push(*h);
+            }
+        }
+        info.holders.sort_unstable();
+        batch.put_cf(cf(db, CF_BLOBS), d, bincode::serialize(&info).map_err(io_err)?);
+        Ok(())
     }
 
     fn snapshot_path(&self, id: &str) -> PathBuf {
@@ -261,16 +262,8 @@ fn load_snapshot(db: &DB, file: std::fs::File, meta: &SnapshotMeta<NodeId, NodeI
         batch.put_cf(cf(db, name), k, v);
     }
     let enc = |e: bincode::Error| std::io::Error::other(e);
-    batch.put_cf(
-        cf(db, CF_SM),
-        KEY_APPLIED,
-        bincode::serialize(&meta.last_log_id).map_err(enc)?,
-    );
-    batch.put_cf(
-        cf(db, CF_SM),
-        KEY_MEMBERSHIP,
-        bincode::serialize(&meta.last_membership).map_err(enc)?,
-    );
+    batch.put_cf(cf(db, CF_SM), KEY_APPLIED, bincode::serialize(&meta.last_log_id).map_err(enc)?);
+    batch.put_cf(cf(db, CF_SM), KEY_MEMBERSHIP, bincode::serialize(&meta.last_membership).map_err(enc)?);
     let mut opts = rocksdb::WriteOptions::default();
     opts.set_sync(true);
     db.write_opt(batch, &opts).map_err(std::io::Error::other)
@@ -285,33 +278,21 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> SResult<Snapshot<TypeConfig>> {
         let db = self.db.clone();
         let dir = self.snap_dir.clone();
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_micros();
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_micros();
         let tmp_path = dir.join(format!("build-{stamp}.snap"));
         let p = tmp_path.clone();
-        let (applied, membership) = tokio::task::spawn_blocking(move || write_snapshot(&db, &p))
-            .await
-            .map_err(io_err)?
-            .map_err(io_err)?;
+        let (applied, membership) =
+            tokio::task::spawn_blocking(move || write_snapshot(&db, &p)).await.map_err(io_err)?.map_err(io_err)?;
         let snapshot_id = match applied {
             Some(l) => format!("{}-{}-{stamp}", l.leader_id.term, l.index),
             None => format!("0-0-{stamp}"),
         };
         let final_path = dir.join(format!("{snapshot_id}.snap"));
         std::fs::rename(&tmp_path, &final_path).map_err(io_err)?;
-        let meta = SnapshotMeta {
-            last_log_id: applied,
-            last_membership: membership,
-            snapshot_id,
-        };
+        let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
         set_current_snapshot(&self.db, &dir, &meta, &final_path)?;
         let file = tokio::fs::File::open(&final_path).await.map_err(io_err)?;
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(file),
-        })
+        Ok(Snapshot { meta, snapshot: Box::new(file) })
     }
 }
 
@@ -323,19 +304,10 @@ fn set_current_snapshot(
     path: &std::path::Path,
 ) -> SResult<()> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
-    let stored = StoredSnapshot {
-        meta: meta.clone(),
-        file: name.clone(),
-    };
+    let stored = StoredSnapshot { meta: meta.clone(), file: name.clone() };
     let mut opts = rocksdb::WriteOptions::default();
     opts.set_sync(true);
-    db.put_cf_opt(
-        cf(db, CF_SM),
-        KEY_SNAPSHOT,
-        bincode::serialize(&stored).map_err(io_err)?,
-        &opts,
-    )
-    .map_err(io_err)?;
+    db.put_cf_opt(cf(db, CF_SM), KEY_SNAPSHOT, bincode::serialize(&stored).map_err(io_err)?, &opts).map_err(io_err)?;
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
             let n = e.file_name();
@@ -366,11 +338,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         for entry in entries {
             let mut batch = WriteBatch::default();
             let sm = cf(&self.db, CF_SM);
-            batch.put_cf(
-                sm,
-                KEY_APPLIED,
-                bincode::serialize(&Some(entry.log_id)).map_err(io_err)?,
-            );
+            batch.put_cf(sm, KEY_APPLIED, bincode::serialize(&Some(entry.log_id)).map_err(io_err)?);
             let outcome = match entry.payload {
                 EntryPayload::Blank => Outcome(Ok(())),
                 EntryPayload::Normal(cmd) => self.apply_command(&mut batch, cmd)?,
@@ -387,17 +355,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        SnapshotBuilder {
-            db: self.db.clone(),
-            snap_dir: self.snap_dir.clone(),
-        }
+        SnapshotBuilder { db: self.db.clone(), snap_dir: self.snap_dir.clone() }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> SResult<Box<tokio::fs::File>> {
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_micros();
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_micros();
         let path = self.snap_dir.join(format!("recv-{stamp}.snap"));
         let f = tokio::fs::OpenOptions::new()
             .create(true)
@@ -442,10 +404,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             return Ok(None);
         };
         match tokio::fs::File::open(self.snap_dir.join(&stored.file)).await {
-            Ok(f) => Ok(Some(Snapshot {
-                meta: stored.meta,
-                snapshot: Box::new(f),
-            })),
+            Ok(f) => Ok(Some(Snapshot { meta: stored.meta, snapshot: Box::new(f) })),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_err(e)),
         }

@@ -73,20 +73,12 @@ impl FromStr for Digest {
         let algorithm = match alg {
             "sha256" => Algorithm::Sha256,
             "sha512" => Algorithm::Sha512,
-            _ => {
-                return Err(Error::new(
-                    ErrorCode::DigestInvalid,
-                    format!("unsupported digest algorithm {alg:?}"),
-                ))
-            }
+            _ => return Err(Error::new(ErrorCode::DigestInvalid, format!("unsupported digest algorithm {alg:?}"))),
         };
         if hex.len() != algorithm.hex_len() || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
             return Err(invalid());
         }
-        Ok(Digest {
-            algorithm,
-            hex: hex.to_owned(),
-        })
+        Ok(Digest { algorithm, hex: hex.to_owned() })
     }
 }
 

@@ -81,11 +81,7 @@ pub struct Error {
 
 impl Error {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Error {
-        Error {
-            code,
-            message: message.into(),
-            status: None,
-        }
+        Error { code, message: message.into(), status: None }
     }
 
     pub fn with_status(mut self, status: StatusCode) -> Error {
@@ -110,11 +106,7 @@ impl Error {
             errors: [Item<'a>; 1],
         }
         serde_json::to_vec(&Body {
-            errors: [Item {
-                code: self.code.as_str(),
-                message: &self.message,
-                detail: serde_json::Value::Null,
-            }],
+            errors: [Item { code: self.code.as_str(), message: &self.message, detail: serde_json::Value::Null }],
         })
         .expect("error body serializes")
     }

@@ -75,9 +75,7 @@ impl Manifest {
         if raw.schema_version.as_ref().and_then(|v| v.as_i64()) != Some(2) {
             return Err(invalid("schemaVersion must be 2"));
         }
-        let content_type = content_type
-            .map(|c| c.split(';').next().unwrap_or("").trim())
-            .filter(|c| !c.is_empty());
+        let content_type = content_type.map(|c| c.split(';').next().unwrap_or("").trim()).filter(|c| !c.is_empty());
         let media_type = match (content_type, raw.media_type.as_deref()) {
             (Some(ct), Some(mt)) if ct != mt => {
                 return Err(invalid(format!("Content-Type {ct} does not match mediaType {mt}")))

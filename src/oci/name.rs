@@ -30,10 +30,7 @@ impl FromStr for Name {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self, Error> {
         if s.len() > MAX_NAME_LEN || !NAME_RE.is_match(s) {
-            return Err(Error::new(
-                ErrorCode::NameInvalid,
-                format!("invalid repository name {s:?}"),
-            ));
+            return Err(Error::new(ErrorCode::NameInvalid, format!("invalid repository name {s:?}")));
         }
         Ok(Name(s.to_owned()))
     }
@@ -146,9 +143,7 @@ mod tests {
         for ok in ["a", "library/ubuntu", "a-b/c__d/e.f", "conformance/repo1", "x--y"] {
             assert!(ok.parse::<Name>().is_ok(), "{ok}");
         }
-        for bad in [
-            "", "A", "a/../b", "..", "/a", "a/", "a//b", "-a", "a_", "a___b", "Upper/x",
-        ] {
+        for bad in ["", "A", "a/../b", "..", "/a", "a/", "a//b", "-a", "a_", "a___b", "Upper/x"] {
             assert!(bad.parse::<Name>().is_err(), "{bad}");
         }
         assert!("a".repeat(256).parse::<Name>().is_err());

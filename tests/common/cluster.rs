@@ -53,11 +53,7 @@ impl TestCluster {
             );
             std::fs::write(&s.config, cfg).unwrap();
         }
-        let mut c = TestCluster {
-            dir,
-            nodes,
-            procs: Vec::new(),
-        };
+        let mut c = TestCluster { dir, nodes, procs: Vec::new() };
         for i in 0..c.nodes.len() {
             c.procs.push(None);
             c.start_node(i).await;
@@ -105,10 +101,7 @@ impl TestCluster {
             if let Some(i) = self.agreed_leader().await {
                 return i;
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no leader agreed by every running node"
-            );
+            assert!(std::time::Instant::now() < deadline, "no leader agreed by every running node");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

@@ -40,10 +40,7 @@ pub async fn start_node() -> TestNode {
 }
 
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap()
+    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
 }
 
 /// Assert a spec error response: status and code.
@@ -151,11 +148,7 @@ impl Drop for Proc {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 pub fn berth() -> std::process::Command {
@@ -169,11 +162,7 @@ pub async fn spawn_serve(args: &[String], http: u16) -> Proc {
         .arg("serve")
         .args(args)
         .stdout(std::process::Stdio::null())
-        .stderr(if log {
-            std::process::Stdio::inherit()
-        } else {
-            std::process::Stdio::null()
-        })
+        .stderr(if log { std::process::Stdio::inherit() } else { std::process::Stdio::null() })
         .spawn()
         .expect("start berth");
     let url = format!("http://127.0.0.1:{http}/v2/");

@@ -1,0 +1,84 @@
+//! The gRPC blob transfer service: serving local blobs to peers, and
+//! pulling a blob from a peer on request.
+
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+use super::pb::{blobs_server::Blobs, BlobChunk, FetchRequest, PullReply, PullRequest};
+use super::Peers;
+use crate::blob::BlobStore;
+use crate::oci::Digest;
+
+pub struct BlobService {
+    pub store: BlobStore,
+    pub peers: Peers,
+}
+
+fn parse(d: &str) -> Result<Digest, Status> {
+    d.parse().map_err(|_| Status::invalid_argument("invalid digest"))
+}
+
+/// Stream `digest` from the peer at `addr`, from `offset`.
+pub async fn fetch(
+    peers: &Peers,
+    addr: &str,
+    digest: &Digest,
+    offset: u64,
+) -> Result<impl Stream<Item = std::io::Result<bytes::Bytes>> + Send + Unpin + 'static, Status> {
+    let mut client = peers.blobs(addr).map_err(|e| Status::unavailable(e.to_string()))?;
+    let stream = client.fetch(FetchRequest { digest: digest.to_string(), offset }).await?.into_inner();
+    Ok(stream.map(|r| r.map(|c| bytes::Bytes::from(c.data)).map_err(std::io::Error::other)))
+}
+
+/// Copy `digest` into `store` from the first of `sources` that has it intact.
+pub async fn pull_from(store: &BlobStore, peers: &Peers, digest: &Digest, sources: &[String]) -> Result<u64, Status> {
+    if let Some(r) = store.open(digest).await.map_err(|e| Status::internal(e.to_string()))? {
+        return Ok(r.size);
+    }
+    let mut last = Status::not_found("no source has the blob");
+    for src in sources {
+        match fetch(peers, src, digest, 0).await {
+            Ok(stream) => match store.ingest(digest, stream).await {
+                Ok(size) => return Ok(size),
+                Err(e) => {
+                    tracing::warn!(%digest, source = %src, error = %e, "copy from peer failed");
+                    last = Status::unavailable(e.to_string());
+                }
+            },
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<BlobChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Blobs for BlobService {
+    type FetchStream = ChunkStream;
+
+    async fn fetch(&self, req: Request<FetchRequest>) -> Result<Response<ChunkStream>, Status> {
+        let req = req.into_inner();
+        let digest = parse(&req.digest)?;
+        let reader = self
+            .store
+            .open(&digest)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .ok_or_else(|| Status::not_found("blob not stored here"))?;
+        let size = reader.size;
+        let stream = reader.stream(req.offset.min(size), size).await.map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(Box::pin(
+            stream.map(|r| r.map(|b| BlobChunk { data: b.to_vec() }).map_err(|e| Status::internal(e.to_string()))),
+        )))
+    }
+
+    async fn pull(&self, req: Request<PullRequest>) -> Result<Response<PullReply>, Status> {
+        let req = req.into_inner();
+        let digest = parse(&req.digest)?;
+        let size = pull_from(&self.store, &self.peers, &digest, &req.sources).await?;
+        Ok(Response::new(PullReply { size }))
+    }
+}
