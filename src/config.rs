@@ -82,6 +82,12 @@ pub struct Config {
     pub min_regions: usize,
     /// Keep a local copy of blobs streamed from peers.
     pub cache_on_read: bool,
+    /// How often the repair loop runs.
+    pub repair_interval_secs: u64,
+    /// How often every local copy is re-hashed.
+    pub scrub_interval_secs: u64,
+    /// A member unanswering this long no longer counts as holding copies.
+    pub dead_after_secs: u64,
 }
 
 impl Default for Config {
@@ -105,6 +111,9 @@ impl Default for Config {
             min_copies: None,
             min_regions: 1,
             cache_on_read: true,
+            repair_interval_secs: 10,
+            scrub_interval_secs: 24 * 3600,
+            dead_after_secs: 60,
         }
     }
 }

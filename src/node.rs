@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::api::{self, AppState};
-use crate::blob::{BlobStore, Policy, Replicator, Uploads};
+use crate::blob::{repair, BlobStore, Policy, Replicator, Uploads};
 use crate::cluster::{
     AdminServer, AdminService, BlobService, BlobsServer, Cluster, ClusterAdmin, JoinRequest, MetaServer, MetaService,
     Network, RaftRpcServer, RaftService, MAX_MESSAGE,
@@ -116,6 +116,12 @@ impl RunningNode {
             cache_on_read: cfg.cache_on_read,
         };
         let replicator = Replicator::new(cluster.clone(), meta.clone(), uploads.store().clone(), policy);
+        let repair = repair::RepairSettings {
+            interval: Duration::from_secs(cfg.repair_interval_secs.max(1)),
+            scrub_every: Duration::from_secs(cfg.scrub_interval_secs.max(1)),
+            dead_after: Duration::from_secs(cfg.dead_after_secs.max(1)),
+        };
+        tasks.push(tokio::spawn(repair::run(replicator.clone(), meta.clone(), repair, rx.clone())));
         let state = AppState {
             meta,
             replicator,

@@ -4,19 +4,9 @@
 
 mod common;
 
-use std::process::{Child, Command, Output, Stdio};
-use std::time::Duration;
+use std::process::{Command, Output, Stdio};
 
 use common::*;
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn run(cmd: &str, args: &[&str]) -> Output {
     let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
@@ -35,24 +25,14 @@ fn available(cmd: &str, probe: &[&str]) -> bool {
 
 async fn start_berth() -> (Proc, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let grpc = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let child = Command::new(env!("CARGO_BIN_EXE_berth"))
-        .args(["serve", "--http", &format!("127.0.0.1:{port}"), "--grpc", &format!("127.0.0.1:{grpc}")])
-        .arg("--data-dir")
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr = format!("127.0.0.1:{port}");
-    let url = format!("http://{addr}/v2/");
-    wait_for("berth to answer", Duration::from_secs(60), || {
-        let url = url.clone();
-        async move { reqwest::get(&url).await.is_ok() }
-    })
-    .await;
-    (Proc(child), addr, dir)
+    let (port, grpc) = (free_port(), free_port());
+    let args: Vec<String> =
+        ["--http", &format!("127.0.0.1:{port}"), "--grpc", &format!("127.0.0.1:{grpc}"), "--data-dir"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([dir.path().display().to_string()])
+            .collect();
+    (spawn_serve(&args, port).await, format!("127.0.0.1:{port}"), dir)
 }
 
 /// Removes the test's images from the Docker engine even when the test fails.

@@ -4,40 +4,16 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
-
 use common::*;
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 async fn spawn(dir: &std::path::Path, http: u16, grpc: u16) -> Proc {
-    let child = Command::new(env!("CARGO_BIN_EXE_berth"))
-        .args(["serve", "--http", &format!("127.0.0.1:{http}"), "--grpc", &format!("127.0.0.1:{grpc}")])
-        .arg("--data-dir")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start berth");
-    let base = format!("http://127.0.0.1:{http}");
-    wait_for("node to answer", Duration::from_secs(60), || {
-        let url = format!("{base}/v2/");
-        async move { reqwest::get(&url).await.map(|r| r.status() == 200).unwrap_or(false) }
-    })
-    .await;
-    Proc(child)
+    let args: Vec<String> =
+        ["--http", &format!("127.0.0.1:{http}"), "--grpc", &format!("127.0.0.1:{grpc}"), "--data-dir"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([dir.display().to_string()])
+            .collect();
+    spawn_serve(&args, http).await
 }
 
 #[tokio::test]

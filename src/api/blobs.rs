@@ -111,6 +111,9 @@ pub async fn get(state: &AppState, name: &Name, digest: &Digest, headers: &Heade
     }
     let store = state.replicator.store();
     if let Some(reader) = store.open(digest).await? {
+        if status == StatusCode::OK {
+            return finish(b, stream(state.replicator.read_local(digest, reader).await?));
+        }
         return finish(b, stream(reader.stream(start, end).await?));
     }
     if status == StatusCode::OK {

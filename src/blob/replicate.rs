@@ -93,29 +93,39 @@ impl Replicator {
         size: u64,
         holders: &[NodeId],
     ) -> Result<Vec<NodeId>, ReplicationError> {
+        let members = self.members().len();
+        let target = self.policy.replicas.max(self.min_copies()).min(members);
+        self.copy(digest, size, holders, target, &|_| true, true).await
+    }
+
+    async fn copy(
+        &self,
+        digest: &Digest,
+        size: u64,
+        holders: &[NodeId],
+        target: usize,
+        eligible: &(dyn Fn(&NodeId) -> bool + Sync),
+        ack_early: bool,
+    ) -> Result<Vec<NodeId>, ReplicationError> {
         let members = self.members();
         let mut have: Vec<NodeId> = holders.iter().copied().filter(|h| members.iter().any(|m| m.0 == *h)).collect();
         if have.is_empty() {
             return Err(ReplicationError::NoHolder);
         }
-        let candidates: Vec<Candidate> =
-            members.iter().map(|(id, n, _)| Candidate { id: *id, region: n.region.clone() }).collect();
+        let candidates: Vec<Candidate> = members
+            .iter()
+            .filter(|m| eligible(&m.0) || have.contains(&m.0))
+            .map(|(id, n, _)| Candidate { id: *id, region: n.region.clone() })
+            .collect();
         let ranked = rank(digest, &candidates);
-        let target = self.policy.replicas.max(self.min_copies()).min(members.len());
-        let sources: Vec<String> = ranked
-            .iter()
-            .filter(|c| have.contains(&c.id))
-            .filter_map(|c| members.iter().find(|m| m.0 == c.id).map(|m| m.1.grpc.clone()))
-            .collect();
+        let addr = |id: NodeId| members.iter().find(|m| m.0 == id).map(|m| m.1.grpc.clone());
+        let sources: Vec<String> = ranked.iter().filter(|c| have.contains(&c.id)).filter_map(|c| addr(c.id)).collect();
         // Targets first, then the others as fallbacks for failed targets.
-        let wanted: Vec<(NodeId, String)> = ranked
-            .iter()
-            .filter(|c| !have.contains(&c.id))
-            .filter_map(|c| members.iter().find(|m| m.0 == c.id).map(|m| (m.0, m.1.grpc.clone())))
-            .collect();
+        let wanted: Vec<(NodeId, String)> =
+            ranked.iter().filter(|c| !have.contains(&c.id)).filter_map(|c| Some((c.id, addr(c.id)?))).collect();
         let missing = target.saturating_sub(have.len());
-        if missing == 0 || self.satisfied(&have, &members) && wanted.is_empty() {
-            return Ok(have);
+        if missing == 0 || wanted.is_empty() {
+            return self.checked(have, &members);
         }
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let mut launched = 0;
@@ -138,7 +148,7 @@ impl Replicator {
             match res {
                 Ok(()) => {
                     have.push(id);
-                    if self.satisfied(&have, &members) {
+                    if ack_early && self.satisfied(&have, &members) {
                         break;
                     }
                 }
@@ -150,9 +160,6 @@ impl Replicator {
                     }
                 }
             }
-        }
-        if !self.satisfied(&have, &members) {
-            return Err(ReplicationError::NotEnoughCopies { have: have.len(), need: self.min_copies() });
         }
         if done < launched {
             // The rest land in the background and are recorded as they do.
@@ -170,7 +177,120 @@ impl Replicator {
                 }
             });
         }
-        Ok(have)
+        self.checked(have, &members)
+    }
+
+    fn checked(
+        &self,
+        have: Vec<NodeId>,
+        members: &[(NodeId, NodeInfo, bool)],
+    ) -> Result<Vec<NodeId>, ReplicationError> {
+        if self.satisfied(&have, members) {
+            Ok(have)
+        } else {
+            Err(ReplicationError::NotEnoughCopies { have: have.len(), need: self.min_copies() })
+        }
+    }
+
+    /// The nodes placement wants `digest` on, among members for which
+    /// `eligible` holds: the first `replicas` in rendezvous order.
+    pub fn placement(&self, digest: &Digest, eligible: &(dyn Fn(&NodeId) -> bool + Sync)) -> Vec<NodeId> {
+        let candidates: Vec<Candidate> = self
+            .members()
+            .into_iter()
+            .filter(|m| eligible(&m.0))
+            .map(|(id, n, _)| Candidate { id, region: n.region })
+            .collect();
+        rank(digest, &candidates).into_iter().take(self.policy.replicas).map(|c| c.id).collect()
+    }
+
+    /// Ask each of `targets` to copy `digest` from `holders`; returns those
+    /// that succeeded.
+    pub async fn copy_to(&self, digest: &Digest, holders: &[NodeId], targets: &[NodeId]) -> Vec<NodeId> {
+        let members = self.members();
+        let addr = |id: &NodeId| members.iter().find(|m| m.0 == *id).map(|m| m.1.grpc.clone());
+        let sources: Vec<String> = holders.iter().filter_map(addr).collect();
+        let pulls = targets.iter().filter_map(|t| Some((*t, addr(t)?))).map(|(id, a)| {
+            let (peers, sources) = (self.cluster.peers.clone(), sources.clone());
+            async move { (id, pull(&peers, &a, digest, &sources).await) }
+        });
+        let mut ok = Vec::new();
+        for (id, res) in futures::future::join_all(pulls).await {
+            match res {
+                Ok(()) => ok.push(id),
+                Err(e) => tracing::warn!(%digest, node = id, error = %e, "repair copy failed"),
+            }
+        }
+        ok
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.cluster.id
+    }
+
+    pub fn replicas(&self) -> usize {
+        self.policy.replicas
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.cluster.raft.metrics().borrow().current_leader == Some(self.cluster.id)
+    }
+
+    /// Every member's id and gRPC address.
+    pub fn member_addrs(&self) -> Vec<(NodeId, String)> {
+        self.members().into_iter().map(|(id, n, _)| (id, n.grpc)).collect()
+    }
+
+    /// Whether the node at `addr` answers a status request within a second.
+    pub async fn answers(&self, addr: &str) -> bool {
+        let Ok(mut c) = self.cluster.peers.admin(addr) else { return false };
+        let mut req = tonic::Request::new(crate::cluster::Empty {});
+        req.set_timeout(std::time::Duration::from_secs(1));
+        c.status(req).await.is_ok()
+    }
+
+    pub async fn propose(&self, cmd: Command) -> Result<(), crate::cluster::ClusterError> {
+        self.cluster.propose(cmd).await.map(|_| ())
+    }
+
+    /// Stream a local blob whole. A copy not yet verified by this process
+    /// (written before a restart) is checked against its digest as it goes:
+    /// one that rotted on disk ends the response with an error (the client
+    /// retries), is deleted, and is dropped from the index so repair restores
+    /// it and the next read goes to a good copy. The periodic scrub re-checks
+    /// copies that were verified earlier.
+    pub async fn read_local(
+        &self,
+        digest: &Digest,
+        reader: super::BlobReader,
+    ) -> std::io::Result<impl Stream<Item = std::io::Result<Bytes>> + Send + 'static> {
+        let size = reader.size;
+        let inner = Box::pin(reader.stream(0, size).await?);
+        if self.store.is_verified(digest) {
+            return Ok(futures::future::Either::Left(inner));
+        }
+        let me = self.clone();
+        let d = digest.clone();
+        let done = move |good: bool| {
+            if good {
+                me.store.mark_verified(&d);
+            } else {
+                tokio::spawn(async move { me.drop_corrupt(&d).await });
+            }
+        };
+        Ok(futures::future::Either::Right(verified(inner, digest.clone(), size, None, Some(Box::new(done)))))
+    }
+
+    /// Remove a local copy found corrupt and forget it in the index.
+    pub async fn drop_corrupt(&self, digest: &Digest) {
+        tracing::error!(%digest, "local copy is corrupt; removing it");
+        if let Err(e) = self.store.remove(digest).await {
+            tracing::warn!(%digest, error = %e, "removing corrupt copy");
+        }
+        let cmd = Command::RemoveHolders { digest: digest.clone(), holders: vec![self.cluster.id] };
+        if let Err(e) = self.cluster.propose(cmd).await {
+            tracing::warn!(%digest, error = %e, "recording the lost copy failed");
+        }
     }
 
     /// Holders of `digest` other than this node, same region first.
@@ -234,7 +354,7 @@ impl Replicator {
             } else {
                 None
             };
-            return Ok(verified(stream, digest.clone(), size, cache));
+            return Ok(verified(stream, digest.clone(), size, cache, None));
         }
         Err(ReplicationError::NoHolder)
     }
@@ -246,61 +366,83 @@ async fn pull(peers: &crate::cluster::Peers, addr: &str, digest: &Digest, source
     client.pull(req).await.map(|_| ()).map_err(|e| e.message().to_owned())
 }
 
+/// Called once at the end of a verified stream: true if the bytes matched.
+type OnDone = Box<dyn FnOnce(bool) + Send>;
+
 struct Verify<S> {
     inner: S,
+    on_done: Option<OnDone>,
     hasher: Option<Hasher>,
     expected: Digest,
     size: u64,
     seen: u64,
     cache: Option<tokio::sync::mpsc::Sender<std::io::Result<Bytes>>>,
+    /// The newest chunk, released only when the next one (or a passing
+    /// check at the end) arrives.
+    pending: Option<Bytes>,
 }
 
 /// Pass `inner` through, hashing it; at its end, check digest and size and
 /// turn a mismatch into an error (for the client and for the cache copy).
+/// The last chunk is held back until the check passes, so a client that
+/// relies on Content-Length never receives a complete body of bad bytes.
 fn verified<S>(
     inner: S,
     expected: Digest,
     size: u64,
     cache: Option<tokio::sync::mpsc::Sender<std::io::Result<Bytes>>>,
+    on_done: Option<OnDone>,
 ) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static
 where
     S: Stream<Item = std::io::Result<Bytes>> + Send + Unpin + 'static,
 {
     use futures::StreamExt;
     let hasher = Some(expected.algorithm().hasher());
-    let state = Verify { inner, hasher, expected, size, seen: 0, cache };
+    let state = Verify { inner, on_done, hasher, expected, size, seen: 0, cache, pending: None };
     futures::stream::unfold(Some(state), |st| async move {
         let mut st = st?;
-        match st.inner.next().await {
-            Some(Ok(b)) => {
-                if let Some(h) = st.hasher.as_mut() {
-                    h.update(&b);
-                }
-                st.seen += b.len() as u64;
-                if let Some(tx) = &st.cache {
-                    if tx.send(Ok(b.clone())).await.is_err() {
-                        st.cache = None;
+        loop {
+            match st.inner.next().await {
+                Some(Ok(b)) => {
+                    if b.is_empty() {
+                        continue;
+                    }
+                    if let Some(h) = st.hasher.as_mut() {
+                        h.update(&b);
+                    }
+                    st.seen += b.len() as u64;
+                    if let Some(tx) = &st.cache {
+                        if tx.send(Ok(b.clone())).await.is_err() {
+                            st.cache = None;
+                        }
+                    }
+                    if let Some(prev) = st.pending.replace(b) {
+                        return Some((Ok(prev), Some(st)));
                     }
                 }
-                Some((Ok(b), Some(st)))
-            }
-            Some(Err(e)) => {
-                if let Some(tx) = &st.cache {
-                    let _ = tx.send(Err(std::io::Error::other("peer stream failed"))).await;
+                Some(Err(e)) => {
+                    if let Some(tx) = &st.cache {
+                        let _ = tx.send(Err(std::io::Error::other("source stream failed"))).await;
+                    }
+                    return Some((Err(e), None));
                 }
-                Some((Err(e), None))
-            }
-            None => {
-                let got = st.hasher.take().map(|h| h.finish());
-                if got.as_ref() == Some(&st.expected) && st.seen == st.size {
-                    None
-                } else {
-                    let msg = format!("peer sent bad bytes for {}", st.expected);
+                None => {
+                    let got = st.hasher.take().map(|h| h.finish());
+                    if got.as_ref() == Some(&st.expected) && st.seen == st.size {
+                        if let Some(f) = st.on_done.take() {
+                            f(true);
+                        }
+                        return st.pending.take().map(|b| (Ok(b), None));
+                    }
+                    let msg = format!("bytes of {} do not match its digest", st.expected);
                     tracing::warn!("{msg}");
+                    if let Some(f) = st.on_done.take() {
+                        f(false);
+                    }
                     if let Some(tx) = &st.cache {
                         let _ = tx.send(Err(std::io::Error::other(msg.clone()))).await;
                     }
-                    Some((Err(std::io::Error::other(msg)), None))
+                    return Some((Err(std::io::Error::other(msg)), None));
                 }
             }
         }

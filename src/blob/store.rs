@@ -1,5 +1,7 @@
+use std::collections::HashSet;
 use std::io::SeekFrom;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::Stream;
@@ -20,7 +22,15 @@ const READ_CHUNK: usize = 1 << 20;
 #[derive(Clone, Debug)]
 pub struct BlobStore {
     root: PathBuf,
+    /// Blobs whose bytes this process has hashed (when writing them, or on
+    /// a first read): served without re-hashing until the scrub says
+    /// otherwise.
+    verified: Arc<Mutex<HashSet<Digest>>>,
 }
+
+/// Bound on the verified set; past it the set restarts empty (reads then
+/// verify again), so memory stays bounded for any number of blobs.
+const MAX_VERIFIED: usize = 1 << 20;
 
 /// An open blob, ready to stream a byte range.
 pub struct BlobReader {
@@ -35,7 +45,7 @@ impl BlobStore {
         let incoming = root.join(INCOMING);
         let _ = std::fs::remove_dir_all(&incoming);
         std::fs::create_dir_all(&incoming)?;
-        Ok(BlobStore { root })
+        Ok(BlobStore { root, verified: Default::default() })
     }
 
     /// Store a blob arriving as a stream (from a peer): hashed as it is
@@ -70,8 +80,53 @@ impl BlobStore {
         result
     }
 
+    pub fn is_verified(&self, d: &Digest) -> bool {
+        self.verified.lock().unwrap().contains(d)
+    }
+
+    pub fn mark_verified(&self, d: &Digest) {
+        let mut v = self.verified.lock().unwrap();
+        if v.len() >= MAX_VERIFIED {
+            v.clear();
+        }
+        v.insert(d.clone());
+    }
+
+    /// Re-hash a local copy; false if it is missing or does not match.
+    pub async fn check(&self, d: &Digest) -> std::io::Result<bool> {
+        let path = self.path(d);
+        let alg = d.algorithm();
+        let computed = tokio::task::spawn_blocking(move || -> std::io::Result<Option<Digest>> {
+            use std::io::Read;
+            let mut f = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let mut h = alg.hasher();
+            let mut buf = vec![0u8; READ_CHUNK];
+            loop {
+                let n = f.read(&mut buf)?;
+                if n == 0 {
+                    return Ok(Some(h.finish()));
+                }
+                h.update(&buf[..n]);
+            }
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        let ok = computed.as_ref() == Some(d);
+        if ok {
+            self.mark_verified(d);
+        } else {
+            self.verified.lock().unwrap().remove(d);
+        }
+        Ok(ok)
+    }
+
     /// Remove a local copy (found corrupt, or no longer placed here).
     pub async fn remove(&self, d: &Digest) -> std::io::Result<()> {
+        self.verified.lock().unwrap().remove(d);
         match tokio::fs::remove_file(self.path(d)).await {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
@@ -98,17 +153,17 @@ impl BlobStore {
     }
 
     /// Move a verified, fsynced file into place. Blocking: call from a
-    /// blocking context. If the blob already exists the new copy is dropped.
+    /// blocking context.
     pub fn commit_file(&self, src: &Path, d: &Digest) -> std::io::Result<()> {
         let dst = self.path(d);
         let dir = dst.parent().expect("blob path has a parent");
         std::fs::create_dir_all(dir)?;
-        if dst.exists() {
-            std::fs::remove_file(src)?;
-            return Ok(());
-        }
+        // Replacing an existing copy is harmless (same verified bytes) and
+        // heals one that rotted on disk.
         std::fs::rename(src, &dst)?;
-        std::fs::File::open(dir)?.sync_all()
+        std::fs::File::open(dir)?.sync_all()?;
+        self.mark_verified(d);
+        Ok(())
     }
 }
 

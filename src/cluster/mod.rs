@@ -23,7 +23,7 @@ pub use pb::admin_server::AdminServer;
 pub use pb::blobs_server::BlobsServer;
 pub use pb::meta_server::MetaServer;
 pub use pb::raft_rpc_server::RaftRpcServer;
-pub use pb::{JoinRequest, LeaveRequest, Member, NodeStatus, PullRequest};
+pub use pb::{Empty, JoinRequest, LeaveRequest, Member, NodeStatus, PullRequest};
 pub use peers::{Peers, MAX_MESSAGE};
 pub use service::RaftService;
 

@@ -163,6 +163,19 @@ impl MetaReader {
         self.list(CF_TAGS, &keys::repo_prefix(repo), last, n)
     }
 
+    /// Every blob in the index, in digest order (for repair and scrub).
+    pub fn all_blobs(&self) -> Result<Vec<(Digest, BlobInfo)>, rocksdb::Error> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_BLOBS), IteratorMode::Start) {
+            let (k, v) = item?;
+            let Some(d) = std::str::from_utf8(&k).ok().and_then(|s| s.parse().ok()) else { continue };
+            if let Ok(info) = bincode::deserialize(&v) {
+                out.push((d, info));
+            }
+        }
+        Ok(out)
+    }
+
     pub fn catalog(&self, last: Option<&str>, n: Option<usize>) -> Result<Page, rocksdb::Error> {
         self.list(CF_REPOS, b"", last, n)
     }

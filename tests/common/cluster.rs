@@ -24,6 +24,11 @@ pub struct TestCluster {
 impl TestCluster {
     /// Write configs for `n` nodes that bootstrap together, and start them.
     pub async fn start(n: u64, snapshot_logs: u64) -> TestCluster {
+        Self::start_with(n, snapshot_logs, |_| String::new()).await
+    }
+
+    /// Like `start`, with `extra(id)` added to node `id`'s top-level settings.
+    pub async fn start_with(n: u64, snapshot_logs: u64, extra: impl Fn(u64) -> String) -> TestCluster {
         let dir = tempfile::tempdir().unwrap();
         let nodes: Vec<NodeSpec> = (1..=n)
             .map(|id| NodeSpec {
@@ -44,12 +49,13 @@ impl TestCluster {
             .collect();
         for s in &nodes {
             let cfg = format!(
-                "node_id = {}\nhttp = \"127.0.0.1:{}\"\ngrpc = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n\
+                "node_id = {}\nhttp = \"127.0.0.1:{}\"\ngrpc = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n{}\n\
                  [raft]\nheartbeat_ms = 50\nelection_min_ms = 300\nelection_max_ms = 600\nsnapshot_logs = {snapshot_logs}\n\n{members}",
                 s.id,
                 s.http,
                 s.grpc,
-                dir.path().join(format!("data{}", s.id)).display()
+                dir.path().join(format!("data{}", s.id)).display(),
+                extra(s.id)
             );
             std::fs::write(&s.config, cfg).unwrap();
         }
@@ -82,6 +88,16 @@ impl TestCluster {
 
     pub fn grpc(&self, i: usize) -> String {
         format!("127.0.0.1:{}", self.nodes[i].grpc)
+    }
+
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("data{}", self.nodes[i].id))
+    }
+
+    /// Where node `i` keeps blob `digest` ("sha256:..").
+    pub fn blob_path(&self, i: usize, digest: &str) -> PathBuf {
+        let (alg, hex) = digest.split_once(':').unwrap();
+        self.data_dir(i).join("blobs").join(alg).join(&hex[..2]).join(hex)
     }
 
     pub fn alive(&self) -> Vec<usize> {

@@ -147,8 +147,19 @@ impl Drop for Proc {
     }
 }
 
+/// A free port below the kernel's ephemeral range (32768 and up), so an
+/// outgoing connection cannot take it between this check and the node's
+/// bind. Distinct within the process; spread across processes by pid.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 60) as u16 * 200;
+    loop {
+        let port = base + NEXT.fetch_add(1, Ordering::Relaxed) % 200;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub fn berth() -> std::process::Command {
