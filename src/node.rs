@@ -78,6 +78,8 @@ impl RunningNode {
         let mut grpc_stop = rx.clone();
         tasks.push(tokio::spawn(async move {
             let res = tonic::transport::Server::builder()
+                .initial_stream_window_size(crate::cluster::WINDOW)
+                .initial_connection_window_size(crate::cluster::WINDOW * 2)
                 .add_service(raft_svc)
                 .add_service(meta_svc)
                 .add_service(admin_svc)

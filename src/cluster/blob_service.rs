@@ -29,7 +29,7 @@ pub async fn fetch(
 ) -> Result<impl Stream<Item = std::io::Result<bytes::Bytes>> + Send + Unpin + 'static, Status> {
     let mut client = peers.blobs(addr).map_err(|e| Status::unavailable(e.to_string()))?;
     let stream = client.fetch(FetchRequest { digest: digest.to_string(), offset }).await?.into_inner();
-    Ok(stream.map(|r| r.map(|c| bytes::Bytes::from(c.data)).map_err(std::io::Error::other)))
+    Ok(stream.map(|r| r.map(|c| c.data).map_err(std::io::Error::other)))
 }
 
 /// Copy `digest` into `store` from the first of `sources` that has it intact.
@@ -71,7 +71,7 @@ impl Blobs for BlobService {
         let size = reader.size;
         let stream = reader.stream(req.offset.min(size), size).await.map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(Box::pin(
-            stream.map(|r| r.map(|b| BlobChunk { data: b.to_vec() }).map_err(|e| Status::internal(e.to_string()))),
+            stream.map(|r| r.map(|b| BlobChunk { data: b }).map_err(|e| Status::internal(e.to_string()))),
         )))
     }
 

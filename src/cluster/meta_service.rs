@@ -18,7 +18,7 @@ impl Meta for MetaService {
         match self.raft.client_write(cmd).await {
             Ok(resp) => Ok(Response::new(WriteReply {
                 not_leader: false,
-                outcome: pb::encode(&resp.data),
+                outcome: pb::encode(&resp.data).into(),
                 log_index: resp.log_id.index,
             })),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {

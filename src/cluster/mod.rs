@@ -24,7 +24,7 @@ pub use pb::blobs_server::BlobsServer;
 pub use pb::meta_server::MetaServer;
 pub use pb::raft_rpc_server::RaftRpcServer;
 pub use pb::{Empty, JoinRequest, LeaveRequest, Member, NodeStatus, PullRequest};
-pub use peers::{Peers, MAX_MESSAGE};
+pub use peers::{Peers, MAX_MESSAGE, WINDOW};
 pub use service::RaftService;
 
 use crate::config::Consistency;
@@ -104,7 +104,7 @@ impl Cluster {
     /// Send a command to the leader; `None` if it is not the leader any more.
     async fn forward_write(&self, leader: &NodeInfo, cmd: &Command) -> Result<Option<(Outcome, u64)>, tonic::Status> {
         let mut client = self.peers.meta(&leader.grpc).map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-        let mut req = tonic::Request::new(pb::WriteRequest { command: pb::encode(cmd) });
+        let mut req = tonic::Request::new(pb::WriteRequest { command: pb::encode(cmd).into() });
         req.set_timeout(DEADLINE);
         let reply = client.client_write(req).await?.into_inner();
         if reply.not_leader {

@@ -46,7 +46,9 @@ impl PeerClient {
             let ep = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
                 .map_err(|e| Unreachable::new(&e))?
                 .connect_timeout(std::time::Duration::from_secs(1))
-                .tcp_nodelay(true);
+                .tcp_nodelay(true)
+                .initial_stream_window_size(super::peers::WINDOW)
+                .initial_connection_window_size(super::peers::WINDOW * 2);
             self.client = Some(RaftRpcClient::new(ep.connect_lazy()).max_decoding_message_size(64 << 20));
         }
         Ok(self.client.clone().expect("client set above"))
@@ -59,7 +61,7 @@ impl PeerClient {
         E: std::error::Error + DeserializeOwned,
     {
         let mut client = self.client().map_err(RPCError::Unreachable)?;
-        let mut request = tonic::Request::new(RaftRequest { data: pb::encode(req) });
+        let mut request = tonic::Request::new(RaftRequest { data: pb::encode(req).into() });
         request.set_timeout(option.hard_ttl());
         let reply = match rpc {
             Rpc::Append => client.append_entries(request).await,

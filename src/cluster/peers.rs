@@ -15,6 +15,10 @@ pub struct Peers {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
+/// HTTP/2 flow-control window: the 64 KiB default would cap a blob
+/// transfer at one window per round trip.
+pub const WINDOW: u32 = 8 << 20;
+
 /// Largest gRPC message: manifests (4 MiB by default) travel in commands.
 pub const MAX_MESSAGE: usize = 64 << 20;
 
@@ -27,6 +31,8 @@ impl Peers {
         let c = Endpoint::from_shared(format!("http://{addr}"))?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
+            .initial_stream_window_size(WINDOW)
+            .initial_connection_window_size(WINDOW * 2)
             .connect_lazy();
         map.insert(addr.to_owned(), c.clone());
         Ok(c)

@@ -10,7 +10,7 @@ pub struct RaftService {
 }
 
 fn reply<T: serde::Serialize>(v: T) -> Result<Response<RaftReply>, Status> {
-    Ok(Response::new(RaftReply { data: pb::encode(&v), error: String::new() }))
+    Ok(Response::new(RaftReply { data: pb::encode(&v).into(), error: String::new() }))
 }
 
 #[tonic::async_trait]
