@@ -66,6 +66,9 @@ pub struct Config {
     pub join: Option<String>,
     /// When joining, stay a learner (a non-voting replica).
     pub learner: bool,
+    /// Start without a cluster and wait for an operator's
+    /// `berth cluster join` to add this node.
+    pub standby: bool,
     pub data_dir: PathBuf,
     pub region: String,
     pub consistency: Consistency,
@@ -101,6 +104,7 @@ impl Default for Config {
             initial_members: Vec::new(),
             join: None,
             learner: false,
+            standby: false,
             data_dir: PathBuf::from("./berth-data"),
             region: "default".into(),
             consistency: Consistency::Linearizable,

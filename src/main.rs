@@ -41,6 +41,11 @@ enum Cmd {
         #[arg(long)]
         learner: bool,
     },
+    /// Exit 0 if the node's HTTP API answers `GET /v2/` with 200 (for health checks).
+    Ping {
+        #[arg(long, default_value = "127.0.0.1:5000")]
+        http: String,
+    },
     /// Inspect and change cluster membership.
     Cluster {
         #[command(subcommand)]
@@ -126,7 +131,22 @@ fn main() -> anyhow::Result<()> {
             })
         }
         Cmd::Cluster { command } => rt.block_on(cluster(command)),
+        Cmd::Ping { http } => rt.block_on(ping(&http)),
     }
+}
+
+async fn ping(addr: &str) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(format!("GET /v2/ HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
+        let mut buf = vec![0u8; 64];
+        let n = s.read(&mut buf).await?;
+        anyhow::Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    };
+    let line = tokio::time::timeout(std::time::Duration::from_secs(2), attempt).await??;
+    anyhow::ensure!(line.starts_with("HTTP/1.0 200") || line.starts_with("HTTP/1.1 200"), "unhealthy: {line:?}");
+    Ok(())
 }
 
 async fn shutdown_signal() {

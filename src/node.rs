@@ -101,7 +101,7 @@ impl RunningNode {
         if !raft.is_initialized().await? {
             bootstrap(&cfg, &raft, me, &mut tasks).await?;
         }
-        if cfg.join.is_none() && cfg.initial_members.is_empty() {
+        if cfg.join.is_none() && cfg.initial_members.is_empty() && !cfg.standby {
             // A one-node cluster elects itself at once; wait for it so the
             // first request does not have to.
             raft.wait(Some(Duration::from_secs(30)))
@@ -179,6 +179,10 @@ async fn bootstrap(cfg: &Config, raft: &Raft, me: NodeInfo, tasks: &mut Vec<Join
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }));
+        return Ok(());
+    }
+    if cfg.standby {
+        tracing::info!(node = cfg.node_id, "standby: waiting for `berth cluster join` to add this node");
         return Ok(());
     }
     let members: BTreeMap<u64, NodeInfo> = if cfg.initial_members.is_empty() {

@@ -126,6 +126,10 @@ async fn dispatch(state: &AppState, req: Request<Incoming>) -> ApiResult {
         }
     }
     match (method, route) {
+        (Method::GET | Method::HEAD, Route::Base) if !state.cluster.serving() => Err(Error::new(
+            ErrorCode::Unavailable,
+            "this node is not serving: it has no leader or is not a cluster member",
+        )),
         (Method::GET | Method::HEAD, Route::Base) => Ok(builder(StatusCode::OK)
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(if head { response::empty() } else { full("{}") })

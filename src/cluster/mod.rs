@@ -159,6 +159,13 @@ impl Cluster {
         Ok((!reply.not_leader).then_some(reply.log_index))
     }
 
+    /// Whether this node is a member that knows a leader: what a load
+    /// balancer's health check needs to know before sending it clients.
+    pub fn serving(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.current_leader.is_some() && m.membership_config.membership().get_node(&self.id).is_some()
+    }
+
     /// This node's view of the leader, if it has one.
     pub fn leader(&self) -> Option<(NodeId, NodeInfo)> {
         let m = self.raft.metrics().borrow().clone();
