@@ -29,14 +29,7 @@ async fn push_layers(
     }
     let refs: Vec<(&str, usize)> = blobs[1..].iter().map(|(d, b)| (d.as_str(), b.len())).collect();
     let m = image_manifest((&blobs[0].0, config.len()), &refs, "");
-    let r = c
-        .put(format!("{base}/v2/{repo}/manifests/{tag}"))
-        .header("Content-Type", OCI_MANIFEST)
-        .body(m.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
+    put_manifest(c, base, repo, tag, &m).await;
     (sha256(&m), m, blobs)
 }
 

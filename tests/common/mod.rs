@@ -90,15 +90,20 @@ pub async fn push_image(c: &reqwest::Client, base: &str, repo: &str, tag: &str, 
     let cd = push_blob(c, base, repo, &config).await;
     let ld = push_blob(c, base, repo, &layer).await;
     let m = image_manifest((&cd, config.len()), &[(&ld, layer.len())], "");
+    put_manifest(c, base, repo, tag, &m).await;
+    (sha256(&m), m)
+}
+
+/// PUT an OCI image manifest and assert it is accepted.
+pub async fn put_manifest(c: &reqwest::Client, base: &str, repo: &str, reference: &str, m: &[u8]) {
     let r = c
-        .put(format!("{base}/v2/{repo}/manifests/{tag}"))
+        .put(format!("{base}/v2/{repo}/manifests/{reference}"))
         .header("Content-Type", OCI_MANIFEST)
-        .body(m.clone())
+        .body(m.to_vec())
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 201, "push manifest: {:?}", r.text().await);
-    (sha256(&m), m)
 }
 
 /// Poll `f` until it returns true or the deadline passes.
