@@ -73,10 +73,11 @@ fn manifest(config: &str, layer: &str, n: usize) -> Vec<u8> {
 
 #[tokio::main]
 async fn main() {
-    let mut cl = TestCluster::start(3, 10_000).await;
+    let nodes: u64 = std::env::var("BENCH_NODES").ok().and_then(|n| n.parse().ok()).unwrap_or(3);
+    let mut cl = TestCluster::start(nodes, 10_000).await;
     let c = reqwest::Client::builder().pool_max_idle_per_host(128).build().unwrap();
     let leader = cl.wait_leader_everywhere().await;
-    let follower = cl.alive().into_iter().find(|i| *i != leader).unwrap();
+    let follower = cl.alive().into_iter().find(|i| *i != leader).unwrap_or(leader);
     let config = push_blob(&c, &cl.base(leader), "bench", b"{\"bench\":1}!!").await;
     let layer = push_blob(&c, &cl.base(leader), "bench", &[7u8; 2000]).await;
     let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
