@@ -132,6 +132,18 @@ async fn main() {
         s.print(&format!("linearizable tag GET c={conc} follower"));
     }
 
+    // A request that never touches Raft (blob HEAD, answered from the local
+    // index), to tell the metadata path's cost from the HTTP path's.
+    {
+        let (c, base, layer) = (c.clone(), cl.base(follower), layer.clone());
+        let mut s = run(64, 20000, move |_| {
+            let (c, url) = (c.clone(), format!("{base}/v2/bench/blobs/{layer}"));
+            async move { c.head(url).send().await.is_ok_and(|r| r.status() == 200) }
+        })
+        .await;
+        s.print("blob HEAD c=64 (no Raft)");
+    }
+
     // Failover: kill the leader, then write through a survivor until it works.
     let survivor = cl.base(follower);
     let body = manifest(&config, &layer, 999_999);
