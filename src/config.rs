@@ -26,11 +26,20 @@ pub struct RaftSettings {
     pub election_max_ms: u64,
     /// Build a snapshot (and compact the log) after this many applied entries.
     pub snapshot_logs: u64,
+    /// Log entries kept behind a snapshot, so briefly lagging followers
+    /// catch up from the log instead of a whole snapshot.
+    pub keep_logs: u64,
 }
 
 impl Default for RaftSettings {
     fn default() -> Self {
-        RaftSettings { heartbeat_ms: 100, election_min_ms: 500, election_max_ms: 1000, snapshot_logs: 10_000 }
+        RaftSettings {
+            heartbeat_ms: 100,
+            election_min_ms: 500,
+            election_max_ms: 1000,
+            snapshot_logs: 10_000,
+            keep_logs: 1000,
+        }
     }
 }
 

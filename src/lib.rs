@@ -41,11 +41,11 @@ impl fmt::Display for NodeInfo {
 }
 
 openraft::declare_raft_types!(
-    /// The Raft type configuration: commands are [`meta::Command`], snapshots
+    /// The Raft type configuration: entries are batches of [`meta::Command`], snapshots
     /// are files so a large state machine never has to fit in memory.
     pub TypeConfig:
-        D = meta::Command,
-        R = meta::Outcome,
+        D = meta::Batch,
+        R = meta::Outcomes,
         NodeId = NodeId,
         Node = NodeInfo,
         Entry = openraft::Entry<TypeConfig>,

@@ -38,7 +38,7 @@ fn raft_config(cfg: &Config) -> anyhow::Result<Arc<openraft::Config>> {
         election_timeout_min: cfg.raft.election_min_ms,
         election_timeout_max: cfg.raft.election_max_ms,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(cfg.raft.snapshot_logs),
-        max_in_snapshot_log_to_keep: 1000,
+        max_in_snapshot_log_to_keep: cfg.raft.keep_logs,
         ..Default::default()
     };
     Ok(Arc::new(c.validate().context("raft settings")?))
@@ -68,7 +68,7 @@ impl RunningNode {
         let raft_svc = RaftRpcServer::new(RaftService { raft: raft.clone() })
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
-        let meta_svc = MetaServer::new(MetaService { raft: raft.clone() })
+        let meta_svc = MetaServer::new(MetaService { cluster: cluster.clone() })
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
         let admin_svc = AdminServer::new(AdminService { cluster: cluster.clone() });

@@ -201,7 +201,7 @@ async fn a_node_joins_under_load_and_another_leaves() {
 
 #[tokio::test]
 async fn a_node_that_missed_many_writes_catches_up_from_a_snapshot() {
-    let mut cl = TestCluster::start(3, 500).await;
+    let mut cl = TestCluster::start(3, 50).await;
     let c = client();
     let leader = cl.wait_leader_everywhere().await;
     let (_, m) = push_image(&c, &cl.base(leader), "snap", "base", "snap").await;

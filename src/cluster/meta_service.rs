@@ -1,35 +1,31 @@
 //! The leader's side of write forwarding and read index.
 
-use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::error::{CheckIsLeaderError, RaftError};
 use tonic::{Request, Response, Status};
 
 use super::pb::{self, meta_server::Meta, Empty, ReadIndexReply, WriteReply, WriteRequest};
+use super::Cluster;
 use crate::meta::Command;
-use crate::Raft;
 
 pub struct MetaService {
-    pub raft: Raft,
+    pub cluster: Cluster,
 }
 
 #[tonic::async_trait]
 impl Meta for MetaService {
     async fn client_write(&self, req: Request<WriteRequest>) -> Result<Response<WriteReply>, Status> {
         let cmd: Command = pb::decode(&req.into_inner().command)?;
-        match self.raft.client_write(cmd).await {
-            Ok(resp) => Ok(Response::new(WriteReply {
-                not_leader: false,
-                outcome: pb::encode(&resp.data).into(),
-                log_index: resp.log_id.index,
-            })),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
-                Ok(Response::new(WriteReply { not_leader: true, ..Default::default() }))
+        match self.cluster.propose_as_leader(cmd).await {
+            Ok(Some((outcome, log_index))) => {
+                Ok(Response::new(WriteReply { not_leader: false, outcome: pb::encode(&outcome).into(), log_index }))
             }
+            Ok(None) => Ok(Response::new(WriteReply { not_leader: true, ..Default::default() })),
             Err(e) => Err(Status::internal(e.to_string())),
         }
     }
 
     async fn read_index(&self, _req: Request<Empty>) -> Result<Response<ReadIndexReply>, Status> {
-        match self.raft.get_read_log_id().await {
+        match self.cluster.raft.get_read_log_id().await {
             Ok((read, _)) => {
                 Ok(Response::new(ReadIndexReply { not_leader: false, log_index: read.map(|l| l.index).unwrap_or(0) }))
             }

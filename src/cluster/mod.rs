@@ -4,6 +4,7 @@
 //! manifests.
 
 mod admin;
+mod batcher;
 pub mod blob_service;
 mod meta_service;
 mod network;
@@ -13,7 +14,7 @@ mod service;
 
 use std::time::{Duration, Instant};
 
-use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::error::{CheckIsLeaderError, RaftError};
 
 pub use admin::{AdminService, ClusterAdmin, MemberStatus};
 pub use blob_service::BlobService;
@@ -52,12 +53,14 @@ pub struct Cluster {
     pub id: NodeId,
     pub raft: Raft,
     pub peers: Peers,
+    batcher: batcher::Batcher,
     consistency: Consistency,
 }
 
 impl Cluster {
     pub fn new(id: NodeId, raft: Raft, consistency: Consistency) -> Cluster {
-        Cluster { id, raft, peers: Peers::default(), consistency }
+        let batcher = batcher::Batcher::start(raft.clone());
+        Cluster { id, raft, peers: Peers::default(), batcher, consistency }
     }
 
     /// Wait until this node has applied the log up to `index`.
@@ -78,11 +81,10 @@ impl Cluster {
     pub async fn propose(&self, cmd: Command) -> Result<Outcome, ClusterError> {
         let deadline = Instant::now() + DEADLINE;
         loop {
-            let leader_node = match self.raft.client_write(cmd.clone()).await {
-                Ok(resp) => return Ok(resp.data),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => f.leader_node,
-                Err(RaftError::APIError(e)) => return Err(ClusterError::Fatal(e.to_string())),
-                Err(RaftError::Fatal(e)) => return Err(ClusterError::Fatal(e.to_string())),
+            let leader_node = match self.batcher.submit(cmd.clone()).await {
+                Ok((outcome, _)) => return Ok(outcome),
+                Err(batcher::SubmitError::NotLeader(leader)) => leader,
+                Err(batcher::SubmitError::Fatal(e)) => return Err(ClusterError::Fatal(e)),
             };
             if let Some(leader) = leader_node {
                 match self.forward_write(&leader, &cmd).await {
@@ -98,6 +100,16 @@ impl Cluster {
                 return Err(ClusterError::NoLeader);
             }
             tokio::time::sleep(RETRY_PAUSE).await;
+        }
+    }
+
+    /// The leader's side of a forwarded write: propose through the batcher;
+    /// `None` if this node is not the leader.
+    pub async fn propose_as_leader(&self, cmd: Command) -> Result<Option<(Outcome, u64)>, ClusterError> {
+        match self.batcher.submit(cmd).await {
+            Ok(done) => Ok(Some(done)),
+            Err(batcher::SubmitError::NotLeader(_)) => Ok(None),
+            Err(batcher::SubmitError::Fatal(e)) => Err(ClusterError::Fatal(e)),
         }
     }
 

@@ -66,3 +66,12 @@ pub enum Rejection {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Outcome(pub Result<(), Rejection>);
+
+/// One Raft log entry: the commands proposed together. Batching many client
+/// writes into one entry makes them share one log append and one fsync.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Batch(pub Vec<Command>);
+
+/// The outcome of each command of a [`Batch`], in order.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Outcomes(pub Vec<Outcome>);

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, DB};
 use serde::{Deserialize, Serialize};
 
-pub use command::{Command, Outcome, Rejection};
+pub use command::{Batch, Command, Outcome, Outcomes, Rejection};
 pub use log::LogStore;
 pub use state::StateMachine;
 

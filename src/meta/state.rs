@@ -14,7 +14,7 @@ use openraft::{
 use rocksdb::{IteratorMode, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 
-use super::command::{Command, Outcome, Rejection};
+use super::command::{Batch, Command, Outcome, Outcomes, Rejection};
 use super::{keys, BlobInfo, ManifestRecord, CF_BLOBS, CF_LINKS, CF_MANIFESTS, CF_REFERRERS, CF_REPOS, CF_SM, CF_TAGS};
 use crate::oci::{Descriptor, Manifest};
 use crate::{NodeId, NodeInfo, TypeConfig};
@@ -329,27 +329,51 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok((applied, membership))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> SResult<Vec<Outcome>>
+    async fn apply<I>(&mut self, entries: I) -> SResult<Vec<Outcomes>>
     where
         I: IntoIterator<Item = openraft::Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
         let mut out = Vec::new();
         for entry in entries {
-            let mut batch = WriteBatch::default();
             let sm = cf(&self.db, CF_SM);
-            batch.put_cf(sm, KEY_APPLIED, bincode::serialize(&Some(entry.log_id)).map_err(io_err)?);
-            let outcome = match entry.payload {
-                EntryPayload::Blank => Outcome(Ok(())),
-                EntryPayload::Normal(cmd) => self.apply_command(&mut batch, cmd)?,
+            let applied = bincode::serialize(&Some(entry.log_id)).map_err(io_err)?;
+            let mut outcomes = Vec::new();
+            match entry.payload {
+                EntryPayload::Blank => {
+                    let mut batch = WriteBatch::default();
+                    batch.put_cf(sm, KEY_APPLIED, &applied);
+                    self.db.write(batch).map_err(io_err)?;
+                }
+                EntryPayload::Normal(Batch(cmds)) => {
+                    // Each command commits on its own (later ones read what
+                    // earlier ones wrote); the applied id goes with the last,
+                    // so a crash midway replays the whole entry, and every
+                    // command is idempotent.
+                    let n = cmds.len();
+                    for (i, cmd) in cmds.into_iter().enumerate() {
+                        let mut batch = WriteBatch::default();
+                        outcomes.push(self.apply_command(&mut batch, cmd)?);
+                        if i + 1 == n {
+                            batch.put_cf(sm, KEY_APPLIED, &applied);
+                        }
+                        self.db.write(batch).map_err(io_err)?;
+                    }
+                    if n == 0 {
+                        let mut batch = WriteBatch::default();
+                        batch.put_cf(sm, KEY_APPLIED, &applied);
+                        self.db.write(batch).map_err(io_err)?;
+                    }
+                }
                 EntryPayload::Membership(m) => {
                     let stored = Membership::new(Some(entry.log_id), m);
+                    let mut batch = WriteBatch::default();
+                    batch.put_cf(sm, KEY_APPLIED, &applied);
                     batch.put_cf(sm, KEY_MEMBERSHIP, bincode::serialize(&stored).map_err(io_err)?);
-                    Outcome(Ok(()))
+                    self.db.write(batch).map_err(io_err)?;
                 }
-            };
-            self.db.write(batch).map_err(io_err)?;
-            out.push(outcome);
+            }
+            out.push(Outcomes(outcomes));
         }
         Ok(out)
     }

@@ -50,12 +50,13 @@ impl TestCluster {
         for s in &nodes {
             let cfg = format!(
                 "node_id = {}\nhttp = \"127.0.0.1:{}\"\ngrpc = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n{}\n\
-                 [raft]\nheartbeat_ms = 50\nelection_min_ms = 300\nelection_max_ms = 600\nsnapshot_logs = {snapshot_logs}\n\n{members}",
+                 [raft]\nheartbeat_ms = 50\nelection_min_ms = 300\nelection_max_ms = 600\nsnapshot_logs = {snapshot_logs}\nkeep_logs = {}\n\n{members}",
                 s.id,
                 s.http,
                 s.grpc,
                 dir.path().join(format!("data{}", s.id)).display(),
-                extra(s.id)
+                extra(s.id),
+                (snapshot_logs / 5).max(1)
             );
             std::fs::write(&s.config, cfg).unwrap();
         }
