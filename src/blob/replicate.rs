@@ -95,7 +95,7 @@ impl Replicator {
     ) -> Result<Vec<NodeId>, ReplicationError> {
         let members = self.members().len();
         let target = self.policy.replicas.max(self.min_copies()).min(members);
-        self.copy(digest, size, holders, target, &|_| true, true).await
+        self.copy(digest, size, holders, target).await
     }
 
     async fn copy(
@@ -104,19 +104,14 @@ impl Replicator {
         size: u64,
         holders: &[NodeId],
         target: usize,
-        eligible: &(dyn Fn(&NodeId) -> bool + Sync),
-        ack_early: bool,
     ) -> Result<Vec<NodeId>, ReplicationError> {
         let members = self.members();
         let mut have: Vec<NodeId> = holders.iter().copied().filter(|h| members.iter().any(|m| m.0 == *h)).collect();
         if have.is_empty() {
             return Err(ReplicationError::NoHolder);
         }
-        let candidates: Vec<Candidate> = members
-            .iter()
-            .filter(|m| eligible(&m.0) || have.contains(&m.0))
-            .map(|(id, n, _)| Candidate { id: *id, region: n.region.clone() })
-            .collect();
+        let candidates: Vec<Candidate> =
+            members.iter().map(|(id, n, _)| Candidate { id: *id, region: n.region.clone() }).collect();
         let ranked = rank(digest, &candidates);
         let addr = |id: NodeId| members.iter().find(|m| m.0 == id).map(|m| m.1.grpc.clone());
         let sources: Vec<String> = ranked.iter().filter(|c| have.contains(&c.id)).filter_map(|c| addr(c.id)).collect();
@@ -148,7 +143,7 @@ impl Replicator {
             match res {
                 Ok(()) => {
                     have.push(id);
-                    if ack_early && self.satisfied(&have, &members) {
+                    if self.satisfied(&have, &members) {
                         break;
                     }
                 }
