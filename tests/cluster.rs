@@ -238,3 +238,35 @@ async fn a_node_that_missed_many_writes_catches_up_from_a_snapshot() {
         c.get(format!("{}/v2/snap/tags/list", cl.base(lagger))).send().await.unwrap().json().await.unwrap();
     assert_eq!(v["tags"].as_array().unwrap().len(), 10_001);
 }
+
+#[tokio::test]
+async fn without_a_majority_writes_are_refused_with_retry_after() {
+    let mut cl = TestCluster::start(3, 10_000).await;
+    let c = client();
+    let leader = cl.wait_leader_everywhere().await;
+    let (_, m) = push_image(&c, &cl.base(leader), "quorum", "before", "q").await;
+    let survivor = followers(&cl, leader)[0];
+    for i in 0..3 {
+        if i != survivor {
+            cl.kill(i);
+        }
+    }
+    // The survivor retries within its deadline, then says so: never a 201
+    // it cannot keep, never a 5xx other than "come back later".
+    let r = c
+        .put(format!("{}/v2/quorum/manifests/lost", cl.base(survivor)))
+        .header("Content-Type", OCI_MANIFEST)
+        .body(m)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["Retry-After"], "1");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["errors"][0]["code"], "UNAVAILABLE");
+    // Once a majority is back, the refused write is absent and writes work.
+    cl.start_node((survivor + 1) % 3).await;
+    cl.wait_leader_everywhere().await;
+    assert_eq!(digest_of(&c, &cl.base(survivor), "quorum", "lost").await, None);
+    assert!(digest_of(&c, &cl.base(survivor), "quorum", "before").await.is_some());
+}
