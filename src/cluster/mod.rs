@@ -10,11 +10,10 @@ mod meta_service;
 mod network;
 mod pb;
 mod peers;
+mod read_index;
 mod service;
 
 use std::time::{Duration, Instant};
-
-use openraft::error::{CheckIsLeaderError, RaftError};
 
 pub use admin::{AdminService, ClusterAdmin, MemberStatus};
 pub use blob_service::BlobService;
@@ -54,13 +53,16 @@ pub struct Cluster {
     pub raft: Raft,
     pub peers: Peers,
     batcher: batcher::Batcher,
+    reads: read_index::ReadIndexer,
     consistency: Consistency,
 }
 
 impl Cluster {
     pub fn new(id: NodeId, raft: Raft, consistency: Consistency) -> Cluster {
         let batcher = batcher::Batcher::start(raft.clone());
-        Cluster { id, raft, peers: Peers::default(), batcher, consistency }
+        let peers = Peers::default();
+        let reads = read_index::ReadIndexer::start(raft.clone(), peers.clone(), DEADLINE);
+        Cluster { id, raft, peers, batcher, reads, consistency }
     }
 
     /// Wait until this node has applied the log up to `index`.
@@ -135,40 +137,17 @@ impl Cluster {
         }
         let deadline = Instant::now() + DEADLINE;
         loop {
-            let leader_node = match self.raft.get_read_log_id().await {
-                Ok((read, _)) => {
-                    if let Some(read) = read {
-                        self.wait_applied(read.index, deadline).await?;
-                    }
-                    return Ok(());
-                }
-                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => f.leader_node,
-                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => None,
-                Err(RaftError::Fatal(e)) => return Err(ClusterError::Fatal(e.to_string())),
-            };
-            if let Some(leader) = leader_node {
-                match self.remote_read_index(&leader).await {
-                    Ok(Some(index)) => {
-                        self.wait_applied(index, deadline).await?;
-                        return Ok(());
-                    }
-                    Ok(None) => {}
-                    Err(e) => tracing::debug!(error = %e, "read index from leader failed"),
-                }
+            match self.reads.next_round().await {
+                read_index::Round::Index(None) => return Ok(()),
+                read_index::Round::Index(Some(index)) => return self.wait_applied(index, deadline).await,
+                read_index::Round::Fatal(e) => return Err(ClusterError::Fatal(e)),
+                read_index::Round::Retry => {}
             }
             if Instant::now() + RETRY_PAUSE >= deadline {
                 return Err(ClusterError::NoLeader);
             }
             tokio::time::sleep(RETRY_PAUSE).await;
         }
-    }
-
-    async fn remote_read_index(&self, leader: &NodeInfo) -> Result<Option<u64>, tonic::Status> {
-        let mut client = self.peers.meta(&leader.grpc).map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-        let mut req = tonic::Request::new(pb::Empty {});
-        req.set_timeout(DEADLINE);
-        let reply = client.read_index(req).await?.into_inner();
-        Ok((!reply.not_leader).then_some(reply.log_index))
     }
 
     /// Whether this node is a member that knows a leader: what a load

@@ -1,0 +1,75 @@
+//! Read index, coalesced. A linearizable read needs a log index obtained
+//! after the read arrived: on the leader by confirming leadership with a
+//! quorum, on a follower by asking the leader. Every read waiting when a
+//! round starts shares that round, so a burst of reads costs one quorum
+//! round trip instead of one each.
+
+use std::time::Duration;
+
+use openraft::error::{CheckIsLeaderError, RaftError};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{pb, Peers};
+use crate::Raft;
+
+/// The result of one round.
+#[derive(Debug, Clone)]
+pub enum Round {
+    /// Reads may proceed once this index (if any) is applied locally.
+    Index(Option<u64>),
+    /// No leader could confirm right now; try again.
+    Retry,
+    Fatal(String),
+}
+
+#[derive(Clone)]
+pub struct ReadIndexer {
+    tx: mpsc::UnboundedSender<oneshot::Sender<Round>>,
+}
+
+impl ReadIndexer {
+    pub fn start(raft: Raft, peers: Peers, timeout: Duration) -> ReadIndexer {
+        let (tx, mut rx) = mpsc::unbounded_channel::<oneshot::Sender<Round>>();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                // Only readers that arrived before the round starts join it.
+                let mut waiting = vec![first];
+                waiting.extend(std::iter::from_fn(|| rx.try_recv().ok()));
+                let round = one_round(&raft, &peers, timeout).await;
+                for w in waiting {
+                    let _ = w.send(round.clone());
+                }
+            }
+        });
+        ReadIndexer { tx }
+    }
+
+    pub async fn next_round(&self) -> Round {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(tx).is_err() {
+            return Round::Fatal("read index task stopped".into());
+        }
+        rx.await.unwrap_or(Round::Fatal("read index task stopped".into()))
+    }
+}
+
+async fn one_round(raft: &Raft, peers: &Peers, timeout: Duration) -> Round {
+    let leader = match raft.get_read_log_id().await {
+        Ok((read, _)) => return Round::Index(read.map(|l| l.index)),
+        Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => f.leader_node,
+        Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => None,
+        Err(RaftError::Fatal(e)) => return Round::Fatal(e.to_string()),
+    };
+    let Some(leader) = leader else { return Round::Retry };
+    let Ok(mut client) = peers.meta(&leader.grpc) else { return Round::Retry };
+    let mut req = tonic::Request::new(pb::Empty {});
+    req.set_timeout(timeout);
+    match client.read_index(req).await {
+        Ok(r) if !r.get_ref().not_leader => Round::Index(Some(r.get_ref().log_index)),
+        Ok(_) => Round::Retry,
+        Err(e) => {
+            tracing::debug!(error = %e, "read index from leader failed");
+            Round::Retry
+        }
+    }
+}
