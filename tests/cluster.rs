@@ -20,6 +20,17 @@ async fn tag(c: &reqwest::Client, base: &str, repo: &str, tag: &str, m: &[u8]) -
         .unwrap_or(reqwest::StatusCode::SERVICE_UNAVAILABLE)
 }
 
+/// `tag`, retried while the node answers 503: a write racing an election
+/// may be told to come back, but must never be lost or fail otherwise.
+async fn tag_retrying(c: &reqwest::Client, base: &str, repo: &str, t: &str, m: &[u8]) -> reqwest::StatusCode {
+    let mut status = tag(c, base, repo, t, m).await;
+    while status == 503 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        status = tag(c, base, repo, t, m).await;
+    }
+    status
+}
+
 async fn digest_of(c: &reqwest::Client, base: &str, repo: &str, tag: &str) -> Option<String> {
     let r = c.get(format!("{base}/v2/{repo}/manifests/{tag}")).send().await.ok()?;
     if r.status() != 200 {
@@ -58,13 +69,7 @@ async fn follower_writes_are_read_on_other_followers_and_survive_leader_loss() {
     for i in 0..10 {
         let t = format!("after{i}");
         let base = cl.base(cl.alive()[i % 2]);
-        let mut status = tag(&c, &base, "app", &t, &m).await;
-        // A write racing the election may be told to retry (503), never lost.
-        while status == 503 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            status = tag(&c, &base, "app", &t, &m).await;
-        }
-        assert_eq!(status, 201);
+        assert_eq!(tag_retrying(&c, &base, "app", &t, &m).await, 201);
         acked.push((t, d.clone()));
     }
     for i in cl.alive() {
@@ -111,12 +116,7 @@ async fn five_nodes_keep_writing_with_two_down() {
     for i in 0..10 {
         let base = cl.base(cl.alive()[i % 3]);
         let t = format!("t{i}");
-        let mut status = tag(&c, &base, "five", &t, &m).await;
-        while status == 503 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            status = tag(&c, &base, "five", &t, &m).await;
-        }
-        assert_eq!(status, 201);
+        assert_eq!(tag_retrying(&c, &base, "five", &t, &m).await, 201);
     }
     for i in cl.alive() {
         let v: serde_json::Value =
