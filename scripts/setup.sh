@@ -4,7 +4,7 @@
 # registry clients the tests drive (skopeo). Installs only what is missing.
 set -euo pipefail
 need=()
-[ -n "$(ls /usr/lib/llvm-*/lib/libclang*.so* 2>/dev/null | head -n1)" ] || need+=(libclang-dev)
+[ -n "$(ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/llvm-*/lib/libclang-[0-9]*.so* 2>/dev/null | head -n1)" ] || need+=(libclang-dev)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
 command -v skopeo >/dev/null || need+=(skopeo)
 command -v curl >/dev/null || need+=(curl)

@@ -103,6 +103,27 @@ async fn follower_writes_are_read_on_other_followers_and_survive_leader_loss() {
     }
 }
 
+/// A client that pushes layers through one node and the manifest through
+/// another (what a round-robin load balancer does) must never be told the
+/// layers are unknown: the manifest's node may not have applied their links
+/// yet, so it has to catch up before refusing.
+#[tokio::test]
+async fn manifest_put_on_a_follower_sees_blobs_just_pushed_through_the_leader() {
+    let cl = TestCluster::start(3, 10_000).await;
+    let c = client();
+    let leader = cl.wait_leader_everywhere().await;
+    let f = followers(&cl, leader);
+    for i in 0..30 {
+        let repo = format!("lb/app{i}");
+        let config = format!(r#"{{"n":{i}}}"#).into_bytes();
+        let layer = format!("layer {i}").repeat(50).into_bytes();
+        let cd = push_blob(&c, &cl.base(leader), &repo, &config).await;
+        let ld = push_blob(&c, &cl.base(leader), &repo, &layer).await;
+        let m = image_manifest((&cd, config.len()), &[(&ld, layer.len())], "");
+        put_manifest(&c, &cl.base(f[i % 2]), &repo, "v1", &m).await;
+    }
+}
+
 #[tokio::test]
 async fn five_nodes_keep_writing_with_two_down() {
     let mut cl = TestCluster::start(5, 10_000).await;

@@ -109,11 +109,14 @@ pub async fn put(state: &AppState, name: &Name, r: &Reference, query: &Query, re
     let param_tags = query.all("tag").map(str::parse::<Tag>).collect::<Result<Vec<_>, _>>()?;
     tags.extend(param_tags.iter().cloned());
     // Cheap pre-check so bad pushes do not even reach the Raft log; apply
-    // re-checks, which settles races with concurrent deletes.
-    for b in &parsed.blobs {
-        if state.meta.blob_link(name, b)?.is_none() {
-            return Err(Error::new(ErrorCode::ManifestBlobUnknown, format!("blob {b} unknown to repository")));
-        }
+    // re-checks, which settles races with concurrent deletes. A blob linked
+    // through another node may not be applied here yet, so a miss takes the
+    // read barrier once and looks again before refusing.
+    if missing_reference(state, name, &parsed)?.is_some() {
+        state.cluster.read_barrier().await?;
+    }
+    if let Some(err) = missing_reference(state, name, &parsed)? {
+        return Err(err);
     }
     // Every referenced blob must be durable before the manifest is.
     for b in &parsed.blobs {
@@ -123,11 +126,6 @@ pub async fn put(state: &AppState, name: &Name, r: &Reference, query: &Query, re
                 let cmd = Command::AddHolders { digest: b.clone(), size: info.size, holders };
                 state.cluster.propose(cmd).await?;
             }
-        }
-    }
-    for c in &parsed.children {
-        if state.meta.manifest(name, c)?.is_none() {
-            return Err(Error::new(ErrorCode::ManifestBlobUnknown, format!("manifest {c} unknown to repository")));
         }
     }
     let cmd = Command::PutManifest {
@@ -160,6 +158,22 @@ pub async fn delete(state: &AppState, name: &Name, r: &Reference) -> ApiResult {
     let Outcome(res) = state.cluster.propose(cmd).await?;
     res?;
     finish(builder(StatusCode::ACCEPTED).header(header::CONTENT_LENGTH, 0), empty())
+}
+
+/// The first blob or child manifest `parsed` references that this node's
+/// state does not link to `name`, as the error to answer with.
+fn missing_reference(state: &AppState, name: &Name, parsed: &Manifest) -> Result<Option<Error>, Error> {
+    for b in &parsed.blobs {
+        if state.meta.blob_link(name, b)?.is_none() {
+            return Ok(Some(Error::new(ErrorCode::ManifestBlobUnknown, format!("blob {b} unknown to repository"))));
+        }
+    }
+    for c in &parsed.children {
+        if state.meta.manifest(name, c)?.is_none() {
+            return Ok(Some(Error::new(ErrorCode::ManifestBlobUnknown, format!("manifest {c} unknown to repository"))));
+        }
+    }
+    Ok(None)
 }
 
 /// The media type of the referrers response.
