@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use berth::cluster::{ClusterAdmin, JoinRequest, MemberStatus};
+use berth::cluster::{ClusterAdmin, JoinRequest, LeaveRequest, MemberStatus};
 use berth::config::Config;
 use berth::node::RunningNode;
 
@@ -85,7 +85,8 @@ enum ClusterCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Remove a node from the cluster. Refused if the remaining voters would lack a working majority.
+    /// Remove a node from the cluster: drain its clients, copy its blobs to the others, then remove it.
+    /// Refused if the remaining voters would lack a working majority or blobs would be left short.
     Leave {
         /// gRPC address of any member.
         #[arg(long)]
@@ -93,9 +94,12 @@ enum ClusterCmd {
         /// The leaving node's id.
         #[arg(long)]
         id: u64,
-        /// Remove even if too few remaining voters answer.
+        /// Remove even if too few remaining voters answer or some blobs could not be copied elsewhere.
         #[arg(long)]
         force: bool,
+        /// Seconds to wait for the leaving node's client requests to finish.
+        #[arg(long, default_value_t = berth::cluster::DEFAULT_DRAIN.as_secs())]
+        drain_secs: u64,
         #[arg(long)]
         json: bool,
     },
@@ -179,10 +183,12 @@ async fn cluster(cmd: ClusterCmd) -> anyhow::Result<()> {
             let msg = ClusterAdmin::new(&node).join(req).await.map_err(|e| anyhow::anyhow!("{}", e.message()))?;
             report(json, msg);
         }
-        ClusterCmd::Leave { node, id, force, json } => {
-            let msg =
-                ClusterAdmin::new(&node).leave(id, force).await.map_err(|e| anyhow::anyhow!("{}", e.message()))?;
-            report(json, msg);
+        ClusterCmd::Leave { node, id, force, drain_secs, json } => {
+            let req = LeaveRequest { id, force, drain_secs };
+            ClusterAdmin::new(&node)
+                .leave(req, |step| report(json, step))
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
         }
     }
     Ok(())

@@ -71,7 +71,16 @@ impl RunningNode {
         let meta_svc = MetaServer::new(MetaService { cluster: cluster.clone() })
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
-        let admin_svc = AdminServer::new(AdminService { cluster: cluster.clone() });
+        let meta = MetaReader::new(db.clone());
+        let policy = Policy {
+            replicas: cfg.replicas,
+            min_copies: cfg.min_copies,
+            min_regions: cfg.min_regions,
+            cache_on_read: cfg.cache_on_read,
+        };
+        let replicator = Replicator::new(cluster.clone(), meta.clone(), uploads.store().clone(), policy);
+        let admin_svc =
+            AdminServer::new(AdminService { cluster: cluster.clone(), evacuator: Arc::new(replicator.clone()) });
         let blob_svc = BlobsServer::new(BlobService { store: uploads.store().clone(), peers: cluster.peers.clone() })
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
@@ -110,14 +119,6 @@ impl RunningNode {
                 .context("waiting for leadership")?;
         }
 
-        let meta = MetaReader::new(db);
-        let policy = Policy {
-            replicas: cfg.replicas,
-            min_copies: cfg.min_copies,
-            min_regions: cfg.min_regions,
-            cache_on_read: cfg.cache_on_read,
-        };
-        let replicator = Replicator::new(cluster.clone(), meta.clone(), uploads.store().clone(), policy);
         let repair = repair::RepairSettings {
             interval: Duration::from_secs(cfg.repair_interval_secs.max(1)),
             scrub_every: Duration::from_secs(cfg.scrub_interval_secs.max(1)),

@@ -230,3 +230,78 @@ async fn with_min_regions_a_copy_lands_in_the_other_region_before_the_ack() {
         assert!(cl.blob_path(2, &d).exists(), "blob {k} not in the second region at ack time");
     }
 }
+
+/// `berth cluster leave` drains the leaver first (its health check fails
+/// while an upload it owns is still being written, and the leave waits for
+/// it), then copies every blob only it holds to the others: with one
+/// replica and repair idle, nothing else would.
+#[tokio::test]
+async fn leave_drains_clients_and_moves_blobs_only_the_leaver_holds() {
+    let cfg = "replicas = 1\nmin_copies = 1\nrepair_interval_secs = 3600\n";
+    let cl = TestCluster::start_with(3, 10_000, |_| cfg.into()).await;
+    let c = client();
+    let leader = cl.wait_leader_everywhere().await;
+    let leaver = (0..3).find(|i| *i != leader).unwrap();
+    let base = cl.base(leaver);
+    let mut blobs = Vec::new();
+    for k in 0..8u32 {
+        let data: Vec<u8> = (0..30_000u32).map(|i| ((i + k * 11) % 241) as u8).collect();
+        blobs.push((push_blob(&c, &base, "evac", &data).await, data));
+    }
+    assert!(blobs.iter().all(|(d, _)| cl.blob_path(leaver, d).exists()));
+
+    // An upload session on the leaver, open when the leave starts.
+    let r = c.post(format!("{base}/v2/evac/blobs/uploads/")).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    let mut location = r.headers()["Location"].to_str().unwrap().to_owned();
+    let url = |loc: &str| if loc.starts_with("http") { loc.to_owned() } else { format!("{base}{loc}") };
+
+    let mut leave = berth()
+        .args(["cluster", "leave", "--node", &cl.grpc(leader), "--id", &cl.nodes[leaver].id.to_string()])
+        .args(["--drain-secs", "60"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the leaver to fail its health check", Duration::from_secs(30), || {
+        let (c, u) = (c.clone(), format!("{base}/v2/"));
+        async move { c.get(u).send().await.is_ok_and(|r| r.status() == 503) }
+    })
+    .await;
+    // The client keeps writing its upload; each chunk keeps the drain waiting.
+    let late: Vec<u8> = (0..40_000u32).map(|i| (i % 199) as u8).collect();
+    for (n, chunk) in late.chunks(10_000).enumerate() {
+        let start = n * 10_000;
+        let r = c
+            .patch(url(&location))
+            .header("Content-Type", "application/octet-stream")
+            .header("Content-Range", format!("{start}-{}", start + chunk.len() - 1))
+            .body(chunk.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "patch during drain");
+        location = r.headers()["Location"].to_str().unwrap().to_owned();
+        assert!(leave.try_wait().unwrap().is_none(), "the leave finished while an upload was still being written");
+    }
+    let d = sha256(&late);
+    let sep = if location.contains('?') { '&' } else { '?' };
+    let r = c.put(format!("{}{sep}digest={d}", url(&location))).send().await.unwrap();
+    assert_eq!(r.status(), 201, "upload completed during the drain");
+    blobs.push((d, late));
+
+    let out = tokio::task::spawn_blocking(move || leave.wait_with_output()).await.unwrap().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "leave: {said}");
+    assert!(said.contains("drained") && said.contains("left the cluster"), "{said}");
+
+    // Every blob, the late one included, is held and served by the others.
+    for i in (0..3).filter(|i| *i != leaver) {
+        for (d, data) in &blobs {
+            let got = get_bytes(&c, &format!("{}/v2/evac/blobs/{d}", cl.base(i))).await;
+            assert!(got.as_deref() == Some(&data[..]), "node {i} blob {d}");
+        }
+    }
+    for (d, _) in &blobs {
+        assert!((0..3).any(|i| i != leaver && cl.blob_path(i, d).exists()), "{d} only on the leaver");
+    }
+}

@@ -120,6 +120,8 @@ async fn dispatch(state: &AppState, req: Request<Incoming>) -> ApiResult {
     let query = Query::parse(req.uri());
     let method = req.method().clone();
     let head = method == Method::HEAD;
+    // A drain waits for client work, not for load-balancer health checks.
+    let _active = (!matches!(route, Route::Base)).then(|| state.cluster.drain.track());
     if let Route::Upload(_, id) = &route {
         if forward::is_foreign(state, id) {
             return forward::to_owner(state, id, req).await;
@@ -128,7 +130,7 @@ async fn dispatch(state: &AppState, req: Request<Incoming>) -> ApiResult {
     match (method, route) {
         (Method::GET | Method::HEAD, Route::Base) if !state.cluster.serving() => Err(Error::new(
             ErrorCode::Unavailable,
-            "this node is not serving: it has no leader or is not a cluster member",
+            "this node is not serving: it has no leader, is not a cluster member, or is leaving",
         )),
         (Method::GET | Method::HEAD, Route::Base) => Ok(builder(StatusCode::OK)
             .header(http::header::CONTENT_TYPE, "application/json")

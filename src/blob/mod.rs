@@ -2,6 +2,7 @@
 //! Bytes are hashed as they arrive, fsynced, and renamed into place only
 //! when their digest matches, so a partial or wrong blob is never visible.
 
+mod evacuate;
 pub mod placement;
 pub mod repair;
 mod replicate;

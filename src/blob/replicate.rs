@@ -42,7 +42,7 @@ pub enum ReplicationError {
 #[derive(Clone)]
 pub struct Replicator {
     cluster: Cluster,
-    meta: MetaReader,
+    pub(super) meta: MetaReader,
     store: BlobStore,
     policy: Arc<Policy>,
 }
@@ -57,7 +57,7 @@ impl Replicator {
     }
 
     /// Every member (voters and learners) with its address and region.
-    fn members(&self) -> Vec<(NodeId, NodeInfo, bool)> {
+    pub(super) fn members(&self) -> Vec<(NodeId, NodeInfo, bool)> {
         let m = self.cluster.raft.metrics().borrow().membership_config.clone();
         let voters: BTreeSet<NodeId> = m.membership().voter_ids().collect();
         m.membership().nodes().map(|(id, n)| (*id, n.clone(), voters.contains(id))).collect()
@@ -65,16 +65,19 @@ impl Replicator {
 
     /// Copies required before acknowledging, given the current membership.
     pub fn min_copies(&self) -> usize {
-        let members = self.members();
+        self.min_copies_among(&self.members())
+    }
+
+    fn min_copies_among(&self, members: &[(NodeId, NodeInfo, bool)]) -> usize {
         let voters = members.iter().filter(|m| m.2).count().max(1);
         self.policy.min_copies.unwrap_or(2.min(voters)).clamp(1, members.len().max(1))
     }
 
-    fn satisfied(&self, holders: &[NodeId], members: &[(NodeId, NodeInfo, bool)]) -> bool {
+    pub(super) fn satisfied(&self, holders: &[NodeId], members: &[(NodeId, NodeInfo, bool)]) -> bool {
         let live: Vec<&(NodeId, NodeInfo, bool)> = members.iter().filter(|m| holders.contains(&m.0)).collect();
         let regions: BTreeSet<&str> = live.iter().map(|m| m.1.region.as_str()).collect();
         let all_regions: BTreeSet<&str> = members.iter().map(|m| m.1.region.as_str()).collect();
-        live.len() >= self.min_copies() && regions.len() >= self.policy.min_regions.min(all_regions.len())
+        live.len() >= self.min_copies_among(members) && regions.len() >= self.policy.min_regions.min(all_regions.len())
     }
 
     /// Whether `holders` meet the acknowledgement bar.

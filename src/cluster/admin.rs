@@ -2,18 +2,62 @@
 //! member; followers forward to the leader) and for the command line.
 
 use std::collections::BTreeSet;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
+use futures::{Stream, StreamExt};
 use openraft::ChangeMembers;
 use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::pb::{admin_server::Admin, AdminReply, Empty, JoinRequest, LeaveRequest, Member, NodeStatus};
+use super::pb::{admin_server::Admin, AdminReply, DrainRequest, Empty, JoinRequest, LeaveRequest, Member, NodeStatus};
 use super::Cluster;
-use crate::NodeInfo;
+use crate::{NodeId, NodeInfo};
 
+/// How long a leaving node waits for its client requests by default.
+pub const DEFAULT_DRAIN: Duration = Duration::from_secs(60);
+/// How long a draining node must see no client request before it counts as
+/// drained; also how long load balancers get to notice its failing health
+/// check (haproxy here: two failed checks a second apart).
+const QUIET: Duration = Duration::from_secs(3);
+
+/// Moves the copies a leaving node holds onto the other members before it
+/// goes. Implemented by the blob replicator: cluster/ knows nodes, not blobs.
+#[tonic::async_trait]
+pub trait Evacuate: Send + Sync + 'static {
+    /// Copy what `node` holds until the remaining members alone meet the
+    /// replication policy; an error says what would be left short.
+    async fn evacuate(&self, node: NodeId, progress: &Progress) -> Result<(), String>;
+}
+
+/// Where a long admin operation reports what it is doing, as it does it.
+pub struct Progress(mpsc::Sender<Result<AdminReply, Status>>);
+
+impl Progress {
+    pub async fn say(&self, message: String) {
+        tracing::info!(%message, "leave");
+        let _ = self.0.send(Ok(AdminReply { message })).await;
+    }
+}
+
+#[derive(Clone)]
 pub struct AdminService {
     pub cluster: Cluster,
+    pub evacuator: Arc<dyn Evacuate>,
+}
+
+/// Stop taking clients and wait for the ones in flight; the answer says
+/// how that went.
+async fn drain_here(cluster: &Cluster, timeout: Duration) -> String {
+    cluster.drain.set(true);
+    if cluster.drain.wait_quiet(QUIET, timeout).await {
+        format!("node {} drained: no client requests for {} s", cluster.id, QUIET.as_secs())
+    } else {
+        format!("node {} still had client requests after {} s; going on", cluster.id, timeout.as_secs())
+    }
 }
 
 fn status_of(cluster: &Cluster) -> NodeStatus {
@@ -111,39 +155,105 @@ impl Admin for AdminService {
         Ok(Response::new(AdminReply { message: format!("node {} joined as a voter", req.id) }))
     }
 
-    async fn leave(&self, req: Request<LeaveRequest>) -> Result<Response<AdminReply>, Status> {
+    type LeaveStream = Pin<Box<dyn Stream<Item = Result<AdminReply, Status>> + Send>>;
+
+    async fn leave(&self, req: Request<LeaveRequest>) -> Result<Response<Self::LeaveStream>, Status> {
         let req = req.into_inner();
         if let Some(leader) = self.forward_target()? {
             let mut c = self.cluster.peers.admin(&leader).map_err(|e| Status::unavailable(e.to_string()))?;
-            return c.leave(req).await;
+            let stream = c.leave(req).await?.into_inner();
+            return Ok(Response::new(stream.boxed()));
         }
+        let (node, change) = self.plan_leave(&req).await?;
+        let (tx, rx) = mpsc::channel(16);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let progress = Progress(tx);
+            if let Err(e) = this.run_leave(&req, &node, change, &progress).await {
+                let _ = progress.0.send(Err(e)).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx).boxed()))
+    }
+
+    async fn drain(&self, req: Request<DrainRequest>) -> Result<Response<AdminReply>, Status> {
+        let req = req.into_inner();
+        if req.undo {
+            self.cluster.drain.set(false);
+            return Ok(Response::new(AdminReply { message: format!("node {} serves clients again", self.cluster.id) }));
+        }
+        let timeout = if req.timeout_secs == 0 { DEFAULT_DRAIN } else { Duration::from_secs(req.timeout_secs) };
+        Ok(Response::new(AdminReply { message: drain_here(&self.cluster, timeout).await }))
+    }
+}
+
+impl AdminService {
+    /// Check that `req` may go ahead; the leaver and the membership change.
+    async fn plan_leave(&self, req: &LeaveRequest) -> Result<(NodeInfo, ChangeMembers<NodeId, NodeInfo>), Status> {
         let m = self.cluster.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership().clone();
-        if membership.get_node(&req.id).is_none() {
+        let Some(node) = membership.get_node(&req.id).cloned() else {
             return Err(Status::not_found(format!("node {} is not a member", req.id)));
-        }
+        };
         let voters: BTreeSet<u64> = membership.voter_ids().collect();
-        let change = if voters.contains(&req.id) {
-            let remaining: BTreeSet<u64> = voters.iter().copied().filter(|v| *v != req.id).collect();
-            if remaining.is_empty() {
-                return Err(Status::failed_precondition("refusing to remove the last voter"));
-            }
-            let alive = self.answering(&remaining).await;
-            let majority = remaining.len() / 2 + 1;
-            if alive < majority && !req.force {
+        if !voters.contains(&req.id) {
+            return Ok((node, ChangeMembers::RemoveNodes(BTreeSet::from([req.id]))));
+        }
+        let remaining: BTreeSet<u64> = voters.iter().copied().filter(|v| *v != req.id).collect();
+        if remaining.is_empty() {
+            return Err(Status::failed_precondition("refusing to remove the last voter"));
+        }
+        let alive = self.answering(&remaining).await;
+        let majority = remaining.len() / 2 + 1;
+        if alive < majority && !req.force {
+            return Err(Status::failed_precondition(format!(
+                "refusing: only {alive} of the {} remaining voters answer, a majority needs {majority} \
+                 (bring nodes back, or use --force)",
+                remaining.len()
+            )));
+        }
+        Ok((node, ChangeMembers::RemoveVoters(BTreeSet::from([req.id]))))
+    }
+
+    /// Drain the leaver, move its copies, then change the membership. A
+    /// refused evacuation calls the drain off again.
+    async fn run_leave(
+        &self,
+        req: &LeaveRequest,
+        node: &NodeInfo,
+        change: ChangeMembers<NodeId, NodeInfo>,
+        p: &Progress,
+    ) -> Result<(), Status> {
+        let timeout = if req.drain_secs == 0 { DEFAULT_DRAIN } else { Duration::from_secs(req.drain_secs) };
+        p.say(format!("draining node {}: its health check fails, waiting for its client requests", req.id)).await;
+        match self.remote_drain(req.id, node, DrainRequest { timeout_secs: timeout.as_secs(), undo: false }).await {
+            Ok(msg) => p.say(msg).await,
+            Err(e) => p.say(format!("node {} could not be drained ({}); going on", req.id, e.message())).await,
+        }
+        if let Err(e) = self.evacuator.evacuate(req.id, p).await {
+            if !req.force {
+                let _ = self.remote_drain(req.id, node, DrainRequest { timeout_secs: 0, undo: true }).await;
                 return Err(Status::failed_precondition(format!(
-                    "refusing: only {alive} of the {} remaining voters answer, a majority needs {majority} \
-                     (bring nodes back, or use --force)",
-                    remaining.len()
+                    "{e} (node {} stays; use --force to leave anyway)",
+                    req.id
                 )));
             }
-            ChangeMembers::RemoveVoters(BTreeSet::from([req.id]))
-        } else {
-            ChangeMembers::RemoveNodes(BTreeSet::from([req.id]))
-        };
+            p.say(format!("{e}; leaving anyway (--force)")).await;
+        }
         tracing::info!(id = req.id, "removing member");
         self.cluster.raft.change_membership(change, false).await.map_err(raft_status)?;
-        Ok(Response::new(AdminReply { message: format!("node {} left the cluster", req.id) }))
+        p.say(format!("node {} left the cluster", req.id)).await;
+        Ok(())
+    }
+
+    async fn remote_drain(&self, id: NodeId, node: &NodeInfo, req: DrainRequest) -> Result<String, Status> {
+        if id == self.cluster.id {
+            return self.drain(Request::new(req)).await.map(|r| r.into_inner().message);
+        }
+        let mut c = self.cluster.peers.admin(&node.grpc).map_err(|e| Status::unavailable(e.to_string()))?;
+        let mut r = Request::new(req);
+        r.set_timeout(Duration::from_secs(r.get_ref().timeout_secs) + Duration::from_secs(10));
+        Ok(c.drain(r).await?.into_inner().message)
     }
 }
 
@@ -215,8 +325,13 @@ impl ClusterAdmin {
         Ok(c.join(req).await?.into_inner().message)
     }
 
-    pub async fn leave(&self, id: u64, force: bool) -> Result<String, Status> {
+    /// Remove a node; `progress` sees each step as the leader reports it.
+    pub async fn leave(&self, req: LeaveRequest, mut progress: impl FnMut(String)) -> Result<(), Status> {
         let mut c = self.peers.admin(&self.node).map_err(|e| Status::unavailable(e.to_string()))?;
-        Ok(c.leave(LeaveRequest { id, force }).await?.into_inner().message)
+        let mut steps = c.leave(req).await?.into_inner();
+        while let Some(step) = steps.message().await? {
+            progress(step.message);
+        }
+        Ok(())
     }
 }

@@ -6,6 +6,7 @@
 mod admin;
 mod batcher;
 pub mod blob_service;
+pub mod drain;
 mod meta_service;
 mod network;
 mod pb;
@@ -15,15 +16,16 @@ mod service;
 
 use std::time::{Duration, Instant};
 
-pub use admin::{AdminService, ClusterAdmin, MemberStatus};
+pub use admin::{AdminService, ClusterAdmin, Evacuate, MemberStatus, Progress, DEFAULT_DRAIN};
 pub use blob_service::BlobService;
+pub use drain::Drain;
 pub use meta_service::MetaService;
 pub use network::Network;
 pub use pb::admin_server::AdminServer;
 pub use pb::blobs_server::BlobsServer;
 pub use pb::meta_server::MetaServer;
 pub use pb::raft_rpc_server::RaftRpcServer;
-pub use pb::{Empty, JoinRequest, LeaveRequest, Member, NodeStatus, PullRequest};
+pub use pb::{DrainRequest, Empty, JoinRequest, LeaveRequest, Member, NodeStatus, PullRequest};
 pub use peers::{Peers, MAX_MESSAGE, WINDOW};
 pub use service::RaftService;
 
@@ -52,6 +54,8 @@ pub struct Cluster {
     pub id: NodeId,
     pub raft: Raft,
     pub peers: Peers,
+    /// Set while this node is being drained before it leaves.
+    pub drain: Drain,
     batcher: batcher::Batcher,
     reads: read_index::ReadIndexer,
     consistency: Consistency,
@@ -62,7 +66,7 @@ impl Cluster {
         let batcher = batcher::Batcher::start(raft.clone());
         let peers = Peers::default();
         let reads = read_index::ReadIndexer::start(raft.clone(), peers.clone(), DEADLINE);
-        Cluster { id, raft, peers, batcher, reads, consistency }
+        Cluster { id, raft, peers, drain: Drain::default(), batcher, reads, consistency }
     }
 
     /// Wait until this node has applied the log up to `index`.
@@ -150,9 +154,13 @@ impl Cluster {
         }
     }
 
-    /// Whether this node is a member that knows a leader: what a load
-    /// balancer's health check needs to know before sending it clients.
+    /// Whether this node is a member that knows a leader and is not being
+    /// drained: what a load balancer's health check needs to know before
+    /// sending it clients.
     pub fn serving(&self) -> bool {
+        if self.drain.is_draining() {
+            return false;
+        }
         let m = self.raft.metrics().borrow().clone();
         m.current_leader.is_some() && m.membership_config.membership().get_node(&self.id).is_some()
     }
