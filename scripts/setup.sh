@@ -9,7 +9,11 @@ command -v protoc >/dev/null || need+=(protobuf-compiler)
 command -v skopeo >/dev/null || need+=(skopeo)
 command -v curl >/dev/null || need+=(curl)
 # The compose end-to-end test builds its base image with debootstrap.
-if command -v docker >/dev/null; then command -v debootstrap >/dev/null || need+=(debootstrap); fi
+if command -v docker >/dev/null; then
+  command -v debootstrap >/dev/null || need+=(debootstrap)
+  # jepsen-style-tests cuts links inside the containers with iptables.
+  [ -x /usr/sbin/iptables ] || need+=(iptables)
+fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 "$(dirname "$0")/setup.sh"
-cargo test --release -- --test-threads 2 "$@"
+cargo test --release --workspace -- --test-threads 2 "$@"

@@ -79,6 +79,9 @@ pub struct Config {
     /// `berth cluster join` to add this node.
     pub standby: bool,
     pub data_dir: PathBuf,
+    /// Where blobs and upload sessions live, when not under `data_dir`: a
+    /// large disk for content, a fast one for the Raft log and state.
+    pub blob_dir: Option<PathBuf>,
     pub region: String,
     pub consistency: Consistency,
     /// Largest manifest accepted, in bytes (manifests live in the Raft state).
@@ -115,6 +118,7 @@ impl Default for Config {
             learner: false,
             standby: false,
             data_dir: PathBuf::from("./berth-data"),
+            blob_dir: None,
             region: "default".into(),
             consistency: Consistency::Linearizable,
             max_manifest_bytes: 4 << 20,

@@ -49,8 +49,9 @@ impl RunningNode {
         cfg.validate()?;
         std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
         let db = meta::open_db(&cfg.data_dir.join("meta")).context("opening metadata database")?;
-        let store = BlobStore::new(cfg.data_dir.join("blobs"))?;
-        let uploads = Uploads::new(cfg.node_id, cfg.data_dir.join("uploads"), store)?;
+        let content = cfg.blob_dir.as_ref().unwrap_or(&cfg.data_dir);
+        let store = BlobStore::new(content.join("blobs"))?;
+        let uploads = Uploads::new(cfg.node_id, content.join("uploads"), store)?;
 
         let http = TcpListener::bind(&cfg.http).await.with_context(|| format!("binding {}", cfg.http))?;
         let grpc = TcpListener::bind(&cfg.grpc).await.with_context(|| format!("binding {}", cfg.grpc))?;

@@ -146,7 +146,13 @@ pub fn timeline_svg(h: &History, duration_ms: f64) -> String {
             f.start_ms / 1000.0,
             f.end_ms / 1000.0
         );
-        let _ = writeln!(s, r#"<text x="{x0:.1}" y="{:.1}" transform="rotate(-30 {x0:.1} {:.1})">{}</text>"#, top - 4.0, top - 4.0, f.kind);
+        let _ = writeln!(
+            s,
+            r#"<text x="{x0:.1}" y="{:.1}" transform="rotate(-30 {x0:.1} {:.1})">{}</text>"#,
+            top - 4.0,
+            top - 4.0,
+            f.kind
+        );
     }
     for (i, lane) in lanes.iter().enumerate() {
         let y = top + lane_h * i as f64;
@@ -170,7 +176,8 @@ pub fn timeline_svg(h: &History, duration_ms: f64) -> String {
         );
     }
     let _ = writeln!(s, r#"<text x="{left}" y="{:.1}">0 s</text>"#, height - 8.0);
-    let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}">{:.0} s</text>"#, width - 60.0, height - 8.0, duration_ms / 1000.0);
+    let _ =
+        writeln!(s, r#"<text x="{:.1}" y="{:.1}">{:.0} s</text>"#, width - 60.0, height - 8.0, duration_ms / 1000.0);
     s.push_str("</svg>\n");
     s
 }

@@ -145,6 +145,12 @@ impl Admin for AdminService {
         let raft = &self.cluster.raft;
         tracing::info!(id = req.id, grpc = %req.grpc, "adding learner");
         raft.add_learner(req.id, node, true).await.map_err(raft_status)?;
+        // A node that left earlier may still be drained: it serves again.
+        if let Ok(mut c) = self.cluster.peers.admin(&req.grpc) {
+            let mut r = Request::new(DrainRequest { timeout_secs: 0, undo: true });
+            r.set_timeout(Duration::from_secs(2));
+            let _ = c.drain(r).await;
+        }
         if req.learner {
             return Ok(Response::new(AdminReply { message: format!("node {} joined as a learner", req.id) }));
         }

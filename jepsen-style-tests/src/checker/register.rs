@@ -69,7 +69,7 @@ pub fn check(ops: &[RegOp]) -> Result<(), NotLinearizable> {
     // Events: 2i is the call of op i, 2i+1 its return. Calls sort before
     // returns at the same instant (those operations count as concurrent).
     let mut events: Vec<usize> = (0..2 * n).collect();
-    let time = |e: usize| if e % 2 == 0 { ops[e / 2].call } else { ops[e / 2].ret };
+    let time = |e: usize| if e.is_multiple_of(2) { ops[e / 2].call } else { ops[e / 2].ret };
     events.sort_by(|a, b| time(*a).total_cmp(&time(*b)).then((a % 2).cmp(&(b % 2))));
     // A doubly linked list over the events, with a head sentinel at 2n.
     let head = 2 * n;
@@ -106,7 +106,7 @@ pub fn check(ops: &[RegOp]) -> Result<(), NotLinearizable> {
     // could explain once everything before it was.
     let mut stuck = entry;
     while next[head] != NIL {
-        if entry % 2 == 0 {
+        if entry.is_multiple_of(2) {
             let i = entry / 2;
             if let Some(new) = step(state, ops[i].kind) {
                 let mut lin = linearized.clone();
@@ -160,7 +160,8 @@ mod tests {
 
     #[test]
     fn a_read_concurrent_with_a_write_may_see_either_value() {
-        let h = [w(0, 0., 1., 1), w(1, 2., 6., 2), r(2, 3., 4., Some(1)), r(3, 3.5, 5., Some(2)), r(4, 7., 8., Some(2))];
+        let h =
+            [w(0, 0., 1., 1), w(1, 2., 6., 2), r(2, 3., 4., Some(1)), r(3, 3.5, 5., Some(2)), r(4, 7., 8., Some(2))];
         assert!(check(&h).is_ok());
     }
 

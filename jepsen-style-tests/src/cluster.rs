@@ -1,0 +1,184 @@
+//! The docker-compose cluster under test: its own project name, images and
+//! port, node addresses on the compose network, leader lookup, and the
+//! docker and iptables commands the faults are made of.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use berth::cluster::ClusterAdmin;
+use tokio::process::Command;
+
+pub const NODES: [&str; 3] = ["node1", "node2", "node3"];
+
+/// Where clients send requests: each node's API on the compose network,
+/// and the load balancer on the host port. Re-resolved after every fault,
+/// since a restarted container may get another address.
+#[derive(Clone, Default)]
+pub struct Targets(Arc<RwLock<HashMap<String, String>>>);
+
+impl Targets {
+    pub fn url(&self, target: &str) -> Option<String> {
+        self.0.read().unwrap().get(target).cloned()
+    }
+    fn set(&self, target: &str, base: String) {
+        self.0.write().unwrap().insert(target.to_owned(), base);
+    }
+}
+
+pub struct Cluster {
+    pub project: String,
+    pub root: PathBuf,
+    pub port: u16,
+    pub image: String,
+    pub targets: Targets,
+}
+
+async fn run(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().await.with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+impl Cluster {
+    fn compose(&self) -> Command {
+        let mut c = Command::new("docker-compose");
+        c.current_dir(&self.root)
+            .args(["-p", &self.project, "-f", "docker-compose.yml", "-f", "jepsen-style-tests/compose/jepsen.yml"])
+            .args(["--profile", "join"])
+            .env("BERTH_IMAGE", &self.image)
+            .env("BERTH_PORT", self.port.to_string());
+        c
+    }
+
+    /// Build the images offline (docker/build-images.sh) and start the three
+    /// nodes, the load balancer and the standby node 4.
+    pub async fn up(&self, berth_bin: &str) -> anyhow::Result<()> {
+        run(Command::new("bash")
+            .current_dir(&self.root)
+            .arg("docker/build-images.sh")
+            .arg(berth_bin)
+            .env("BERTH_IMAGE", &self.image))
+        .await?;
+        run(self.compose().args(["up", "-d"])).await?;
+        Ok(())
+    }
+
+    /// Remove everything the run made: containers, network, volumes, image.
+    pub async fn down(&self) {
+        let _ = run(self.compose().args(["down", "-v", "--remove-orphans"])).await;
+        let _ = run(Command::new("docker").args(["rmi", "-f", &self.image])).await;
+    }
+
+    pub async fn container(&self, node: &str) -> anyhow::Result<String> {
+        let id = run(self.compose().args(["ps", "-q", node])).await?;
+        if id.is_empty() {
+            bail!("no container for {node}");
+        }
+        Ok(id)
+    }
+
+    async fn ip(&self, node: &str) -> anyhow::Result<String> {
+        let c = self.container(node).await?;
+        let ip = run(Command::new("docker").args([
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            &c,
+        ]))
+        .await?;
+        if ip.is_empty() {
+            bail!("{node} has no address (is it running?)");
+        }
+        Ok(ip)
+    }
+
+    /// Refresh the client targets from the containers' current addresses.
+    pub async fn resolve(&self) {
+        self.targets.set("lb", format!("http://127.0.0.1:{}", self.port));
+        for node in NODES.iter().chain(["node4"].iter()) {
+            if let Ok(ip) = self.ip(node).await {
+                self.targets.set(node, format!("http://{ip}:5000"));
+            }
+        }
+    }
+
+    /// The leader as every running node of 1-3 sees it, if they agree.
+    pub async fn leader(&self) -> Option<String> {
+        let mut seen = None;
+        for node in NODES {
+            let ip = self.ip(node).await.ok()?;
+            let s = ClusterAdmin::new(&format!("{ip}:5001")).node_status().await.ok()?;
+            if s.leader == 0 || seen.is_some_and(|l| l != s.leader) {
+                return None;
+            }
+            seen = Some(s.leader);
+        }
+        seen.map(|id| format!("node{id}"))
+    }
+
+    /// Wait until nodes 1-3 answer and agree on a leader, and the load
+    /// balancer answers; returns how long that took.
+    pub async fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
+        loop {
+            self.resolve().await;
+            if self.leader().await.is_some() {
+                let lb = http.get(format!("http://127.0.0.1:{}/v2/", self.port)).send().await;
+                if lb.is_ok_and(|r| r.status().is_success()) {
+                    return Ok(start.elapsed());
+                }
+            }
+            if start.elapsed() > timeout {
+                bail!("cluster not healthy after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    pub async fn docker(&self, args: &[&str]) -> anyhow::Result<String> {
+        run(Command::new("docker").args(args)).await
+    }
+
+    /// Run `berth` inside node 1's container (cluster join/leave).
+    pub async fn berth_cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        let c = self.container("node1").await?;
+        let mut full = vec!["exec", c.as_str(), "berth"];
+        full.extend_from_slice(args);
+        run(Command::new("docker").args(&full)).await
+    }
+
+    /// Drop traffic between `a` and `b` in both directions (inside each
+    /// container's network namespace; clients still reach both).
+    pub async fn cut(&self, a: &str, b: &str) -> anyhow::Result<()> {
+        let (ia, ib) = (self.ip(a).await?, self.ip(b).await?);
+        for (node, peer) in [(a, &ib), (b, &ia)] {
+            let pid = self.docker(&["inspect", "-f", "{{.State.Pid}}", &self.container(node).await?]).await?;
+            for rule in [["INPUT", "-s"], ["OUTPUT", "-d"]] {
+                run(Command::new("nsenter")
+                    .args(["-t", &pid, "-n", "iptables", "-A", rule[0], rule[1], peer, "-j", "DROP"]))
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Remove every partition rule.
+    pub async fn heal_network(&self) {
+        for node in NODES {
+            let Ok(c) = self.container(node).await else { continue };
+            let Ok(pid) = self.docker(&["inspect", "-f", "{{.State.Pid}}", &c]).await else { continue };
+            if pid == "0" {
+                continue;
+            }
+            for chain in ["INPUT", "OUTPUT"] {
+                let _ = run(Command::new("nsenter").args(["-t", &pid, "-n", "iptables", "-F", chain])).await;
+            }
+        }
+    }
+}
