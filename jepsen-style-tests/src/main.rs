@@ -112,7 +112,7 @@ async fn run(args: &Args, seed: u64, cluster: &Cluster, out: &std::path::Path) -
 
     let http = reqwest::Client::builder().timeout(workload::TIMEOUT).build()?;
     let base = Arc::new(setup(&http, &cluster.targets).await?);
-    let set_manifest = Arc::new(workload::manifest(&base, &[base.layer.clone()], "set"));
+    let set_manifest = Arc::new(workload::manifest(&base, std::slice::from_ref(&base.layer), "set"));
 
     let clock = Clock(Instant::now());
     let rec = Recorder { clock, events: Arc::new(Mutex::new(Vec::new())) };

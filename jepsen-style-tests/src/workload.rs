@@ -85,7 +85,7 @@ async fn pause(rng: &mut StdRng, ms: (u64, u64)) {
 /// Write one register tag (PUT a manifest carrying `value`), recording it.
 pub async fn write(ctx: &Ctx, process: usize, target: &str, key: &str, value: u64) {
     let Some(url) = ctx.targets.url(target) else { return };
-    let body = manifest(&ctx.base, &[ctx.base.layer.clone()], &value.to_string());
+    let body = manifest(&ctx.base, std::slice::from_ref(&ctx.base.layer), &value.to_string());
     let invoke_ms = ctx.rec.clock.ms();
     let res = ctx
         .http
