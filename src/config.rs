@@ -43,6 +43,24 @@ impl Default for RaftSettings {
     }
 }
 
+/// Bounds on background copies (replication and repair) this node serves
+/// to each peer, so they cannot starve client traffic. Reads a client is
+/// waiting for (read-through) are not bounded.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TransferSettings {
+    /// Background copies served to one peer at a time; more wait their turn.
+    pub max_per_peer: usize,
+    /// MiB/s served to one peer for background copies (0: unbounded).
+    pub bandwidth_mib_per_peer: u64,
+}
+
+impl Default for TransferSettings {
+    fn default() -> Self {
+        TransferSettings { max_per_peer: 4, bandwidth_mib_per_peer: 0 }
+    }
+}
+
 /// A member of the initial cluster, as named in every node's config.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -89,6 +107,7 @@ pub struct Config {
     /// Upload sessions untouched this long are removed.
     pub upload_expiry_secs: u64,
     pub raft: RaftSettings,
+    pub transfer: TransferSettings,
     /// Target copies of each blob (capped at the cluster size).
     pub replicas: usize,
     /// Copies fsynced before a push is acknowledged (default: min(2, voters)).
@@ -124,6 +143,7 @@ impl Default for Config {
             max_manifest_bytes: 4 << 20,
             upload_expiry_secs: 24 * 3600,
             raft: RaftSettings::default(),
+            transfer: TransferSettings::default(),
             replicas: 3,
             min_copies: None,
             min_regions: 1,
@@ -166,6 +186,9 @@ impl Config {
         }
         if self.join.is_some() && !self.initial_members.is_empty() {
             return Err(ConfigError::Invalid("join and initial_members exclude each other".into()));
+        }
+        if self.transfer.max_per_peer == 0 {
+            return Err(ConfigError::Invalid("transfer.max_per_peer must be at least 1".into()));
         }
         if self.max_manifest_bytes == 0 {
             return Err(ConfigError::Invalid("max_manifest_bytes must be positive".into()));

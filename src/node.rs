@@ -15,7 +15,7 @@ use crate::api::{self, AppState};
 use crate::blob::{repair, BlobStore, Policy, Replicator, Uploads};
 use crate::cluster::{
     AdminServer, AdminService, BlobService, BlobsServer, Cluster, ClusterAdmin, JoinRequest, MetaServer, MetaService,
-    Network, RaftRpcServer, RaftService, MAX_MESSAGE,
+    Network, RaftRpcServer, RaftService, Throttle, MAX_MESSAGE,
 };
 use crate::config::Config;
 use crate::meta::{self, LogStore, MetaReader, StateMachine};
@@ -82,9 +82,13 @@ impl RunningNode {
         let replicator = Replicator::new(cluster.clone(), meta.clone(), uploads.store().clone(), policy);
         let admin_svc =
             AdminServer::new(AdminService { cluster: cluster.clone(), evacuator: Arc::new(replicator.clone()) });
-        let blob_svc = BlobsServer::new(BlobService { store: uploads.store().clone(), peers: cluster.peers.clone() })
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE);
+        let blob_svc = BlobsServer::new(BlobService {
+            store: uploads.store().clone(),
+            peers: cluster.peers.clone(),
+            throttle: Throttle::new(cfg.transfer.clone()),
+        })
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
         let mut grpc_stop = rx.clone();
         tasks.push(tokio::spawn(async move {
             let res = tonic::transport::Server::builder()

@@ -305,3 +305,40 @@ async fn leave_drains_clients_and_moves_blobs_only_the_leaver_holds() {
         assert!((0..3).any(|i| i != leaver && cl.blob_path(i, d).exists()), "{d} only on the leaver");
     }
 }
+
+/// A node that comes back without some of its blob files (a disk swapped
+/// while it was down) finds that out at once on start, not on its next
+/// check hours later: it drops itself as their holder and the leader's
+/// repair copies them back.
+#[tokio::test]
+async fn a_node_missing_files_at_start_reports_them_and_gets_them_back() {
+    let mut cl = TestCluster::start_with(3, 10_000, |_| "repair_interval_secs = 1\n".into()).await;
+    let c = client();
+    let leader = cl.wait_leader_everywhere().await;
+    let mut digests = Vec::new();
+    for k in 0..6u32 {
+        let data: Vec<u8> = (0..25_000u32).map(|i| ((i + k * 7) % 233) as u8).collect();
+        digests.push(push_blob(&c, &cl.base(leader), "lost", &data).await);
+    }
+    let victim = (0..3).find(|i| *i != leader).unwrap();
+    wait_for("every node to hold every blob", Duration::from_secs(30), || {
+        let ok = digests.iter().all(|d| (0..3).all(|i| cl.blob_path(i, d).exists()));
+        async move { ok }
+    })
+    .await;
+    cl.kill(victim);
+    for d in &digests {
+        std::fs::remove_file(cl.blob_path(victim, d)).unwrap();
+    }
+    // From now on the victim's periodic check is an hour away: only its
+    // check at start can notice the loss.
+    let cfg = &cl.nodes[victim].config;
+    let text = std::fs::read_to_string(cfg).unwrap().replace("repair_interval_secs = 1", "repair_interval_secs = 3600");
+    std::fs::write(cfg, text).unwrap();
+    cl.start_node(victim).await;
+    wait_for("the lost files to be copied back", Duration::from_secs(60), || {
+        let ok = digests.iter().all(|d| cl.blob_path(victim, d).exists());
+        async move { ok }
+    })
+    .await;
+}

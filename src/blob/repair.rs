@@ -24,18 +24,33 @@ pub async fn run(r: Replicator, meta: MetaReader, s: RepairSettings, mut stop: w
     let mut last_seen: HashMap<NodeId, Instant> = HashMap::new();
     let mut last_scrub = Instant::now();
     let started = Instant::now();
+    // The first round runs at once and re-hashes every copy: a node that
+    // was down (or whose disk was swapped) reports what it lost or what
+    // rotted before anyone reads it.
+    let mut first = true;
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(s.interval) => {}
-            _ = stop.changed() => return,
+        if !first {
+            tokio::select! {
+                _ = tokio::time::sleep(s.interval) => {}
+                _ = stop.changed() => return,
+            }
         }
-        let scrub = last_scrub.elapsed() >= s.scrub_every;
+        let scrub = first || last_scrub.elapsed() >= s.scrub_every;
         if scrub {
             last_scrub = Instant::now();
         }
-        if let Err(e) = check_local(&r, &meta, scrub).await {
-            tracing::warn!(error = %e, "checking local copies");
+        match check_local(&r, &meta, scrub).await {
+            Ok(c) if first || c.missing + c.corrupt > 0 => tracing::info!(
+                held = c.held,
+                missing = c.missing,
+                corrupt = c.corrupt,
+                hashed = scrub,
+                "checked local copies against the index"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "checking local copies"),
         }
+        first = false;
         if r.is_leader() {
             probe(&r, &mut last_seen).await;
             // Right after start every peer looks unseen: give them time.
@@ -47,19 +62,36 @@ pub async fn run(r: Replicator, meta: MetaReader, s: RepairSettings, mut stop: w
     }
 }
 
+/// What a check of the local copies found.
+#[derive(Debug, Default)]
+struct LocalCheck {
+    held: usize,
+    missing: usize,
+    corrupt: usize,
+}
+
 /// Copies this node is recorded as holding must exist (and with `scrub`,
-/// hash correctly); a missing or corrupt one is dropped from the index.
-async fn check_local(r: &Replicator, meta: &MetaReader, scrub: bool) -> anyhow::Result<()> {
+/// hash correctly); a missing or corrupt one is dropped from the index, so
+/// the leader's repair restores it from another holder.
+async fn check_local(r: &Replicator, meta: &MetaReader, scrub: bool) -> anyhow::Result<LocalCheck> {
+    let mut c = LocalCheck::default();
     for (digest, info) in meta.all_blobs()? {
         if !info.holders.contains(&r.node_id()) {
             continue;
         }
-        let ok = if scrub { r.store().check(&digest).await? } else { r.store().contains(&digest).await };
+        c.held += 1;
+        let present = r.store().contains(&digest).await;
+        let ok = present && (!scrub || r.store().check(&digest).await?);
         if !ok {
+            if present {
+                c.corrupt += 1;
+            } else {
+                c.missing += 1;
+            }
             r.drop_corrupt(&digest).await;
         }
     }
-    Ok(())
+    Ok(c)
 }
 
 async fn probe(r: &Replicator, last_seen: &mut HashMap<NodeId, Instant>) {

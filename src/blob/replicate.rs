@@ -331,28 +331,32 @@ impl Replicator {
         size: u64,
     ) -> Result<impl Stream<Item = std::io::Result<Bytes>> + Send + 'static, ReplicationError> {
         for addr in self.remote_holders(digest) {
-            let stream = match blob_service::fetch(&self.cluster.peers, &addr, digest, 0).await {
+            let stream = match blob_service::fetch(&self.cluster.peers, &addr, digest, 0, false).await {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::debug!(%digest, %addr, error = %e, "holder unavailable");
                     continue;
                 }
             };
-            let cache = if self.policy.cache_on_read {
-                let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(16);
-                let (me, d) = (self.clone(), digest.clone());
-                tokio::spawn(async move {
-                    let body = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) });
-                    match me.store.ingest(&d, Box::pin(body)).await {
-                        Ok(size) => me.record_local(&d, size).await,
-                        Err(e) => tracing::debug!(digest = %d, error = %e, "read-through copy not kept"),
-                    }
-                });
-                Some(tx)
-            } else {
-                None
-            };
-            return Ok(verified(stream, digest.clone(), size, cache, None));
+            if !self.policy.cache_on_read {
+                return Ok(verified(stream, digest.clone(), size, None, None));
+            }
+            // The copy kept here is written as the bytes pass and kept only
+            // if the stream's own digest check passes: hashed once, not twice.
+            let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(16);
+            let (verdict_tx, verdict) = tokio::sync::oneshot::channel();
+            let (me, d) = (self.clone(), digest.clone());
+            tokio::spawn(async move {
+                let body = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) });
+                match me.store.ingest_vouched(&d, Box::pin(body), verdict).await {
+                    Ok(size) => me.record_local(&d, size).await,
+                    Err(e) => tracing::debug!(digest = %d, error = %e, "read-through copy not kept"),
+                }
+            });
+            let on_done: OnDone = Box::new(move |ok| {
+                let _ = verdict_tx.send(ok);
+            });
+            return Ok(verified(stream, digest.clone(), size, Some(tx), Some(on_done)));
         }
         Err(ReplicationError::NoHolder)
     }

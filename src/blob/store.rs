@@ -13,6 +13,14 @@ use crate::oci::Digest;
 /// Where blobs arriving from peers are written before they are verified.
 const INCOMING: &str = ".incoming";
 
+/// How an incoming copy is proven to match its digest.
+enum Check {
+    /// Hash it here, as it is written.
+    Hash,
+    /// Someone hashing the same bytes says whether they matched.
+    Vouched(tokio::sync::oneshot::Receiver<bool>),
+}
+
 /// Read buffer for serving blobs: large enough that a pull is not
 /// dominated by per-read overhead.
 const READ_CHUNK: usize = 1 << 20;
@@ -55,13 +63,47 @@ impl BlobStore {
     where
         S: Stream<Item = std::io::Result<Bytes>> + Send + Unpin,
     {
+        self.ingest_checked(expected, body, Check::Hash).await
+    }
+
+    /// Store a copy of bytes someone else is already hashing (a read-through
+    /// stream on its way to a client): written unhashed, kept only when
+    /// `verdict` says the whole stream matched `expected`. A dropped verdict
+    /// (the stream ended early) keeps nothing.
+    pub async fn ingest_vouched<S>(
+        &self,
+        expected: &Digest,
+        body: S,
+        verdict: tokio::sync::oneshot::Receiver<bool>,
+    ) -> Result<u64, BlobError>
+    where
+        S: Stream<Item = std::io::Result<Bytes>> + Send + Unpin,
+    {
+        self.ingest_checked(expected, body, Check::Vouched(verdict)).await
+    }
+
+    async fn ingest_checked<S>(&self, expected: &Digest, body: S, check: Check) -> Result<u64, BlobError>
+    where
+        S: Stream<Item = std::io::Result<Bytes>> + Send + Unpin,
+    {
         let tmp = self.root.join(INCOMING).join(format!("{:032x}", rand::random::<u128>()));
         tokio::fs::File::create(&tmp).await?;
         let result = async {
-            let (size, hasher) = append_stream(&tmp, 0, Some(expected.algorithm().hasher()), body).await?;
-            let computed = hasher.expect("hasher given").finish();
-            if &computed != expected {
-                return Err(BlobError::DigestMismatch { computed: computed.to_string() });
+            let hasher = matches!(check, Check::Hash).then(|| expected.algorithm().hasher());
+            let (size, hasher) = append_stream(&tmp, 0, hasher, body).await?;
+            match (hasher, check) {
+                (Some(h), _) => {
+                    let computed = h.finish();
+                    if &computed != expected {
+                        return Err(BlobError::DigestMismatch { computed: computed.to_string() });
+                    }
+                }
+                (None, Check::Vouched(verdict)) => {
+                    if verdict.await != Ok(true) {
+                        return Err(BlobError::DigestMismatch { computed: "not verified".into() });
+                    }
+                }
+                (None, Check::Hash) => unreachable!("a hashed ingest always has a hasher"),
             }
             let store = self.clone();
             let (path, d) = (tmp.clone(), expected.clone());

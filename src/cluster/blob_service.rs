@@ -2,6 +2,7 @@
 //! pulling a blob from a peer on request.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
@@ -14,21 +15,25 @@ use crate::oci::Digest;
 pub struct BlobService {
     pub store: BlobStore,
     pub peers: Peers,
+    pub throttle: super::Throttle,
 }
 
 fn parse(d: &str) -> Result<Digest, Status> {
     d.parse().map_err(|_| Status::invalid_argument("invalid digest"))
 }
 
-/// Stream `digest` from the peer at `addr`, from `offset`.
+/// Stream `digest` from the peer at `addr`, from `offset`. `background`
+/// copies are bounded by the serving peer; a client's read is not.
 pub async fn fetch(
     peers: &Peers,
     addr: &str,
     digest: &Digest,
     offset: u64,
+    background: bool,
 ) -> Result<impl Stream<Item = std::io::Result<bytes::Bytes>> + Send + Unpin + 'static, Status> {
     let mut client = peers.blobs(addr).map_err(|e| Status::unavailable(e.to_string()))?;
-    let stream = client.fetch(FetchRequest { digest: digest.to_string(), offset }).await?.into_inner();
+    let req = FetchRequest { digest: digest.to_string(), offset, background };
+    let stream = client.fetch(req).await?.into_inner();
     Ok(stream.map(|r| r.map(|c| c.data).map_err(std::io::Error::other)))
 }
 
@@ -39,7 +44,7 @@ pub async fn pull_from(store: &BlobStore, peers: &Peers, digest: &Digest, source
     }
     let mut last = Status::not_found("no source has the blob");
     for src in sources {
-        match fetch(peers, src, digest, 0).await {
+        match fetch(peers, src, digest, 0, true).await {
             Ok(stream) => match store.ingest(digest, stream).await {
                 Ok(size) => return Ok(size),
                 Err(e) => {
@@ -60,8 +65,17 @@ impl Blobs for BlobService {
     type FetchStream = ChunkStream;
 
     async fn fetch(&self, req: Request<FetchRequest>) -> Result<Response<ChunkStream>, Status> {
+        let peer = req.remote_addr().map(|a| a.ip());
         let req = req.into_inner();
         let digest = parse(&req.digest)?;
+        // A background copy waits for one of its peer's slots and keeps it
+        // until the stream ends.
+        let admitted = if req.background {
+            let ip = peer.unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+            Some(Arc::new(self.throttle.admit(ip).await))
+        } else {
+            None
+        };
         let reader = self
             .store
             .open(&digest)
@@ -70,9 +84,17 @@ impl Blobs for BlobService {
             .ok_or_else(|| Status::not_found("blob not stored here"))?;
         let size = reader.size;
         let stream = reader.stream(req.offset.min(size), size).await.map_err(|e| Status::internal(e.to_string()))?;
-        Ok(Response::new(Box::pin(
-            stream.map(|r| r.map(|b| BlobChunk { data: b }).map_err(|e| Status::internal(e.to_string()))),
-        )))
+        let chunks = stream.then(move |r| {
+            let admitted = admitted.clone();
+            async move {
+                let b = r.map_err(|e| Status::internal(e.to_string()))?;
+                if let Some(a) = &admitted {
+                    a.pace(b.len()).await;
+                }
+                Ok(BlobChunk { data: b })
+            }
+        });
+        Ok(Response::new(Box::pin(chunks)))
     }
 
     async fn pull(&self, req: Request<PullRequest>) -> Result<Response<PullReply>, Status> {

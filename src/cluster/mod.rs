@@ -13,6 +13,7 @@ mod pb;
 mod peers;
 mod read_index;
 mod service;
+mod throttle;
 
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,7 @@ pub use pb::raft_rpc_server::RaftRpcServer;
 pub use pb::{DrainRequest, Empty, JoinRequest, LeaveRequest, Member, NodeStatus, PullRequest};
 pub use peers::{Peers, MAX_MESSAGE, WINDOW};
 pub use service::RaftService;
+pub use throttle::Throttle;
 
 use crate::config::Consistency;
 use crate::meta::{Command, Outcome};
