@@ -342,3 +342,30 @@ async fn a_node_missing_files_at_start_reports_them_and_gets_them_back() {
     })
     .await;
 }
+
+/// A holder whose copy rotted (same size, wrong bytes) must not get a
+/// reader's node to hand out a complete bad body, nor to keep a copy of it.
+#[tokio::test]
+async fn read_through_from_a_rotten_holder_serves_and_keeps_nothing_bad() {
+    let cfg = "replicas = 1\nmin_copies = 1\nrepair_interval_secs = 3600\nscrub_interval_secs = 3600\n";
+    let cl = TestCluster::start_with(3, 10_000, |_| cfg.into()).await;
+    let c = client();
+    let leader = cl.wait_leader_everywhere().await;
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let d = push_blob(&c, &cl.base(leader), "rot", &data).await;
+    let holder = (0..3).find(|i| cl.blob_path(*i, &d).exists()).unwrap();
+    let reader = (0..3).find(|i| *i != holder).unwrap();
+    let mut bad = data.clone();
+    bad[2_999_999] ^= 0xff;
+    std::fs::write(cl.blob_path(holder, &d), &bad).unwrap();
+
+    let got = get_bytes(&c, &format!("{}/v2/rot/blobs/{d}", cl.base(reader))).await;
+    assert!(got.is_none(), "a body of bad bytes was served whole");
+    // Whatever the reader cached on the way must have been thrown away.
+    wait_for("the reader's temporary copy to be discarded", Duration::from_secs(10), || {
+        let incoming = files_under(&cl.data_dir(reader).join("blobs/.incoming"));
+        async move { incoming.is_empty() }
+    })
+    .await;
+    assert!(!cl.blob_path(reader, &d).exists(), "the reader kept a copy of bad bytes");
+}

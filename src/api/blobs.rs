@@ -125,6 +125,22 @@ pub async fn get(state: &AppState, name: &Name, digest: &Digest, headers: &Heade
     finish(b, stream(reader.stream(start, end).await?))
 }
 
+/// A peer reading through: this node's copy as it is on disk. The peer
+/// hashes what it receives, so a bad copy here is caught there.
+pub async fn peer_get(state: &AppState, digest: &Digest) -> ApiResult {
+    let reader = state
+        .replicator
+        .store()
+        .open(digest)
+        .await?
+        .ok_or_else(|| Error::new(ErrorCode::BlobUnknown, "no local copy"))?;
+    let size = reader.size;
+    let b = builder(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, size);
+    finish(b, stream(reader.stream(0, size).await?))
+}
+
 pub async fn delete(state: &AppState, name: &Name, digest: &Digest) -> ApiResult {
     let cmd = Command::UnlinkBlob { repo: name.clone(), digest: digest.clone() };
     match state.cluster.propose(cmd).await? {

@@ -145,6 +145,7 @@ async fn dispatch(state: &AppState, req: Request<Incoming>) -> ApiResult {
         (Method::GET | Method::HEAD, Route::Blob(name, digest)) => {
             blobs::get(state, &name, &digest, req.headers(), head).await
         }
+        (Method::GET, Route::PeerBlob(digest)) => blobs::peer_get(state, &digest).await,
         (Method::DELETE, Route::Blob(name, digest)) => blobs::delete(state, &name, &digest).await,
         (Method::POST, Route::UploadStart(name)) => blobs::start_upload(state, &name, &query, req).await,
         (Method::GET, Route::Upload(name, id)) => blobs::upload_status(state, &name, &id).await,

@@ -22,6 +22,9 @@ pub enum Route {
     Upload(Name, UploadId),
     /// end-12: `/v2/<name>/referrers/<digest>`
     Referrers(Name, Digest),
+    /// `/_berth/blobs/<digest>`: a local copy, for a peer reading through
+    /// (outside `/v2/`: not part of the registry API).
+    PeerBlob(Digest),
 }
 
 fn not_found() -> Error {
@@ -30,6 +33,9 @@ fn not_found() -> Error {
 
 impl Route {
     pub fn parse(path: &str) -> Result<Route, Error> {
+        if let Some(d) = path.strip_prefix("/_berth/blobs/") {
+            return Ok(Route::PeerBlob(d.parse()?));
+        }
         let rest = path.strip_prefix("/v2").ok_or_else(not_found)?;
         if rest.is_empty() || rest == "/" {
             return Ok(Route::Base);
