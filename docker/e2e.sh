@@ -77,6 +77,10 @@ if command -v skopeo >/dev/null; then
   b=$(skopeo inspect --tls-verify=false --format '{{.Layers}}' "docker://$REG/e2e/copy:1")
   [ "$a" = "$b" ] || fail "skopeo round trip changed layers"
   step "skopeo copy in and out: ok"
+  # Nodes read blobs from each other by digest at /_berth/; clients may not.
+  layer=$(echo "$a" | tr -d '[]' | cut -d' ' -f1)
+  code=$(curl -s -o /dev/null -w '%{http_code}' "http://$REG/_berth/blobs/$layer")
+  [ "$code" = 404 ] || fail "the load balancer passes /_berth/ to the nodes (HTTP $code for $layer)"
 else
   step "SKIPPED skopeo steps: skopeo not installed"
 fi
