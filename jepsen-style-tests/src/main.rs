@@ -110,7 +110,9 @@ async fn run(args: &Args, seed: u64, cluster: &Cluster, out: &std::path::Path) -
     cluster.wait_healthy(Duration::from_secs(120)).await?;
     println!("jepsen: cluster up and healthy in {:.1} s", t.elapsed().as_secs_f64());
 
-    let http = reqwest::Client::builder().timeout(workload::TIMEOUT).build()?;
+    // A dead node refuses or drops connections: fail fast (a connect error
+    // is a definite failure), so clients move on to the next operation.
+    let http = reqwest::Client::builder().timeout(workload::TIMEOUT).connect_timeout(Duration::from_secs(1)).build()?;
     let base = Arc::new(setup(&http, &cluster.targets).await?);
     let set_manifest = Arc::new(workload::manifest(&base, std::slice::from_ref(&base.layer), "set"));
 
