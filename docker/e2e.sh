@@ -21,6 +21,8 @@ fail() { echo "e2e FAILED: $*" >&2; dc --profile join ps >&2 || true; dc --profi
 cleanup() {
   dc --profile join down -v --remove-orphans >/dev/null 2>&1 || true
   for i in app:1 app:2 app:3 copy:1; do docker rmi -f "$REG/e2e/$i" >/dev/null 2>&1 || true; done
+  # Every image this run built, including ones a rebuilt tag left untagged.
+  docker images -q --filter "label=berth-e2e=$P" | sort -u | xargs -r docker rmi -f >/dev/null 2>&1 || true
   docker rmi -f "$BERTH_IMAGE" >/dev/null 2>&1 || true
   rm -rf "$WORK"
 }
@@ -45,7 +47,7 @@ healthy() { curl -sf "http://$REG/v2/" >/dev/null && [ "$(count_answering "$1")"
 make_image() { # make_image TAG SEED: three layers, built FROM scratch
   local ctx="$WORK/ctx-$2"; mkdir -p "$ctx"
   head -c 4000000 /dev/urandom > "$ctx/a"; head -c 60000 /dev/urandom > "$ctx/b"; echo "$2" > "$ctx/c"
-  printf 'FROM scratch\nCOPY a /a\nCOPY b /b\nCOPY c /c\n' > "$ctx/Dockerfile"
+  printf 'FROM scratch\nLABEL berth-e2e=%s\nCOPY a /a\nCOPY b /b\nCOPY c /c\n' "$P" > "$ctx/Dockerfile"
   DOCKER_BUILDKIT=0 docker build -q -t "$1" "$ctx" >/dev/null 2>&1 || fail "docker build $1"
 }
 image_id() { docker inspect --format '{{.Id}}' "$1"; }
