@@ -28,6 +28,16 @@ pub async fn run(r: Replicator, meta: MetaReader, s: RepairSettings, mut stop: w
     // was down (or whose disk was swapped) reports what it lost or what
     // rotted before anyone reads it.
     let mut first = true;
+    // The index says which copies this node should hold only once it has
+    // applied what was committed while it was down: catch up first.
+    tokio::select! {
+        ok = r.caught_up(s.dead_after.max(Duration::from_secs(30))) => {
+            if !ok {
+                tracing::warn!("not caught up with the cluster; checking local copies against a possibly stale index");
+            }
+        }
+        _ = stop.changed() => return,
+    }
     loop {
         if !first {
             tokio::select! {

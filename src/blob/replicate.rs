@@ -256,6 +256,20 @@ impl Replicator {
         c.status(req).await.is_ok()
     }
 
+    /// Wait until this node has applied everything the cluster committed
+    /// before now (a read barrier), retrying through elections; false if
+    /// `within` passes first.
+    pub async fn caught_up(&self, within: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if self.cluster.read_barrier().await.is_ok() {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        false
+    }
+
     pub async fn propose(&self, cmd: Command) -> Result<(), crate::cluster::ClusterError> {
         self.cluster.propose(cmd).await.map(|_| ())
     }
