@@ -87,14 +87,7 @@ pub async fn write(ctx: &Ctx, process: usize, target: &str, key: &str, value: u6
     let Some(url) = ctx.targets.url(target) else { return };
     let body = manifest(&ctx.base, std::slice::from_ref(&ctx.base.layer), &value.to_string());
     let invoke_ms = ctx.rec.clock.ms();
-    let res = ctx
-        .http
-        .put(format!("{url}/v2/{REG_REPO}/manifests/{key}"))
-        .header("Content-Type", OCI_MANIFEST)
-        .body(body)
-        .send()
-        .await;
-    let (outcome, error) = classify(&res, 201);
+    let (outcome, error) = put_manifest(&ctx.http, &url, REG_REPO, key, body).await;
     let complete_ms = (outcome != Outcome::Unknown).then(|| ctx.rec.clock.ms());
     let op = Op::Write { key: key.to_owned(), value };
     ctx.rec.record(Event { process, target: target.to_owned(), op, invoke_ms, complete_ms, outcome, error });
@@ -152,19 +145,29 @@ pub async fn set(ctx: Ctx, process: usize, seed: u64, m: Arc<Vec<u8>>) {
         let Some(url) = ctx.targets.url(target) else { continue };
         let key = format!("s{k}");
         let invoke_ms = ctx.rec.clock.ms();
-        let res = ctx
-            .http
-            .put(format!("{url}/v2/{SET_REPO}/manifests/{key}"))
-            .header("Content-Type", OCI_MANIFEST)
-            .body(m.to_vec())
-            .send()
-            .await;
-        let (outcome, error) = classify(&res, 201);
+        let (outcome, error) = put_manifest(&ctx.http, &url, SET_REPO, &key, m.to_vec()).await;
         let complete_ms = (outcome != Outcome::Unknown).then(|| ctx.rec.clock.ms());
         let e = Event { process, target: target.into(), op: Op::Add { key }, invoke_ms, complete_ms, outcome, error };
         ctx.rec.record(e);
         pause(&mut rng, (100, 300)).await;
     }
+}
+
+/// PUT an image manifest under `tag`; acknowledged by 201.
+async fn put_manifest(
+    http: &reqwest::Client,
+    url: &str,
+    repo: &str,
+    tag: &str,
+    body: Vec<u8>,
+) -> (Outcome, Option<String>) {
+    let res = http
+        .put(format!("{url}/v2/{repo}/manifests/{tag}"))
+        .header("Content-Type", OCI_MANIFEST)
+        .body(body)
+        .send()
+        .await;
+    classify(&res, 201)
 }
 
 async fn push_blob(http: &reqwest::Client, url: &str, repo: &str, data: Vec<u8>) -> (Outcome, Option<String>) {
@@ -202,14 +205,7 @@ pub async fn push(ctx: Ctx, process: usize, seed: u64) {
             }
         }
         if result.0 == Outcome::Ok {
-            let res = ctx
-                .http
-                .put(format!("{url}/v2/{PUSH_REPO}/manifests/{key}"))
-                .header("Content-Type", OCI_MANIFEST)
-                .body(m)
-                .send()
-                .await;
-            result = classify(&res, 201);
+            result = put_manifest(&ctx.http, &url, PUSH_REPO, &key, m).await;
         } else {
             // No manifest was sent: the push (its tag) definitely did not happen.
             result.0 = Outcome::Fail;

@@ -114,9 +114,9 @@ pub async fn put(state: &AppState, name: &Name, r: &Reference, query: &Query, re
     // read barrier once and looks again before refusing.
     if missing_reference(state, name, &parsed)?.is_some() {
         state.cluster.read_barrier().await?;
-    }
-    if let Some(err) = missing_reference(state, name, &parsed)? {
-        return Err(err);
+        if let Some(err) = missing_reference(state, name, &parsed)? {
+            return Err(err);
+        }
     }
     // Every referenced blob must be durable before the manifest is.
     for b in &parsed.blobs {
