@@ -9,8 +9,8 @@ use std::sync::Arc;
 use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use crate::meta::{Batch, Command, Outcome};
-use crate::{NodeInfo, Raft};
+use crate::meta::{Batch, Outcome, Proposal};
+use crate::{NodeId, NodeInfo, Raft};
 
 /// Commands in one entry at most (bounds an entry's size).
 const MAX_BATCH: usize = 256;
@@ -20,7 +20,7 @@ const IN_FLIGHT: usize = 2;
 #[derive(Debug)]
 pub enum SubmitError {
     /// This node is not the leader; the leader if known.
-    NotLeader(Option<NodeInfo>),
+    NotLeader(Option<(NodeId, NodeInfo)>),
     Fatal(String),
 }
 
@@ -28,7 +28,7 @@ type Reply = oneshot::Sender<Result<(Outcome, u64), SubmitError>>;
 
 #[derive(Clone)]
 pub struct Batcher {
-    tx: mpsc::UnboundedSender<(Command, Reply)>,
+    tx: mpsc::UnboundedSender<(Proposal, Reply)>,
 }
 
 impl Batcher {
@@ -38,16 +38,16 @@ impl Batcher {
         Batcher { tx }
     }
 
-    /// Propose `cmd` on this node; answers once it is committed and applied
+    /// Propose `p` on this node; answers once it is committed and applied
     /// here, with its outcome and the log index of its entry.
-    pub async fn submit(&self, cmd: Command) -> Result<(Outcome, u64), SubmitError> {
+    pub async fn submit(&self, p: Proposal) -> Result<(Outcome, u64), SubmitError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send((cmd, reply)).map_err(|_| SubmitError::Fatal("batcher stopped".into()))?;
+        self.tx.send((p, reply)).map_err(|_| SubmitError::Fatal("batcher stopped".into()))?;
         rx.await.map_err(|_| SubmitError::Fatal("batcher stopped".into()))?
     }
 }
 
-async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<(Command, Reply)>) {
+async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<(Proposal, Reply)>) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     while let Some(first) = rx.recv().await {
         let permit = slots.clone().acquire_owned().await.expect("semaphore never closes");
@@ -61,7 +61,7 @@ async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<(Command, Reply)>) {
         }
         let raft = raft.clone();
         tokio::spawn(async move {
-            let (cmds, replies): (Vec<Command>, Vec<Reply>) = pending.into_iter().unzip();
+            let (cmds, replies): (Vec<Proposal>, Vec<Reply>) = pending.into_iter().unzip();
             match raft.client_write(Batch(cmds)).await {
                 Ok(resp) => {
                     let index = resp.log_id.index;
@@ -70,8 +70,9 @@ async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<(Command, Reply)>) {
                     }
                 }
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    let leader = f.leader_id.zip(f.leader_node);
                     for reply in replies {
-                        let _ = reply.send(Err(SubmitError::NotLeader(f.leader_node.clone())));
+                        let _ = reply.send(Err(SubmitError::NotLeader(leader.clone())));
                     }
                 }
                 Err(e) => {

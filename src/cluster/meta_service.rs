@@ -5,7 +5,7 @@ use tonic::{Request, Response, Status};
 
 use super::pb::{self, meta_server::Meta, Empty, ReadIndexReply, WriteReply, WriteRequest};
 use super::Cluster;
-use crate::meta::Command;
+use crate::meta::Proposal;
 
 pub struct MetaService {
     pub cluster: Cluster,
@@ -14,8 +14,8 @@ pub struct MetaService {
 #[tonic::async_trait]
 impl Meta for MetaService {
     async fn client_write(&self, req: Request<WriteRequest>) -> Result<Response<WriteReply>, Status> {
-        let cmd: Command = pb::decode(&req.into_inner().command)?;
-        match self.cluster.propose_as_leader(cmd).await {
+        let p: Proposal = pb::decode(&req.into_inner().command)?;
+        match self.cluster.propose_as_leader(p).await {
             Ok(Some((outcome, log_index))) => {
                 Ok(Response::new(WriteReply { not_leader: false, outcome: pb::encode(&outcome).into(), log_index }))
             }

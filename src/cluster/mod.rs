@@ -32,7 +32,7 @@ pub use service::RaftService;
 pub use throttle::Throttle;
 
 use crate::config::Consistency;
-use crate::meta::{Command, Outcome};
+use crate::meta::{Command, Outcome, Proposal, RequestIds};
 use crate::{NodeId, NodeInfo, Raft};
 
 /// How long a write or read barrier may keep retrying (for example through
@@ -59,6 +59,7 @@ pub struct Cluster {
     /// Set while this node is being drained before it leaves.
     pub drain: Drain,
     batcher: batcher::Batcher,
+    ids: std::sync::Arc<RequestIds>,
     reads: read_index::ReadIndexer,
     consistency: Consistency,
 }
@@ -68,7 +69,8 @@ impl Cluster {
         let batcher = batcher::Batcher::start(raft.clone());
         let peers = Peers::default();
         let reads = read_index::ReadIndexer::start(raft.clone(), peers.clone(), DEADLINE);
-        Cluster { id, raft, peers, drain: Drain::default(), batcher, reads, consistency }
+        let ids = std::sync::Arc::new(RequestIds::new(id));
+        Cluster { id, raft, peers, drain: Drain::default(), batcher, ids, reads, consistency }
     }
 
     /// Wait until this node has applied the log up to `index`.
@@ -83,25 +85,35 @@ impl Cluster {
     }
 
     /// Propose a command and wait until it is committed and applied here.
-    /// On a follower the command is forwarded to the leader. Commands are
-    /// idempotent, so a retry after a lost answer cannot apply twice.
+    /// On a follower the command is forwarded to the leader. Every attempt
+    /// carries the same request id, so a retry after a lost answer (the
+    /// first attempt may have been committed all the same) applies once.
     #[tracing::instrument(level = "debug", skip_all)]
     pub async fn propose(&self, cmd: Command) -> Result<Outcome, ClusterError> {
         let deadline = Instant::now() + DEADLINE;
+        let p = Proposal { id: self.ids.next(), cmd };
         loop {
-            let leader_node = match self.batcher.submit(cmd.clone()).await {
+            let leader_node = match self.batcher.submit(p.clone()).await {
                 Ok((outcome, _)) => return Ok(outcome),
                 Err(batcher::SubmitError::NotLeader(leader)) => leader,
                 Err(batcher::SubmitError::Fatal(e)) => return Err(ClusterError::Fatal(e)),
             };
-            if let Some(leader) = leader_node {
-                match self.forward_write(&leader, &cmd).await {
-                    Ok(Some((outcome, index))) => {
+            if let Some((leader_id, leader)) = leader_node {
+                // A leader that dies mid-call can leave the call hanging on a
+                // connection nobody resets; give up on it as soon as this node
+                // sees an election, and retry (safely: same request id).
+                let answer = tokio::select! {
+                    r = self.forward_write(&leader, &p) => Some(r),
+                    () = self.leader_changes_from(leader_id) => None,
+                };
+                match answer {
+                    Some(Ok(Some((outcome, index)))) => {
                         self.wait_applied(index, deadline).await?;
                         return Ok(outcome);
                     }
-                    Ok(None) => {}
-                    Err(e) => tracing::debug!(error = %e, leader = %leader.grpc, "forwarding write failed"),
+                    Some(Ok(None)) => {}
+                    Some(Err(e)) => tracing::debug!(error = %e, leader = %leader.grpc, "forwarding write failed"),
+                    None => tracing::debug!(leader = %leader.grpc, "leader changed while forwarding; retrying"),
                 }
             }
             if Instant::now() + RETRY_PAUSE >= deadline {
@@ -111,10 +123,20 @@ impl Cluster {
         }
     }
 
+    /// Resolves once this node no longer sees `leader` as the leader (an
+    /// election started, or another node won one).
+    async fn leader_changes_from(&self, leader: NodeId) {
+        let mut metrics = self.raft.metrics();
+        if metrics.wait_for(|m| m.current_leader != Some(leader)).await.is_err() {
+            // Raft shut down: nothing will change any more.
+            std::future::pending::<()>().await;
+        }
+    }
+
     /// The leader's side of a forwarded write: propose through the batcher;
     /// `None` if this node is not the leader.
-    pub async fn propose_as_leader(&self, cmd: Command) -> Result<Option<(Outcome, u64)>, ClusterError> {
-        match self.batcher.submit(cmd).await {
+    pub async fn propose_as_leader(&self, p: Proposal) -> Result<Option<(Outcome, u64)>, ClusterError> {
+        match self.batcher.submit(p).await {
             Ok(done) => Ok(Some(done)),
             Err(batcher::SubmitError::NotLeader(_)) => Ok(None),
             Err(batcher::SubmitError::Fatal(e)) => Err(ClusterError::Fatal(e)),
@@ -122,9 +144,9 @@ impl Cluster {
     }
 
     /// Send a command to the leader; `None` if it is not the leader any more.
-    async fn forward_write(&self, leader: &NodeInfo, cmd: &Command) -> Result<Option<(Outcome, u64)>, tonic::Status> {
+    async fn forward_write(&self, leader: &NodeInfo, p: &Proposal) -> Result<Option<(Outcome, u64)>, tonic::Status> {
         let mut client = self.peers.meta(&leader.grpc).map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-        let mut req = tonic::Request::new(pb::WriteRequest { command: pb::encode(cmd).into() });
+        let mut req = tonic::Request::new(pb::WriteRequest { command: pb::encode(p).into() });
         req.set_timeout(DEADLINE);
         let reply = client.client_write(req).await?.into_inner();
         if reply.not_leader {

@@ -56,20 +56,31 @@ impl ReadIndexer {
 async fn one_round(raft: &Raft, peers: &Peers, timeout: Duration) -> Round {
     let leader = match raft.get_read_log_id().await {
         Ok((read, _)) => return Round::Index(read.map(|l| l.index)),
-        Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => f.leader_node,
+        Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => f.leader_id.zip(f.leader_node),
         Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => None,
         Err(RaftError::Fatal(e)) => return Round::Fatal(e.to_string()),
     };
-    let Some(leader) = leader else { return Round::Retry };
+    let Some((leader_id, leader)) = leader else { return Round::Retry };
     let Ok(mut client) = peers.meta(&leader.grpc) else { return Round::Retry };
     let mut req = tonic::Request::new(pb::Empty {});
     req.set_timeout(timeout);
-    match client.read_index(req).await {
-        Ok(r) if !r.get_ref().not_leader => Round::Index(Some(r.get_ref().log_index)),
-        Ok(_) => Round::Retry,
-        Err(e) => {
-            tracing::debug!(error = %e, "read index from leader failed");
-            Round::Retry
+    // Every read on this node waits for this round: abandon a call to a
+    // leader that this node has since seen replaced (it may never answer).
+    let mut metrics = raft.metrics();
+    let replaced = async move {
+        if metrics.wait_for(|m| m.current_leader != Some(leader_id)).await.is_err() {
+            std::future::pending::<()>().await;
         }
+    };
+    tokio::select! {
+        r = client.read_index(req) => match r {
+            Ok(r) if !r.get_ref().not_leader => Round::Index(Some(r.get_ref().log_index)),
+            Ok(_) => Round::Retry,
+            Err(e) => {
+                tracing::debug!(error = %e, "read index from leader failed");
+                Round::Retry
+            }
+        },
+        () = replaced => Round::Retry,
     }
 }

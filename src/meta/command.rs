@@ -67,10 +67,60 @@ pub enum Rejection {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Outcome(pub Result<(), Rejection>);
 
+/// Names one write across its retries. A forwarded write whose answer was
+/// lost (the leader died or was deposed mid-call) may still be committed, so
+/// the proposer sends it again under the same id and the state machine,
+/// which remembers recent ids with their outcomes, applies it once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RequestId {
+    /// The node that first proposed it.
+    pub origin: NodeId,
+    /// Random per process start, so ids never repeat across restarts.
+    pub boot: u64,
+    pub seq: u64,
+}
+
+impl RequestId {
+    /// The key under which the state machine remembers it.
+    pub fn key(&self) -> [u8; 24] {
+        let mut k = [0u8; 24];
+        k[..8].copy_from_slice(&self.origin.to_be_bytes());
+        k[8..16].copy_from_slice(&self.boot.to_be_bytes());
+        k[16..].copy_from_slice(&self.seq.to_be_bytes());
+        k
+    }
+}
+
+/// Hands out this process's request ids.
+#[derive(Debug)]
+pub struct RequestIds {
+    origin: NodeId,
+    boot: u64,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl RequestIds {
+    pub fn new(origin: NodeId) -> RequestIds {
+        RequestIds { origin, boot: rand::random(), next: std::sync::atomic::AtomicU64::new(0) }
+    }
+
+    pub fn next(&self) -> RequestId {
+        let seq = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        RequestId { origin: self.origin, boot: self.boot, seq }
+    }
+}
+
+/// A command and the id that makes its retries harmless.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Proposal {
+    pub id: RequestId,
+    pub cmd: Command,
+}
+
 /// One Raft log entry: the commands proposed together. Batching many client
 /// writes into one entry makes them share one log append and one fsync.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Batch(pub Vec<Command>);
+pub struct Batch(pub Vec<Proposal>);
 
 /// The outcome of each command of a [`Batch`], in order.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, DB};
 use serde::{Deserialize, Serialize};
 
-pub use command::{Batch, Command, Outcome, Outcomes, Rejection};
+pub use command::{Batch, Command, Outcome, Outcomes, Proposal, Rejection, RequestId, RequestIds};
 pub use log::LogStore;
 pub use state::StateMachine;
 
@@ -28,6 +28,11 @@ const CF_LINKS: &str = "blob_links";
 const CF_BLOBS: &str = "blobs";
 const CF_REFERRERS: &str = "referrers";
 const CF_REPOS: &str = "repos";
+/// Recently applied request ids and their outcomes (see [`RequestId`]).
+const CF_REQUESTS: &str = "requests";
+/// The same ids keyed by the log index that applied them, oldest first, so
+/// expiring them touches only what expires.
+const CF_REQUEST_AGE: &str = "request_age";
 
 /// A stored manifest: the exact bytes the client pushed and their media type.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -74,9 +79,21 @@ pub fn open_db(path: &Path) -> Result<Arc<DB>, rocksdb::Error> {
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
-    let cfs = [CF_LOGS, CF_RAFT, CF_SM, CF_MANIFESTS, CF_TAGS, CF_LINKS, CF_BLOBS, CF_REFERRERS, CF_REPOS]
-        .into_iter()
-        .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+    let cfs = [
+        CF_LOGS,
+        CF_RAFT,
+        CF_SM,
+        CF_MANIFESTS,
+        CF_TAGS,
+        CF_LINKS,
+        CF_BLOBS,
+        CF_REFERRERS,
+        CF_REPOS,
+        CF_REQUESTS,
+        CF_REQUEST_AGE,
+    ]
+    .into_iter()
+    .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
     Ok(Arc::new(DB::open_cf_descriptors(&opts, path, cfs)?))
 }
 

@@ -14,8 +14,11 @@ use openraft::{
 use rocksdb::{IteratorMode, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 
-use super::command::{Batch, Command, Outcome, Outcomes, Rejection};
-use super::{keys, BlobInfo, ManifestRecord, CF_BLOBS, CF_LINKS, CF_MANIFESTS, CF_REFERRERS, CF_REPOS, CF_SM, CF_TAGS};
+use super::command::{Batch, Command, Outcome, Outcomes, Proposal, Rejection, RequestId};
+use super::{
+    keys, BlobInfo, ManifestRecord, CF_BLOBS, CF_LINKS, CF_MANIFESTS, CF_REFERRERS, CF_REPOS, CF_REQUESTS,
+    CF_REQUEST_AGE, CF_SM, CF_TAGS,
+};
 use crate::oci::{Descriptor, Manifest};
 use crate::{NodeId, NodeInfo, TypeConfig};
 
@@ -26,8 +29,18 @@ const KEY_APPLIED: &[u8] = b"applied";
 const KEY_MEMBERSHIP: &[u8] = b"membership";
 const KEY_SNAPSHOT: &[u8] = b"snapshot";
 
-/// Column families that make up the replicated state, in snapshot order.
-const STATE_CFS: [&str; 6] = [CF_MANIFESTS, CF_TAGS, CF_LINKS, CF_BLOBS, CF_REFERRERS, CF_REPOS];
+/// Column families that make up the replicated state, in snapshot order
+/// (new ones go at the end: the order numbers the snapshot records).
+const STATE_CFS: [&str; 8] =
+    [CF_MANIFESTS, CF_TAGS, CF_LINKS, CF_BLOBS, CF_REFERRERS, CF_REPOS, CF_REQUESTS, CF_REQUEST_AGE];
+
+/// How many log entries a request id is remembered for. A retry reaches the
+/// log within the proposer's deadline (10 s), a small fraction of this even
+/// at thousands of entries a second.
+const KEEP_REQUESTS: u64 = 100_000;
+/// Expired ids removed per applied entry at most: more than an entry can
+/// add, so the table stays bounded, and the work per entry stays small.
+const PRUNE_PER_ENTRY: usize = 1024;
 
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
@@ -197,6 +210,46 @@ impl StateMachine {
         Ok(())
     }
 
+    /// The outcome recorded for `id` if it was applied recently.
+    fn applied_before(&self, id: &RequestId) -> SResult<Option<Outcome>> {
+        let Some(v) = self.db.get_pinned_cf(cf(&self.db, CF_REQUESTS), id.key()).map_err(io_err)? else {
+            return Ok(None);
+        };
+        let (_, outcome): (u64, Outcome) = bincode::deserialize(&v).map_err(io_err)?;
+        Ok(Some(outcome))
+    }
+
+    /// Apply `p` unless its id was applied already; either way, its outcome.
+    fn apply_once(&self, batch: &mut WriteBatch, p: Proposal, index: u64) -> SResult<Outcome> {
+        if let Some(outcome) = self.applied_before(&p.id)? {
+            return Ok(outcome);
+        }
+        let outcome = self.apply_command(batch, p.cmd)?;
+        let key = p.id.key();
+        batch.put_cf(cf(&self.db, CF_REQUESTS), key, bincode::serialize(&(index, &outcome)).map_err(io_err)?);
+        let mut age = index.to_be_bytes().to_vec();
+        age.extend_from_slice(&key);
+        batch.put_cf(cf(&self.db, CF_REQUEST_AGE), age, b"");
+        Ok(outcome)
+    }
+
+    /// Forget ids applied more than [`KEEP_REQUESTS`] entries before `index`.
+    /// Depends only on the applied state, so every replica forgets the same.
+    fn expire_requests(&self, batch: &mut WriteBatch, index: u64) -> SResult<()> {
+        let Some(cutoff) = index.checked_sub(KEEP_REQUESTS) else { return Ok(()) };
+        let age_cf = cf(&self.db, CF_REQUEST_AGE);
+        for item in self.db.iterator_cf(age_cf, IteratorMode::Start).take(PRUNE_PER_ENTRY) {
+            let (k, _) = item.map_err(io_err)?;
+            let at = u64::from_be_bytes(k[..8].try_into().map_err(io_err)?);
+            if at >= cutoff {
+                break;
+            }
+            batch.delete_cf(cf(&self.db, CF_REQUESTS), &k[8..]);
+            batch.delete_cf(age_cf, &k);
+        }
+        Ok(())
+    }
+
     fn snapshot_path(&self, id: &str) -> PathBuf {
         self.snap_dir.join(format!("{id}.snap"))
     }
@@ -345,25 +398,21 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     batch.put_cf(sm, KEY_APPLIED, &applied);
                     self.db.write(batch).map_err(io_err)?;
                 }
-                EntryPayload::Normal(Batch(cmds)) => {
-                    // Each command commits on its own (later ones read what
-                    // earlier ones wrote); the applied id goes with the last,
-                    // so a crash midway replays the whole entry, and every
-                    // command is idempotent.
-                    let n = cmds.len();
-                    for (i, cmd) in cmds.into_iter().enumerate() {
+                EntryPayload::Normal(Batch(proposals)) => {
+                    // Each command commits on its own with its request id
+                    // (later ones read what earlier ones wrote); the applied
+                    // log id goes with the last, so a crash midway replays
+                    // the entry and the ids already recorded are skipped.
+                    let index = entry.log_id.index;
+                    for p in proposals {
                         let mut batch = WriteBatch::default();
-                        outcomes.push(self.apply_command(&mut batch, cmd)?);
-                        if i + 1 == n {
-                            batch.put_cf(sm, KEY_APPLIED, &applied);
-                        }
+                        outcomes.push(self.apply_once(&mut batch, p, index)?);
                         self.db.write(batch).map_err(io_err)?;
                     }
-                    if n == 0 {
-                        let mut batch = WriteBatch::default();
-                        batch.put_cf(sm, KEY_APPLIED, &applied);
-                        self.db.write(batch).map_err(io_err)?;
-                    }
+                    let mut batch = WriteBatch::default();
+                    self.expire_requests(&mut batch, index)?;
+                    batch.put_cf(sm, KEY_APPLIED, &applied);
+                    self.db.write(batch).map_err(io_err)?;
                 }
                 EntryPayload::Membership(m) => {
                     let stored = Membership::new(Some(entry.log_id), m);
@@ -432,5 +481,91 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_err(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, Entry};
+
+    use super::*;
+    use crate::meta::{open_db, MetaReader, RequestId};
+    use crate::oci::{Name, Tag};
+
+    const INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+    fn put_tag(seq: u64, tag: &str, annotation: &str) -> Proposal {
+        let bytes = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{INDEX}","manifests":[],"annotations":{{"v":"{annotation}"}}}}"#
+        )
+        .into_bytes();
+        let mut h = crate::oci::Algorithm::Sha256.hasher();
+        h.update(&bytes);
+        let digest = h.finish();
+        let cmd = Command::PutManifest {
+            repo: "r".parse().unwrap(),
+            digest,
+            media_type: INDEX.into(),
+            bytes,
+            tags: vec![tag.parse().unwrap()],
+        };
+        Proposal { id: RequestId { origin: 1, boot: 7, seq }, cmd }
+    }
+
+    fn entry(index: u64, proposals: Vec<Proposal>) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Batch(proposals)),
+        }
+    }
+
+    fn tag_value(db: &Arc<DB>) -> String {
+        let r = MetaReader::new(db.clone());
+        let name: Name = "r".parse().unwrap();
+        let tag: Tag = "t".parse().unwrap();
+        let d = r.tag(&name, &tag).unwrap().expect("tag exists");
+        let m = r.manifest(&name, &d).unwrap().unwrap();
+        serde_json::from_slice::<serde_json::Value>(&m.bytes).unwrap()["annotations"]["v"].as_str().unwrap().to_owned()
+    }
+
+    fn machine(dir: &std::path::Path) -> (Arc<DB>, StateMachine) {
+        let db = open_db(&dir.join("db")).unwrap();
+        let sm = StateMachine::new(db.clone(), dir.join("snap")).unwrap();
+        (db, sm)
+    }
+
+    /// A write that reaches the log twice (a forward whose answer was lost,
+    /// retried after a newer write to the same tag) must not bring the old
+    /// value back, on this replica or on one restored from a snapshot.
+    #[tokio::test]
+    async fn a_retried_write_applies_once_even_after_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, mut sm) = machine(dir.path());
+        let first = put_tag(1, "t", "old");
+        sm.apply([entry(1, vec![first.clone()])]).await.unwrap();
+        sm.apply([entry(2, vec![put_tag(2, "t", "new")])]).await.unwrap();
+        let out = sm.apply([entry(3, vec![first.clone()])]).await.unwrap();
+        assert_eq!(out[0].0, vec![Outcome(Ok(()))], "the retry gets the first attempt's outcome");
+        assert_eq!(tag_value(&db), "new");
+
+        // The memory of applied ids travels in snapshots.
+        let snap = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let (db2, mut sm2) = machine(other.path());
+        let mut f = sm2.begin_receiving_snapshot().await.unwrap();
+        let mut src = snap.snapshot;
+        use tokio::io::AsyncSeekExt;
+        src.seek(std::io::SeekFrom::Start(0)).await.unwrap();
+        tokio::io::copy(&mut src, &mut *f).await.unwrap();
+        sm2.install_snapshot(&snap.meta, f).await.unwrap();
+        sm2.apply([entry(4, vec![first.clone()])]).await.unwrap();
+        assert_eq!(tag_value(&db2), "new");
+
+        // Ids are forgotten after KEEP_REQUESTS entries, deterministically.
+        let count = |db: &DB| db.iterator_cf(cf(db, CF_REQUESTS), IteratorMode::Start).count();
+        assert_eq!(count(&db), 2);
+        sm.apply([entry(3 + KEEP_REQUESTS, vec![])]).await.unwrap();
+        assert_eq!(count(&db), 0);
+        assert_eq!(db.iterator_cf(cf(&db, CF_REQUEST_AGE), IteratorMode::Start).count(), 0);
     }
 }
