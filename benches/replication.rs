@@ -1,9 +1,12 @@
 //! Blob replication on a three-node local cluster (real processes): push
 //! throughput with min_copies 1, 2 and 3 for 1 MiB and 256 MiB blobs, and
 //! a pull from a node that must stream the blob from a peer (time to first
-//! byte and throughput) next to a pull from the node that holds it.
+//! byte and throughput) next to a pull from the node that holds it, one
+//! stream alone and three at once (as docker pulls layers), with the
+//! single-stream SHA-256 speed of this CPU: a read-through verifies every
+//! byte, so it cannot go faster than that.
 //!
-//! `cargo bench --bench replication`
+//! `cargo bench --bench replication` (`BERTH_BENCH_READS_ONLY=1` skips the pushes)
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -58,7 +61,8 @@ fn mibs(bytes: u64, d: Duration) -> f64 {
 async fn main() {
     let c = reqwest::Client::new();
     let big = 256 << 20;
-    for min_copies in [1, 2, 3] {
+    let pushes = if std::env::var_os("BERTH_BENCH_READS_ONLY").is_some() { vec![] } else { vec![1, 2, 3] };
+    for min_copies in pushes {
         let cl = TestCluster::start_with(3, 10_000, |_| format!("min_copies = {min_copies}\n")).await;
         let leader = cl.wait_leader_everywhere().await;
         let base = cl.base(leader);
@@ -97,4 +101,39 @@ async fn main() {
             mibs(n, total)
         );
     }
+
+    // Three blobs at once, each from a node that holds it, then each from
+    // one that does not.
+    let mut three = Vec::new();
+    for k in 0..3 {
+        let (d, _) = push(&c, &cl.base(leader), blob(70 + k, 96 << 20)).await;
+        let holder = (0..3).find(|i| cl.blob_path(*i, &d).exists()).unwrap();
+        three.push((d, holder, (holder + 1) % 3));
+    }
+    for (label, remote) in [("3 local pulls", false), ("3 read-throughs", true)] {
+        let mut rates = Vec::new();
+        for _ in 0..3 {
+            let t = Instant::now();
+            let urls =
+                three.iter().map(|(d, h, o)| format!("{}/v2/bench/blobs/{d}", cl.base(if remote { *o } else { *h })));
+            let got: u64 = futures::future::join_all(urls.map(|u| {
+                let c = c.clone();
+                async move { pull(&c, &u).await.2 }
+            }))
+            .await
+            .into_iter()
+            .sum();
+            rates.push(mibs(got, t.elapsed()));
+        }
+        rates.sort_by(f64::total_cmp);
+        println!("{label:<18} 3x96 MiB at once: {:>6.0} MiB/s in all (median of 3)", rates[1]);
+    }
+
+    let data = blob(9, big);
+    let t = Instant::now();
+    std::hint::black_box(sha256(&data));
+    println!(
+        "sha256 on one core  256 MiB: {:>6.0} MiB/s (the ceiling of one verified stream)",
+        mibs(big as u64, t.elapsed())
+    );
 }

@@ -57,7 +57,9 @@ impl Replicator {
     pub fn new(cluster: Cluster, meta: MetaReader, store: BlobStore, policy: Policy) -> Replicator {
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
         connector.set_nodelay(true);
-        let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
+        let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http1_read_buf_exact_size(1 << 20)
+            .build(connector);
         Replicator { cluster, http, meta, store, policy: Arc::new(policy) }
     }
 
