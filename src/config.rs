@@ -106,6 +106,9 @@ pub struct Config {
     pub max_manifest_bytes: usize,
     /// Upload sessions untouched this long are removed.
     pub upload_expiry_secs: u64,
+    /// With less than this free on the blob disk (MiB), new uploads are
+    /// started on another node instead of failing here.
+    pub min_free_mib: u64,
     pub raft: RaftSettings,
     pub transfer: TransferSettings,
     /// Target copies of each blob (capped at the cluster size).
@@ -142,6 +145,7 @@ impl Default for Config {
             consistency: Consistency::Linearizable,
             max_manifest_bytes: 4 << 20,
             upload_expiry_secs: 24 * 3600,
+            min_free_mib: 256,
             raft: RaftSettings::default(),
             transfer: TransferSettings::default(),
             replicas: 3,

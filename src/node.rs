@@ -50,7 +50,7 @@ impl RunningNode {
         std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
         let db = meta::open_db(&cfg.data_dir.join("meta")).context("opening metadata database")?;
         let content = cfg.blob_dir.as_ref().unwrap_or(&cfg.data_dir);
-        let store = BlobStore::new(content.join("blobs"))?;
+        let store = BlobStore::new(content.join("blobs"))?.with_reserve(cfg.min_free_mib.saturating_mul(1 << 20));
         let uploads = Uploads::new(cfg.node_id, content.join("uploads"), store)?;
 
         let http = TcpListener::bind(&cfg.http).await.with_context(|| format!("binding {}", cfg.http))?;

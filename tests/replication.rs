@@ -369,3 +369,47 @@ async fn read_through_from_a_rotten_holder_serves_and_keeps_nothing_bad() {
     .await;
     assert!(!cl.blob_path(reader, &d).exists(), "the reader kept a copy of bad bytes");
 }
+
+/// A node whose blob disk is below its free-space reserve starts every new
+/// upload (session or monolithic) on another node, so pushes that reach it
+/// through a load balancer still succeed and store nothing on it.
+#[tokio::test]
+async fn uploads_reaching_a_full_node_start_on_another() {
+    // Node 1 counts its disk as full (its reserve exceeds any disk).
+    let cl = TestCluster::start_with(3, 10_000, |id| {
+        let reserve = if id == 1 { "min_free_mib = 1099511627776\n" } else { "" };
+        format!("replicas = 1\nmin_copies = 1\n{reserve}")
+    })
+    .await;
+    cl.wait_leader_everywhere().await;
+    let c = client();
+    let full = cl.base(0);
+    let uploads = cl.data_dir(0).join("uploads");
+
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let d = sha256(&data);
+    let r = c.post(format!("{full}/v2/spill/blobs/uploads/")).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    let loc = r.headers()["Location"].to_str().unwrap().to_owned();
+    let id = loc.rsplit('/').next().unwrap();
+    assert!(!id.starts_with("1-"), "the session must belong to another node: {loc}");
+    assert!(files_under(&uploads).is_empty(), "no session stored on the full node");
+    let r = c.patch(format!("{full}{loc}")).body(data[..50_000].to_vec()).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    let loc = r.headers()["Location"].to_str().unwrap().to_owned();
+    let r = c.put(format!("{full}{loc}?digest={d}")).body(data[50_000..].to_vec()).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+
+    let mono: Vec<u8> = (0..120_000u32).map(|i| (i % 241) as u8).collect();
+    let m = sha256(&mono);
+    let r = c.post(format!("{full}/v2/spill/blobs/uploads/?digest={m}")).body(mono.clone()).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+
+    for (digest, bytes) in [(&d, &data), (&m, &mono)] {
+        assert!(!cl.blob_path(0, digest).exists(), "nothing stored on the full node");
+        for i in 0..3 {
+            let got = get_bytes(&c, &format!("{}/v2/spill/blobs/{digest}", cl.base(i))).await;
+            assert_eq!(got.as_deref(), Some(&bytes[..]), "node {i} serves {digest}");
+        }
+    }
+}

@@ -36,7 +36,7 @@ pub fn is_foreign(state: &AppState, id: &UploadId) -> bool {
 }
 
 pub async fn to_owner(state: &AppState, id: &UploadId, req: Request<Incoming>) -> ApiResult {
-    if req.headers().contains_key(FORWARDED) {
+    if is_forwarded(&req) {
         return Err(unknown());
     }
     let owner = {
@@ -44,14 +44,37 @@ pub async fn to_owner(state: &AppState, id: &UploadId, req: Request<Incoming>) -
         m.membership().get_node(&id.node).map(|n| n.api.clone())
     };
     let owner = owner.filter(|a| !a.is_empty()).ok_or_else(unknown)?;
+    to_node(state, &owner, req).await.map_err(|()| unknown())
+}
+
+/// Whether another node already sent this request here.
+pub fn is_forwarded<B>(req: &Request<B>) -> bool {
+    req.headers().contains_key(FORWARDED)
+}
+
+/// Another member to start an upload on, when this node's blob disk is
+/// nearly full: chosen at random, so such uploads spread over the others.
+pub fn another_node(state: &AppState) -> Option<String> {
+    use rand::seq::SliceRandom;
+    let m = state.cluster.raft.metrics().borrow().membership_config.clone();
+    let others: Vec<String> = m
+        .membership()
+        .nodes()
+        .filter(|(id, n)| **id != state.cluster.id && !n.api.is_empty())
+        .map(|(_, n)| n.api.clone())
+        .collect();
+    others.choose(&mut rand::thread_rng()).cloned()
+}
+
+/// Stream `req` to the node serving the API at `addr` and its answer back.
+pub async fn to_node(state: &AppState, addr: &str, req: Request<Incoming>) -> Result<http::Response<Body>, ()> {
     let (mut parts, body) = req.into_parts();
     let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    parts.uri = Uri::try_from(format!("http://{owner}{pq}")).map_err(|_| unknown())?;
+    parts.uri = Uri::try_from(format!("http://{addr}{pq}")).map_err(|_| ())?;
     parts.headers.remove(header::HOST);
     parts.headers.insert(FORWARDED, http::HeaderValue::from_static("1"));
     let resp = state.http.request(Request::from_parts(parts, body)).await.map_err(|e| {
-        tracing::debug!(error = %e, %owner, "forwarding upload request failed");
-        unknown()
+        tracing::debug!(error = %e, %addr, "forwarding upload request failed");
     })?;
     let (parts, body) = resp.into_parts();
     let body: Body = body.map_err(std::io::Error::other).boxed_unsync();

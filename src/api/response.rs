@@ -89,6 +89,10 @@ impl From<ReplicationError> for Error {
 /// Blob errors keep their spec code; storage failures are logged as internal.
 pub fn blob_error(e: BlobError) -> Error {
     match e {
+        BlobError::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => {
+            tracing::warn!("blob disk full");
+            Error::new(ErrorCode::Unavailable, "this node's blob disk is full; start the upload again")
+        }
         BlobError::Io(io) => internal(io),
         other => other.into(),
     }

@@ -368,7 +368,7 @@ impl Replicator {
                     continue;
                 }
             };
-            if !self.policy.cache_on_read {
+            if !self.policy.cache_on_read || self.store.short_of_space() {
                 return Ok(verified(stream, digest.clone(), size, None, None));
             }
             // The copy kept here is written as the bytes pass and kept only

@@ -34,6 +34,9 @@ pub struct BlobStore {
     /// a first read): served without re-hashing until the scrub says
     /// otherwise.
     verified: Arc<Mutex<HashSet<Digest>>>,
+    /// Free space (bytes) below which this node takes no new content it
+    /// can do without: uploads start elsewhere, read-throughs are not cached.
+    reserve: u64,
 }
 
 /// Bound on the verified set; past it the set restarts empty (reads then
@@ -53,7 +56,42 @@ impl BlobStore {
         let incoming = root.join(INCOMING);
         let _ = std::fs::remove_dir_all(&incoming);
         std::fs::create_dir_all(&incoming)?;
-        Ok(BlobStore { root, verified: Default::default() })
+        Ok(BlobStore { root, verified: Default::default(), reserve: 0 })
+    }
+
+    /// Keep `bytes` free: see [`BlobStore::short_of_space`].
+    pub fn with_reserve(mut self, bytes: u64) -> BlobStore {
+        self.reserve = bytes;
+        self
+    }
+
+    /// Whether the blob disk has less free space than the reserve.
+    pub fn short_of_space(&self) -> bool {
+        match self.free_bytes() {
+            Ok(free) => free < self.reserve,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading free space of the blob disk");
+                false
+            }
+        }
+    }
+
+    /// Bytes free for new content on the blob disk.
+    pub fn free_bytes(&self) -> std::io::Result<u64> {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(self.root.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+        let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+        // SAFETY: `path` is NUL-terminated and `st` is written by statvfs
+        // before it is read (only when it returns 0).
+        if unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: statvfs returned 0, so it filled `st`.
+        let st = unsafe { st.assume_init() };
+        // The field types differ between platforms (u32 on some 32-bit ones).
+        #[allow(clippy::unnecessary_cast)]
+        let (blocks, size) = (st.f_bavail as u64, st.f_frsize as u64);
+        Ok(blocks.saturating_mul(size))
     }
 
     /// Store a blob arriving as a stream (from a peer): hashed as it is
