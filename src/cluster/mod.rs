@@ -50,6 +50,17 @@ pub enum ClusterError {
     Fatal(String),
 }
 
+/// Resolves once this node no longer sees `leader` as the leader (an
+/// election started, or another node won one): a call to a leader that died
+/// mid-call may hang on a connection nobody resets, and this ends the wait.
+async fn leader_replaced(raft: &Raft, leader: NodeId) {
+    let mut metrics = raft.metrics();
+    if metrics.wait_for(|m| m.current_leader != Some(leader)).await.is_err() {
+        // Raft shut down: nothing will change any more.
+        std::future::pending::<()>().await;
+    }
+}
+
 /// A handle on this node's Raft instance. Cheap to clone.
 #[derive(Clone)]
 pub struct Cluster {
@@ -99,12 +110,11 @@ impl Cluster {
                 Err(batcher::SubmitError::Fatal(e)) => return Err(ClusterError::Fatal(e)),
             };
             if let Some((leader_id, leader)) = leader_node {
-                // A leader that dies mid-call can leave the call hanging on a
-                // connection nobody resets; give up on it as soon as this node
-                // sees an election, and retry (safely: same request id).
+                // Give up on a leader this node sees replaced, and retry
+                // (safely: the same request id).
                 let answer = tokio::select! {
                     r = self.forward_write(&leader, &p) => Some(r),
-                    () = self.leader_changes_from(leader_id) => None,
+                    () = leader_replaced(&self.raft, leader_id) => None,
                 };
                 match answer {
                     Some(Ok(Some((outcome, index)))) => {
@@ -120,16 +130,6 @@ impl Cluster {
                 return Err(ClusterError::NoLeader);
             }
             tokio::time::sleep(RETRY_PAUSE).await;
-        }
-    }
-
-    /// Resolves once this node no longer sees `leader` as the leader (an
-    /// election started, or another node won one).
-    async fn leader_changes_from(&self, leader: NodeId) {
-        let mut metrics = self.raft.metrics();
-        if metrics.wait_for(|m| m.current_leader != Some(leader)).await.is_err() {
-            // Raft shut down: nothing will change any more.
-            std::future::pending::<()>().await;
         }
     }
 

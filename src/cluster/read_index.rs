@@ -66,12 +66,6 @@ async fn one_round(raft: &Raft, peers: &Peers, timeout: Duration) -> Round {
     req.set_timeout(timeout);
     // Every read on this node waits for this round: abandon a call to a
     // leader that this node has since seen replaced (it may never answer).
-    let mut metrics = raft.metrics();
-    let replaced = async move {
-        if metrics.wait_for(|m| m.current_leader != Some(leader_id)).await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
     tokio::select! {
         r = client.read_index(req) => match r {
             Ok(r) if !r.get_ref().not_leader => Round::Index(Some(r.get_ref().log_index)),
@@ -81,6 +75,6 @@ async fn one_round(raft: &Raft, peers: &Peers, timeout: Duration) -> Round {
                 Round::Retry
             }
         },
-        () = replaced => Round::Retry,
+        () = super::leader_replaced(raft, leader_id) => Round::Retry,
     }
 }
