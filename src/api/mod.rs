@@ -80,13 +80,15 @@ pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: tokio::
         };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
+        let fd = crate::blob::peer::ConnFd(std::os::fd::AsRawFd::as_raw_fd(&stream));
         tokio::spawn(async move {
-            let svc = service_fn(move |req| {
+            let svc = service_fn(move |mut req: Request<Incoming>| {
                 let state = state.clone();
+                req.extensions_mut().insert(fd);
                 async move { Ok::<_, Infallible>(handle(&state, req).await) }
             });
             let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(e) = conn.serve_connection(TokioIo::new(stream), svc).await {
+            if let Err(e) = conn.serve_connection_with_upgrades(TokioIo::new(stream), svc).await {
                 tracing::debug!(%peer, error = %e, "connection ended");
             }
         });
@@ -145,7 +147,7 @@ async fn dispatch(state: &AppState, req: Request<Incoming>) -> ApiResult {
         (Method::GET | Method::HEAD, Route::Blob(name, digest)) => {
             blobs::get(state, &name, &digest, req.headers(), head).await
         }
-        (Method::GET, Route::PeerBlob(digest)) => blobs::peer_get(state, &digest).await,
+        (Method::GET, Route::PeerBlob(digest)) => blobs::peer_get(state, &digest, req).await,
         (Method::DELETE, Route::Blob(name, digest)) => blobs::delete(state, &name, &digest).await,
         (Method::POST, Route::UploadStart(name)) => blobs::start_upload(state, &name, &query, req).await,
         (Method::GET, Route::Upload(name, id)) => blobs::upload_status(state, &name, &id).await,

@@ -248,6 +248,11 @@ impl BlobStore {
 }
 
 impl BlobReader {
+    /// The open file itself, positioned at its start (for sendfile).
+    pub async fn into_std(self) -> std::fs::File {
+        self.file.into_std().await
+    }
+
     /// Stream bytes `start..end` (end exclusive) of the blob. A blocking
     /// thread reads ahead in large chunks while hyper writes the previous
     /// ones, so a pull costs one read and one send per chunk.

@@ -100,6 +100,11 @@ impl Blobs for BlobService {
     async fn pull(&self, req: Request<PullRequest>) -> Result<Response<PullReply>, Status> {
         let req = req.into_inner();
         let digest = parse(&req.digest)?;
+        // A node short of space takes no new copies: the caller places the
+        // copy on another node.
+        if self.store.short_of_space() && !self.store.path(&digest).exists() {
+            return Err(Status::resource_exhausted("blob disk below its free-space reserve"));
+        }
         let size = pull_from(&self.store, &self.peers, &digest, &req.sources).await?;
         Ok(Response::new(PullReply { size }))
     }
