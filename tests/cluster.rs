@@ -291,3 +291,50 @@ async fn without_a_majority_writes_are_refused_with_retry_after() {
     assert_eq!(digest_of(&c, &cl.base(survivor), "quorum", "lost").await, None);
     assert!(digest_of(&c, &cl.base(survivor), "quorum", "before").await.is_some());
 }
+
+/// Writes that followers forwarded to a leader which then froze (SIGSTOP:
+/// its connections stay open and nothing resets them) are given up on when
+/// the followers see the election, and land on the new leader within the
+/// write deadline: every one acknowledged, none lost. Without the give-up
+/// each hangs for the whole deadline and is answered 503.
+#[tokio::test]
+async fn writes_in_flight_to_a_frozen_leader_move_to_the_new_one() {
+    let cl = TestCluster::start(3, 10_000).await;
+    let c = client();
+    let leader = cl.wait_leader_everywhere().await;
+    let f = followers(&cl, leader);
+    let mut manifests = Vec::new();
+    for i in 0..8 {
+        let config = format!(r#"{{"frozen":{i}}}"#).into_bytes();
+        let cd = push_blob(&c, &cl.base(leader), "frozen", &config).await;
+        manifests.push(image_manifest((&cd, config.len()), &[], ""));
+    }
+    // Both followers have applied the blob links (a linearizable read).
+    for &i in &f {
+        let r = c.get(format!("{}/v2/frozen/tags/list", cl.base(i))).send().await.unwrap();
+        assert!(r.status() == 200 || r.status() == 404, "read barrier on node {i}");
+    }
+
+    let pid = cl.procs[leader].as_ref().unwrap().0.id() as libc::pid_t;
+    // SAFETY: signalling a child process this test started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let puts = manifests.iter().enumerate().map(|(i, m)| {
+        let (c, base) = (c.clone(), cl.base(f[i % 2]));
+        async move { tag(&c, &base, "frozen", &format!("t{i}"), m).await }
+    });
+    let statuses = futures::future::join_all(puts).await;
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    for (i, s) in statuses.iter().enumerate() {
+        assert_eq!(*s, 201, "write t{i} through node {} while the leader was frozen", f[i % 2]);
+    }
+    for (i, m) in manifests.iter().enumerate() {
+        for &n in &f {
+            assert_eq!(
+                digest_of(&c, &cl.base(n), "frozen", &format!("t{i}")).await,
+                Some(sha256(m)),
+                "t{i} on node {n}"
+            );
+        }
+    }
+}
