@@ -413,3 +413,35 @@ async fn uploads_reaching_a_full_node_start_on_another() {
         }
     }
 }
+
+/// A node short of space refuses new copies; a leave still moves every blob
+/// the leaver held to the next nodes in placement order instead.
+#[tokio::test]
+async fn a_leave_places_copies_past_a_full_node() {
+    let cl = TestCluster::start_with(4, 10_000, |id| {
+        let reserve = if id == 1 { "min_free_mib = 1099511627776\n" } else { "" };
+        format!("replicas = 2\n{reserve}")
+    })
+    .await;
+    let c = client();
+    let leader = cl.wait_leader_everywhere().await;
+    let mut digests = Vec::new();
+    for k in 0..12u32 {
+        let data: Vec<u8> = (0..20_000u32).map(|i| ((i + k * 31) % 239) as u8).collect();
+        digests.push(push_blob(&c, &cl.base(leader), "past", &data).await);
+    }
+    let holders = |d: &str| (0..4).filter(|i| cl.blob_path(*i, d).exists()).collect::<Vec<_>>();
+    assert!(digests.iter().all(|d| !holders(d).contains(&0)), "the full node took no copy");
+
+    let leaver = (1..4).find(|i| *i != leader).unwrap();
+    let out = berth()
+        .args(["cluster", "leave", "--node", &cl.grpc(leader), "--id", &cl.nodes[leaver].id.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "leave refused: {}", String::from_utf8_lossy(&out.stderr));
+    // Two nodes with space remain: each blob must be on both.
+    for d in &digests {
+        let h: Vec<usize> = holders(d).into_iter().filter(|h| *h != leaver && *h != 0).collect();
+        assert_eq!(h.len(), 2, "{d} held by {h:?} after node {leaver} left");
+    }
+}

@@ -24,16 +24,12 @@ impl Evacuate for Replicator {
         for (i, (digest, info)) in held.iter().enumerate() {
             let mut rest: Vec<NodeId> =
                 info.holders.iter().copied().filter(|h| *h != leaver && remaining.iter().any(|m| m.0 == *h)).collect();
-            let targets: Vec<NodeId> =
-                self.placement(digest, &|n| *n != leaver).into_iter().filter(|n| !rest.contains(n)).collect();
-            if !targets.is_empty() {
-                let new = self.copy_to(digest, &info.holders, &targets).await;
-                if !new.is_empty() {
-                    copied += new.len();
-                    let cmd = Command::AddHolders { digest: digest.clone(), size: info.size, holders: new.clone() };
-                    self.propose(cmd).await.map_err(|e| format!("recording copies of {digest}: {e}"))?;
-                    rest.extend(new);
-                }
+            let new = self.place(digest, &info.holders, &rest, &|n| *n != leaver).await;
+            if !new.is_empty() {
+                copied += new.len();
+                let cmd = Command::AddHolders { digest: digest.clone(), size: info.size, holders: new.clone() };
+                self.propose(cmd).await.map_err(|e| format!("recording copies of {digest}: {e}"))?;
+                rest.extend(new);
             }
             if !self.satisfied(&rest, &remaining) {
                 short.push(digest.to_string());

@@ -132,12 +132,7 @@ async fn repair(
         }
         // Where placement wants the blob now (a joining node gets its share,
         // a dead or departed holder is replaced).
-        let missing: Vec<NodeId> = r.placement(&digest, &alive).into_iter().filter(|n| !live.contains(n)).collect();
-        if missing.is_empty() {
-            continue;
-        }
-        tracing::info!(%digest, have = live.len(), ?missing, "repairing blob placement");
-        let new = r.copy_to(&digest, &live, &missing).await;
+        let new = r.place(&digest, &live, &live, &alive).await;
         if !new.is_empty() {
             r.propose(Command::AddHolders { digest: digest.clone(), size: info.size, holders: new }).await?;
         }

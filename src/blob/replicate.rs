@@ -201,16 +201,44 @@ impl Replicator {
         }
     }
 
-    /// The nodes placement wants `digest` on, among members for which
-    /// `eligible` holds: the first `replicas` in rendezvous order.
-    pub fn placement(&self, digest: &Digest, eligible: &(dyn Fn(&NodeId) -> bool + Sync)) -> Vec<NodeId> {
+    /// Members for which `eligible` holds, in placement order for `digest`.
+    fn ranked(&self, digest: &Digest, eligible: &(dyn Fn(&NodeId) -> bool + Sync)) -> Vec<NodeId> {
         let candidates: Vec<Candidate> = self
             .members()
             .into_iter()
             .filter(|m| eligible(&m.0))
             .map(|(id, n, _)| Candidate { id, region: n.region })
             .collect();
-        rank(digest, &candidates).into_iter().take(self.policy.replicas).map(|c| c.id).collect()
+        rank(digest, &candidates).into_iter().map(|c| c.id).collect()
+    }
+
+    /// Copy `digest` from `sources` to its placement targets (the first
+    /// `replicas` of `eligible` in rendezvous order) that `have` lacks; while fewer than `replicas` nodes would
+    /// hold it, a target that cannot take its copy (its disk is short of
+    /// space, or it failed) is replaced by the next node in placement order.
+    /// Returns the nodes that received a copy.
+    pub async fn place(
+        &self,
+        digest: &Digest,
+        sources: &[NodeId],
+        have: &[NodeId],
+        eligible: &(dyn Fn(&NodeId) -> bool + Sync),
+    ) -> Vec<NodeId> {
+        let ranked = self.ranked(digest, eligible);
+        let want = self.policy.replicas.min(ranked.len());
+        let (preferred, fallback) = ranked.split_at(self.policy.replicas.min(ranked.len()));
+        let targets: Vec<NodeId> = preferred.iter().copied().filter(|n| !have.contains(n)).collect();
+        if targets.is_empty() {
+            return Vec::new();
+        }
+        tracing::info!(%digest, have = have.len(), ?targets, "placing copies");
+        let mut new = self.copy_to(digest, sources, &targets).await;
+        let mut next = fallback.iter().filter(|n| !have.contains(n));
+        while have.len() + new.len() < want {
+            let Some(n) = next.next() else { break };
+            new.extend(self.copy_to(digest, sources, &[*n]).await);
+        }
+        new
     }
 
     /// Ask each of `targets` to copy `digest` from `holders`; returns those
