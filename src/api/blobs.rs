@@ -212,9 +212,9 @@ pub async fn start_upload(state: &AppState, name: &Name, query: &Query, req: Req
         // Not mountable: fall back to a normal upload session, as the spec says.
     }
     if !super::forward::is_forwarded(&req) && state.replicator.store().short_of_space() {
-        if let Some(peer) = super::forward::another_node(state) {
-            tracing::info!(%peer, "blob disk nearly full; starting the upload on another node");
-            return super::forward::to_node(state, &peer, req).await.map_err(|()| {
+        if let Some(other) = super::forward::another_node(state) {
+            tracing::info!(node = %other, "blob disk nearly full; starting the upload on another node");
+            return super::forward::to_node(state, &other, req).await.map_err(|()| {
                 Error::new(ErrorCode::Unavailable, "this node's blob disk is full and no other node answered")
             });
         }
