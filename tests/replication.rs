@@ -370,17 +370,19 @@ async fn read_through_from_a_rotten_holder_serves_and_keeps_nothing_bad() {
     assert!(!cl.blob_path(reader, &d).exists(), "the reader kept a copy of bad bytes");
 }
 
+/// Config that makes node 1 count its blob disk as full (a free-space
+/// reserve larger than any disk), after `base`.
+fn node1_full(id: u64, base: &str) -> String {
+    let reserve = if id == 1 { "min_free_mib = 1099511627776\n" } else { "" };
+    format!("{base}{reserve}")
+}
+
 /// A node whose blob disk is below its free-space reserve starts every new
 /// upload (session or monolithic) on another node, so pushes that reach it
 /// through a load balancer still succeed and store nothing on it.
 #[tokio::test]
 async fn uploads_reaching_a_full_node_start_on_another() {
-    // Node 1 counts its disk as full (its reserve exceeds any disk).
-    let cl = TestCluster::start_with(3, 10_000, |id| {
-        let reserve = if id == 1 { "min_free_mib = 1099511627776\n" } else { "" };
-        format!("replicas = 1\nmin_copies = 1\n{reserve}")
-    })
-    .await;
+    let cl = TestCluster::start_with(3, 10_000, |id| node1_full(id, "replicas = 1\nmin_copies = 1\n")).await;
     cl.wait_leader_everywhere().await;
     let c = client();
     let full = cl.base(0);
@@ -418,11 +420,7 @@ async fn uploads_reaching_a_full_node_start_on_another() {
 /// the leaver held to the next nodes in placement order instead.
 #[tokio::test]
 async fn a_leave_places_copies_past_a_full_node() {
-    let cl = TestCluster::start_with(4, 10_000, |id| {
-        let reserve = if id == 1 { "min_free_mib = 1099511627776\n" } else { "" };
-        format!("replicas = 2\n{reserve}")
-    })
-    .await;
+    let cl = TestCluster::start_with(4, 10_000, |id| node1_full(id, "replicas = 2\n")).await;
     let c = client();
     let leader = cl.wait_leader_everywhere().await;
     let mut digests = Vec::new();
@@ -444,4 +442,29 @@ async fn a_leave_places_copies_past_a_full_node() {
         let h: Vec<usize> = holders(d).into_iter().filter(|h| *h != leaver && *h != 0).collect();
         assert_eq!(h.len(), 2, "{d} held by {h:?} after node {leaver} left");
     }
+}
+
+/// The node-to-node blob route: a peer asking for the `berth-blob` upgrade
+/// gets `101` with the size and then exactly the blob's bytes (sent by
+/// sendfile); a peer that does not ask gets a plain `200` body.
+#[tokio::test]
+async fn the_peer_blob_route_upgrades_to_a_raw_stream() {
+    let node = start_node().await;
+    let c = client();
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let d = push_blob(&c, &node.base, "peer", &data).await;
+    let url = format!("{}/_berth/blobs/{d}", node.base);
+
+    let r = c.get(&url).header("Connection", "upgrade").header("Upgrade", "berth-blob").send().await.unwrap();
+    assert_eq!(r.status(), 101);
+    assert_eq!(r.headers()["berth-size"], data.len().to_string().as_str());
+    let mut raw = r.upgrade().await.unwrap();
+    let mut got = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut raw, &mut got).await.unwrap();
+    assert_eq!(got.len(), data.len());
+    assert!(got == data, "upgraded stream carries the blob's bytes");
+
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.bytes().await.unwrap() == data);
 }

@@ -226,7 +226,7 @@ impl Replicator {
     ) -> Vec<NodeId> {
         let ranked = self.ranked(digest, eligible);
         let want = self.policy.replicas.min(ranked.len());
-        let (preferred, fallback) = ranked.split_at(self.policy.replicas.min(ranked.len()));
+        let (preferred, fallback) = ranked.split_at(want);
         let targets: Vec<NodeId> = preferred.iter().copied().filter(|n| !have.contains(n)).collect();
         if targets.is_empty() {
             return Vec::new();
