@@ -8,64 +8,15 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/load.rs"]
+mod load;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::cluster::TestCluster;
 use common::*;
-
-struct Stats {
-    ops: usize,
-    elapsed: Duration,
-    lat: Vec<Duration>,
-}
-
-impl Stats {
-    fn print(&mut self, what: &str) {
-        self.lat.sort();
-        let p = |q: f64| self.lat[((self.lat.len() as f64 * q) as usize).min(self.lat.len() - 1)];
-        println!(
-            "{what:<34} {:>7.0} ops/s   p50 {:>7.2} ms   p99 {:>7.2} ms   ({} ops)",
-            self.ops as f64 / self.elapsed.as_secs_f64(),
-            p(0.50).as_secs_f64() * 1e3,
-            p(0.99).as_secs_f64() * 1e3,
-            self.ops
-        );
-    }
-}
-
-/// Run `total` operations, `conc` at a time; `op(i)` must succeed.
-async fn run<F, Fut>(conc: usize, total: usize, op: F) -> Stats
-where
-    F: Fn(usize) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = bool> + Send,
-{
-    let op = Arc::new(op);
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let start = Instant::now();
-    let mut workers = Vec::new();
-    for _ in 0..conc {
-        let (op, next) = (op.clone(), next.clone());
-        workers.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if i >= total {
-                    return lat;
-                }
-                let t = Instant::now();
-                assert!(op(i).await, "operation {i} failed");
-                lat.push(t.elapsed());
-            }
-        }));
-    }
-    let mut lat = Vec::new();
-    for w in workers {
-        lat.extend(w.await.unwrap());
-    }
-    Stats { ops: total, elapsed: start.elapsed(), lat }
-}
+use load::run;
 
 fn manifest(config: &str, layer: &str, n: usize) -> Vec<u8> {
     image_manifest((config, 13), &[(layer, 2000)], &format!(r#","annotations":{{"n":"{n}"}}"#))
@@ -107,7 +58,7 @@ async fn main() {
         })
         .await;
         s.print(&format!("manifest PUT c={conc} via {label}"));
-        let rate = s.ops as f64 / s.elapsed.as_secs_f64();
+        let rate = s.rate();
         if conc == 1 {
             c1 = Some(rate);
         } else if node == leader {

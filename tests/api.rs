@@ -474,13 +474,17 @@ async fn truncated_upload_changes_nothing() {
     let r = c.patch(format!("{}{loc}", n.base)).body("0123456789").send().await.unwrap();
     assert_eq!(r.headers()["Range"], "0-9");
 
-    // Declare 1000 bytes, send 10, hang up.
+    // Declare 1000 bytes, send 10, stop sending: the node answers the
+    // half-closed connection with the spec's error for a broken body.
     let mut s = tokio::net::TcpStream::connect(n.node.http_addr).await.unwrap();
     let req = format!("PATCH {loc} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nabcdefghij");
     s.write_all(req.as_bytes()).await.unwrap();
     s.shutdown().await.unwrap();
-    let mut sink = Vec::new();
-    let _ = s.read_to_end(&mut sink).await;
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("\"BLOB_UPLOAD_INVALID\""), "{answer}");
 
     // The session still holds exactly the first chunk.
     let url = format!("{}{loc}", n.base);

@@ -1,0 +1,117 @@
+//! Manifest operations of one registry: PUT by tag (each a distinct manifest)
+//! and GET by tag, at concurrency 1 and 64.
+//!
+//! `cargo bench --bench manifests -- [--registry HOST:PORT]`
+//!
+//! Without `--registry` it starts a one-node `berth serve` on a temporary data
+//! dir. With it, it measures any other registry the same way (CNCF
+//! Distribution, trow) for a same-session ratio. Blobs are pushed with POST
+//! then PUT, which every registry supports.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+#[path = "support/load.rs"]
+mod load;
+
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{free_port, image_manifest, sha256, OCI_MANIFEST};
+use load::run;
+
+const REPO: &str = "bench/manifests";
+
+async fn push_blob(c: &reqwest::Client, base: &str, data: &[u8]) -> String {
+    let digest = sha256(data);
+    let r = c.post(format!("{base}/v2/{REPO}/blobs/uploads/")).send().await.unwrap();
+    assert_eq!(r.status(), 202, "upload start");
+    let loc = r.headers()["Location"].to_str().unwrap().to_owned();
+    let url = if loc.starts_with("http") { loc } else { format!("{base}{loc}") };
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let r = c
+        .put(format!("{url}{sep}digest={digest}"))
+        .header("Content-Type", "application/octet-stream")
+        .body(data.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "upload close");
+    digest
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let dir = tempfile::tempdir().unwrap();
+    let (registry, mut child) = match arg("--registry") {
+        Some(r) => (r, None),
+        None => {
+            let (http, grpc) = (free_port(), free_port());
+            let c = Command::new(env!("CARGO_BIN_EXE_berth"))
+                .args(["serve", "--http", &format!("127.0.0.1:{http}"), "--grpc", &format!("127.0.0.1:{grpc}")])
+                .arg("--data-dir")
+                .arg(dir.path())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            (format!("127.0.0.1:{http}"), Some(c))
+        }
+    };
+    let base = format!("http://{registry}");
+    let c = reqwest::Client::builder().pool_max_idle_per_host(128).build().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !c.get(format!("{base}/v2/")).send().await.is_ok_and(|r| r.status().is_success()) {
+        assert!(Instant::now() < deadline, "registry did not answer");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let config = push_blob(&c, &base, b"{\"bench\":1}!!").await;
+    let layer = push_blob(&c, &base, &[7u8; 2000]).await;
+    let counter = Arc::new(AtomicUsize::new(0));
+    for (conc, total) in [(1, 300), (64, 6000)] {
+        let (c, base, config, layer, counter) =
+            (c.clone(), base.clone(), config.clone(), layer.clone(), counter.clone());
+        let mut s = run(conc, total, move |_| {
+            let (c, base) = (c.clone(), base.clone());
+            let n = counter.fetch_add(1, Ordering::Relaxed);
+            let body = image_manifest((&config, 13), &[(&layer, 2000)], &format!(r#","annotations":{{"n":"{n}"}}"#));
+            async move {
+                let r = c
+                    .put(format!("{base}/v2/{REPO}/manifests/t{n}"))
+                    .header("Content-Type", OCI_MANIFEST)
+                    .body(body)
+                    .send()
+                    .await;
+                r.is_ok_and(|r| r.status() == 201)
+            }
+        })
+        .await;
+        s.print(&format!("manifest PUT by tag c={conc}"));
+    }
+    for (conc, total) in [(1, 1000), (64, 20000)] {
+        let (c, base) = (c.clone(), base.clone());
+        let mut s = run(conc, total, move |i| {
+            let (c, base) = (c.clone(), base.clone());
+            async move {
+                let r = c
+                    .get(format!("{base}/v2/{REPO}/manifests/t{}", i % 300))
+                    .header("Accept", OCI_MANIFEST)
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status() == 200 => r.bytes().await.is_ok(),
+                    _ => false,
+                }
+            }
+        })
+        .await;
+        s.print(&format!("manifest GET by tag c={conc}"));
+    }
+    if let Some(c) = child.as_mut() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
