@@ -155,6 +155,13 @@ async fn cross_repository_mount_with_and_without_from() {
     let r =
         c.post(format!("{}/v2/dst/blobs/uploads/?mount={}&from=src", n.base, sha256(b"nope"))).send().await.unwrap();
     assert_eq!(r.status(), 202);
+    // A malformed mount is refused and opens no session.
+    let sessions = files_under(&n.dir.path().join("uploads")).len();
+    let r = c.post(format!("{}/v2/dst/blobs/uploads/?mount=sha256:zz&from=src", n.base)).send().await.unwrap();
+    expect_error(r, 400, "DIGEST_INVALID").await;
+    let r = c.post(format!("{}/v2/dst/blobs/uploads/?mount={d}&from=../src", n.base)).send().await.unwrap();
+    expect_error(r, 400, "NAME_INVALID").await;
+    assert_eq!(files_under(&n.dir.path().join("uploads")).len(), sessions);
     n.node.shutdown().await;
 }
 
@@ -499,5 +506,75 @@ async fn truncated_upload_changes_nothing() {
     .await;
     let r = c.put(format!("{url}?digest={}", sha256(b"0123456789"))).send().await.unwrap();
     assert_eq!(r.status(), 201);
+    n.node.shutdown().await;
+}
+
+/// A table of malformed requests, each answered with a 4xx (never a 5xx),
+/// leaving no blob, no new upload session and no repository behind.
+#[tokio::test]
+async fn malformed_requests_get_4xx_and_store_nothing() {
+    let n = start_node().await;
+    let c = client();
+    let r = c.post(format!("{}/v2/p/blobs/uploads/", n.base)).send().await.unwrap();
+    let session = r.headers()["Location"].to_str().unwrap().to_owned();
+    let stored = || [files_under(&n.dir.path().join("blobs")), files_under(&n.dir.path().join("uploads"))];
+    let before = stored();
+    let a64 = "a".repeat(64);
+    let manifest = "application/vnd.oci.image.manifest.v1+json";
+    let index = "application/vnd.oci.image.index.v1+json";
+    let cases: Vec<(&str, String, Vec<(&str, &str)>, Vec<u8>)> = vec![
+        ("GET", "/v2/p/blobs/sha256:zz".into(), vec![], vec![]),
+        ("GET", "/v2/p/blobs/md5:abc".into(), vec![], vec![]),
+        ("GET", format!("/v2/p/blobs/sha256:{}", "A".repeat(64)), vec![], vec![]),
+        ("GET", format!("/v2/p/blobs/sha512:{a64}"), vec![], vec![]),
+        ("GET", format!("/v2/p/blobs/sha256:{a64}"), vec![("Range", "bytes=5-1")], vec![]),
+        ("GET", format!("/v2/p/blobs/{}", "x".repeat(10_000)), vec![], vec![]),
+        ("POST", "/v2/p/blobs/uploads/?digest=sha256:bad".into(), vec![], b"abc".to_vec()),
+        ("POST", format!("/v2/p/blobs/uploads/?digest={}", sha256(b"abd")), vec![], b"abc".to_vec()),
+        ("POST", "/v2/p/blobs/uploads/?digest=".into(), vec![], vec![]),
+        ("POST", "/v2/p/blobs/uploads/?mount=sha256:bad&from=q".into(), vec![], vec![]),
+        ("POST", format!("/v2/p/blobs/uploads/?mount={}&from=A/..", sha256(b"x")), vec![], vec![]),
+        ("PATCH", session.clone(), vec![("Content-Range", "abc")], b"abc".to_vec()),
+        ("PATCH", session.clone(), vec![("Content-Range", "5-2")], b"abc".to_vec()),
+        ("PATCH", session.clone(), vec![("Content-Range", "0-99999999999999999999999")], b"abc".to_vec()),
+        ("PATCH", session.clone(), vec![("Content-Range", "18446744073709551615-18446744073709551615")], b"a".to_vec()),
+        ("PATCH", session.clone(), vec![("Content-Range", "0-1")], b"abc".to_vec()),
+        ("PATCH", "/v2/p/blobs/uploads/%2e%2e".into(), vec![], b"x".to_vec()),
+        ("PUT", format!("/v2/p/blobs/uploads/1-{}?digest={}", "0".repeat(32), sha256(b"")), vec![], vec![]),
+        ("PUT", "/v2/p/manifests/latest".into(), vec![("Content-Type", manifest)], b"{not json".to_vec()),
+        ("PUT", "/v2/p/manifests/latest".into(), vec![("Content-Type", manifest)], b"[]".to_vec()),
+        ("PUT", "/v2/p/manifests/latest".into(), vec![("Content-Type", manifest)], br#"{"schemaVersion":2}"#.to_vec()),
+        ("PUT", "/v2/p/manifests/latest".into(), vec![("Content-Type", manifest)], vec![0xff, 0xfe, 0xfd]),
+        (
+            "PUT",
+            "/v2/p/manifests/latest".into(),
+            vec![("Content-Type", manifest)],
+            format!(r#"{{"schemaVersion":2,"config":{{"mediaType":"x","digest":"sha256:{a64}","size":18446744073709551616}},"layers":[]}}"#).into_bytes(),
+        ),
+        ("PUT", "/v2/p/manifests/latest".into(), vec![("Content-Type", index)], br#"{"schemaVersion":2,"manifests":{}}"#.to_vec()),
+        ("PUT", "/v2/p/manifests/latest".into(), vec![("Content-Type", "text/plain")], b"hello".to_vec()),
+        ("PUT", format!("/v2/p/manifests/{}", "t".repeat(200)), vec![("Content-Type", manifest)], b"{}".to_vec()),
+        ("PUT", "/v2/p/manifests/sha256:zz".into(), vec![("Content-Type", manifest)], b"{}".to_vec()),
+        ("GET", "/v2/p/tags/list?n=-1".into(), vec![], vec![]),
+        ("GET", "/v2/p/tags/list?n=99999999999999999999".into(), vec![], vec![]),
+        ("GET", "/v2/p/referrers/bad".into(), vec![], vec![]),
+        ("DELETE", "/v2/p/manifests/sha256:zz".into(), vec![], vec![]),
+        ("GET", "/v2/%ff/tags/list".into(), vec![], vec![]),
+        ("GET", format!("/v2/a/{}tags/list", "b/".repeat(200)), vec![], vec![]),
+        ("BREW", "/v2/p/manifests/x".into(), vec![], vec![]),
+        ("GET", "/_berth/blobs/bad".into(), vec![], vec![]),
+    ];
+    for (method, path, headers, body) in cases {
+        let mut req = c.request(method.parse().unwrap(), format!("{}{path}", n.base)).body(body);
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        let status = req.send().await.unwrap().status();
+        assert!(status.is_client_error(), "{method} {path}: {status}");
+    }
+    assert_eq!(stored(), before, "blob or upload files changed");
+    let catalog: serde_json::Value =
+        c.get(format!("{}/v2/_catalog", n.base)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(catalog["repositories"], serde_json::json!([]));
     n.node.shutdown().await;
 }

@@ -190,11 +190,10 @@ async fn replicate_and_link(state: &AppState, name: &Name, digest: &Digest, size
 
 /// Cross-repository mount: with `from`, the blob must be linked there; without,
 /// any repository's copy will do. Returns the size when the mount can happen.
-async fn mountable(state: &AppState, digest: &Digest, from: Option<&str>) -> Result<Option<u64>, Error> {
+async fn mountable(state: &AppState, digest: &Digest, from: Option<&Name>) -> Result<Option<u64>, Error> {
     state.cluster.read_barrier().await?;
-    let size = match from.map(str::parse::<Name>) {
-        Some(Ok(from)) => state.meta.blob_link(&from, digest)?,
-        Some(Err(_)) => None,
+    let size = match from {
+        Some(from) => state.meta.blob_link(from, digest)?,
         None => state.meta.blob(digest)?.map(|b| b.size),
     };
     let held = state.meta.blob(digest)?.is_some_and(|b| !b.holders.is_empty());
@@ -203,11 +202,12 @@ async fn mountable(state: &AppState, digest: &Digest, from: Option<&str>) -> Res
 
 pub async fn start_upload(state: &AppState, name: &Name, query: &Query, req: Request<Incoming>) -> ApiResult {
     if let Some(m) = query.get("mount") {
-        if let Ok(digest) = m.parse::<Digest>() {
-            if let Some(size) = mountable(state, &digest, query.get("from")).await? {
-                link(state, name, &digest, size, Vec::new()).await?;
-                return blob_created(name, &digest);
-            }
+        // A malformed mount is a bad request, not a reason to open a session.
+        let digest: Digest = m.parse()?;
+        let from = query.get("from").map(str::parse::<Name>).transpose()?;
+        if let Some(size) = mountable(state, &digest, from.as_ref()).await? {
+            link(state, name, &digest, size, Vec::new()).await?;
+            return blob_created(name, &digest);
         }
         // Not mountable: fall back to a normal upload session, as the spec says.
     }
