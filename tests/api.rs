@@ -522,7 +522,9 @@ async fn malformed_requests_get_4xx_and_store_nothing() {
     let a64 = "a".repeat(64);
     let manifest = "application/vnd.oci.image.manifest.v1+json";
     let index = "application/vnd.oci.image.index.v1+json";
-    let cases: Vec<(&str, String, Vec<(&str, &str)>, Vec<u8>)> = vec![
+    // (method, path, headers, body)
+    type Case = (&'static str, String, Vec<(&'static str, &'static str)>, Vec<u8>);
+    let cases: Vec<Case> = vec![
         ("GET", "/v2/p/blobs/sha256:zz".into(), vec![], vec![]),
         ("GET", "/v2/p/blobs/md5:abc".into(), vec![], vec![]),
         ("GET", format!("/v2/p/blobs/sha256:{}", "A".repeat(64)), vec![], vec![]),
