@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Install what building and testing berth needs on a fresh Debian machine:
 # libclang (rocksdb bindings), protoc (tonic code generation), and the real
-# registry clients the tests drive (skopeo). Installs only what is missing.
+# registry clients the tests drive (skopeo, podman, buildah). Installs only what is missing.
 set -euo pipefail
 need=()
 [ -n "$(ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/llvm-*/lib/libclang-[0-9]*.so* 2>/dev/null | head -n1)" ] || need+=(libclang-dev)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
 command -v skopeo >/dev/null || need+=(skopeo)
+command -v podman >/dev/null || need+=(podman)
+command -v buildah >/dev/null || need+=(buildah)
 command -v curl >/dev/null || need+=(curl)
 # The compose end-to-end test builds its base image with debootstrap.
 if command -v docker >/dev/null; then

@@ -1,6 +1,7 @@
 //! Real clients against a real `berth serve` process: the Docker engine
-//! pushes and pulls an image it built, and skopeo copies a multi-layer image
-//! out of berth and back in. Skipped, loudly, where a client is missing.
+//! pushes and pulls an image it built, skopeo copies a multi-layer image out
+//! of berth and back in, and buildah builds an image that podman pushes and
+//! pulls. Skipped, loudly, where a client is missing.
 
 mod common;
 
@@ -113,4 +114,43 @@ async fn docker_and_skopeo_round_trip() {
         run("skopeo", &["copy", "--src-tls-verify=false", &back, &format!("oci:{}:x", again.path().display())]);
     }
     cleanup.0.push(format!("{addr}/clients/copied:{unique}"));
+}
+
+#[tokio::test]
+async fn buildah_and_podman_round_trip() {
+    if !available("podman", &["--version"]) || !available("buildah", &["--version"]) {
+        eprintln!("SKIPPED: podman/buildah: not installed (scripts/setup.sh installs them)");
+        return;
+    }
+    let (_node, addr, _dir) = start_berth().await;
+    // Own image storage (vfs works without privileges or overlay support),
+    // so the test neither sees nor leaves images in the machine's store.
+    let store = tempfile::tempdir().unwrap();
+    let root = store.path().join("root").display().to_string();
+    let runroot = store.path().join("run").display().to_string();
+    let global = ["--root", root.as_str(), "--runroot", runroot.as_str(), "--storage-driver", "vfs"];
+    let with = |args: &[&str]| -> Vec<String> { global.iter().chain(args).map(|s| s.to_string()).collect() };
+    let tool = |cmd: &str, args: &[&str]| {
+        let args = with(args);
+        run(cmd, &args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+
+    let ctx = tempfile::tempdir().unwrap();
+    for (name, size) in [("a", 200_000), ("b", 3)] {
+        let data: Vec<u8> = (0..size).map(|i| ((i * 7) % 253) as u8).collect();
+        std::fs::write(ctx.path().join(name), data).unwrap();
+    }
+    std::fs::write(ctx.path().join("Containerfile"), "FROM scratch\nCOPY a /a\nCOPY b /b\n").unwrap();
+    let image = format!("{addr}/clients/pod:{:x}", rand::random::<u32>());
+    let ctx_path = ctx.path().display().to_string();
+    tool("buildah", &["bud", "-q", "--layers", "-t", &image, &ctx_path]);
+    let id = |out: Output| String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let before = id(tool("podman", &["image", "inspect", "--format", "{{.Id}}", &image]));
+    tool("podman", &["push", "--tls-verify=false", &image]);
+    tool("podman", &["rmi", "-f", &image]);
+    tool("podman", &["pull", "-q", "--tls-verify=false", &image]);
+    let after = id(tool("podman", &["image", "inspect", "--format", "{{.Id}}", &image]));
+    assert_eq!(before, after, "image id changed through push and pull");
+    let layers = id(tool("podman", &["image", "inspect", "--format", "{{len .RootFS.Layers}}", &image]));
+    assert_eq!(layers, "2");
 }
