@@ -22,3 +22,5 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+# ORAS, the artifact client, is a Python SDK on PyPI.
+python3 -c 'import oras.client' 2>/dev/null || python3 -m pip install -q oras 2>/dev/null || echo "setup: could not install oras (PyPI); its test will say SKIPPED"

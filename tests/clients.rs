@@ -1,7 +1,8 @@
 //! Real clients against a real `berth serve` process: the Docker engine
 //! pushes and pulls an image it built, skopeo copies a multi-layer image out
-//! of berth and back in, and buildah builds an image that podman pushes and
-//! pulls. Skipped, loudly, where a client is missing.
+//! of berth and back in, buildah builds an image that podman pushes and
+//! pulls, and ORAS pushes an artifact with a signature that the referrers API
+//! finds. Skipped, loudly, where a client is missing.
 
 mod common;
 
@@ -153,4 +154,17 @@ async fn buildah_and_podman_round_trip() {
     assert_eq!(before, after, "image id changed through push and pull");
     let layers = id(tool("podman", &["image", "inspect", "--format", "{{len .RootFS.Layers}}", &image]));
     assert_eq!(layers, "2");
+}
+
+#[tokio::test]
+async fn oras_artifact_with_a_referrer() {
+    if !available("python3", &["-c", "import oras.client"]) {
+        eprintln!("SKIPPED: oras: the oras Python SDK is not installed (scripts/setup.sh installs it)");
+        return;
+    }
+    let (_node, addr, _dir) = start_berth().await;
+    let work = tempfile::tempdir().unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/oras_round_trip.py");
+    let out = run("python3", &[script, &addr, &work.path().display().to_string()]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(": ok"));
 }
