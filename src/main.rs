@@ -197,12 +197,12 @@ async fn cluster(cmd: ClusterCmd) -> anyhow::Result<()> {
 fn print_status(rows: &[MemberStatus]) {
     let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
     println!(
-        "{:<4} {:<8} {:<10} {:<8} {:<6} {:<7} {:<9} {:<9} {:<22} {:<22} REGION",
-        "ID", "ROLE", "STATE", "ANSWERS", "TERM", "LEADER", "LAST_LOG", "APPLIED", "GRPC", "API"
+        "{:<4} {:<8} {:<10} {:<8} {:<6} {:<7} {:<9} {:<9} {:<9} {:<22} {:<22} REGION",
+        "ID", "ROLE", "STATE", "ANSWERS", "TERM", "LEADER", "LAST_LOG", "COMMIT", "APPLIED", "GRPC", "API"
     );
     for r in rows {
         println!(
-            "{:<4} {:<8} {:<10} {:<8} {:<6} {:<7} {:<9} {:<9} {:<22} {:<22} {}",
+            "{:<4} {:<8} {:<10} {:<8} {:<6} {:<7} {:<9} {:<9} {:<9} {:<22} {:<22} {}",
             r.id,
             r.role,
             r.state.as_deref().unwrap_or("down"),
@@ -210,6 +210,7 @@ fn print_status(rows: &[MemberStatus]) {
             opt(r.term),
             opt(r.leader),
             opt(r.last_log_index),
+            opt(r.commit_index),
             opt(r.applied_index),
             r.grpc,
             r.api,

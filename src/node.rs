@@ -59,10 +59,10 @@ impl RunningNode {
         let grpc_addr = grpc.local_addr()?;
 
         let sm = StateMachine::new(db.clone(), cfg.data_dir.join("snapshots"))?;
-        let raft = Raft::new(cfg.node_id, raft_config(&cfg)?, Network, LogStore::new(db.clone()), sm)
-            .await
-            .context("starting raft")?;
-        let cluster = Cluster::new(cfg.node_id, raft.clone(), cfg.consistency);
+        let log = LogStore::new(db.clone());
+        let committed = log.commit_index();
+        let raft = Raft::new(cfg.node_id, raft_config(&cfg)?, Network, log, sm).await.context("starting raft")?;
+        let cluster = Cluster::new(cfg.node_id, raft.clone(), committed, cfg.consistency);
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = Vec::new();
 

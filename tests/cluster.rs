@@ -213,6 +213,12 @@ async fn a_node_joins_under_load_and_another_leaves() {
     let ids: Vec<u64> = rows.as_array().unwrap().iter().map(|r| r["id"].as_u64().unwrap()).collect();
     assert!(!ids.contains(&cl.nodes[leaver].id), "{ids:?}");
     assert_eq!(ids.len(), 3);
+    for r in rows.as_array().unwrap() {
+        // Every member answers with its commit index: past the writes above,
+        // never behind what it applied.
+        let (commit, applied) = (r["commit_index"].as_u64().unwrap(), r["applied_index"].as_u64().unwrap());
+        assert!(commit >= applied && applied > 0, "{r}");
+    }
     assert_eq!(tag(&c, &base4, "grow", "after-leave", &m).await, 201);
 
     // Refused: removing voters until no majority would answer.

@@ -81,6 +81,7 @@ fn status_of(cluster: &Cluster) -> NodeStatus {
         leader: m.current_leader.unwrap_or(0),
         last_log_index: m.last_log_index.unwrap_or(0),
         applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+        commit_index: cluster.committed.get(),
         snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
         purged_index: m.purged.map(|l| l.index).unwrap_or(0),
         members,
@@ -276,6 +277,7 @@ pub struct MemberStatus {
     pub term: Option<u64>,
     pub leader: Option<u64>,
     pub last_log_index: Option<u64>,
+    pub commit_index: Option<u64>,
     pub applied_index: Option<u64>,
 }
 
@@ -320,6 +322,7 @@ impl ClusterAdmin {
                 term: s.as_ref().map(|s| s.term),
                 leader: s.as_ref().and_then(|s| (s.leader != 0).then_some(s.leader)),
                 last_log_index: s.as_ref().map(|s| s.last_log_index),
+                commit_index: s.as_ref().map(|s| s.commit_index),
                 applied_index: s.as_ref().map(|s| s.applied_index),
             });
         }

@@ -69,6 +69,8 @@ pub struct Cluster {
     pub peers: Peers,
     /// Set while this node is being drained before it leaves.
     pub drain: Drain,
+    /// What this node knows to be committed (for `cluster status`).
+    pub committed: crate::meta::CommitIndex,
     batcher: batcher::Batcher,
     ids: std::sync::Arc<RequestIds>,
     reads: read_index::ReadIndexer,
@@ -76,12 +78,12 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    pub fn new(id: NodeId, raft: Raft, consistency: Consistency) -> Cluster {
+    pub fn new(id: NodeId, raft: Raft, committed: crate::meta::CommitIndex, consistency: Consistency) -> Cluster {
         let batcher = batcher::Batcher::start(raft.clone());
         let peers = Peers::default();
         let reads = read_index::ReadIndexer::start(raft.clone(), peers.clone(), DEADLINE);
         let ids = std::sync::Arc::new(RequestIds::new(id));
-        Cluster { id, raft, peers, drain: Drain::default(), batcher, ids, reads, consistency }
+        Cluster { id, raft, peers, drain: Drain::default(), committed, batcher, ids, reads, consistency }
     }
 
     /// Wait until this node has applied the log up to `index`.

@@ -5,6 +5,7 @@
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
@@ -25,6 +26,23 @@ const KEY_PURGED: &[u8] = b"last_purged";
 pub struct LogStore {
     db: Arc<DB>,
     flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
+    committed: CommitIndex,
+}
+
+/// The highest log index this node knows to be committed, as openraft last
+/// saved it. `cluster status` shows it per node; openraft 0.9's metrics do
+/// not carry it.
+#[derive(Clone, Debug, Default)]
+pub struct CommitIndex(Arc<AtomicU64>);
+
+impl CommitIndex {
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, committed: Option<LogId<NodeId>>) {
+        self.0.store(committed.map_or(0, |l| l.index), Ordering::Relaxed);
+    }
 }
 
 fn key(index: u64) -> [u8; 8] {
@@ -57,7 +75,16 @@ impl LogStore {
                 }
             })
             .expect("spawn flusher");
-        LogStore { db, flusher: tx }
+        let store = LogStore { db, flusher: tx, committed: CommitIndex::default() };
+        if let Ok(Some(c)) = store.get_raft::<Option<LogId<NodeId>>>(KEY_COMMITTED) {
+            store.committed.set(c);
+        }
+        store
+    }
+
+    /// A handle on the commit index this store records.
+    pub fn commit_index(&self) -> CommitIndex {
+        self.committed.clone()
     }
 
     fn cf_logs(&self) -> &rocksdb::ColumnFamily {
@@ -135,6 +162,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> SResult<()> {
+        self.committed.set(committed);
         // Not synced: losing it only means re-learning the commit index.
         let bytes = bincode::serialize(&committed).map_err(write_err)?;
         self.db.put_cf(self.cf_raft(), KEY_COMMITTED, bytes).map_err(write_err)

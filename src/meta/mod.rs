@@ -13,7 +13,7 @@ use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, DB};
 use serde::{Deserialize, Serialize};
 
 pub use command::{Batch, Command, Outcome, Outcomes, Proposal, Rejection, RequestId, RequestIds};
-pub use log::LogStore;
+pub use log::{CommitIndex, LogStore};
 pub use state::StateMachine;
 
 use crate::oci::{Descriptor, Digest, Name, Tag};
