@@ -344,3 +344,34 @@ async fn writes_in_flight_to_a_frozen_leader_move_to_the_new_one() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_join_asked_while_the_leader_is_down_waits_for_the_new_one() {
+    let mut cl = TestCluster::start(3, 10_000).await;
+    let leader = cl.wait_leader_everywhere().await;
+    let survivor = followers(&cl, leader)[0];
+    let (http, grpc) = (free_port(), free_port());
+    let config = cl.dir.path().join("node4.toml");
+    let data = cl.dir.path().join("data4");
+    std::fs::write(
+        &config,
+        format!(
+            "node_id = 4\nhttp = \"127.0.0.1:{http}\"\ngrpc = \"127.0.0.1:{grpc}\"\ndata_dir = \"{}\"\nstandby = true\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    let _node4 = spawn_serve(&["--config".into(), config.display().to_string()], http).await;
+
+    // Asked through a survivor while nobody leads yet: the command waits for
+    // the election instead of failing with "no leader".
+    cl.kill(leader);
+    let out = berth()
+        .args(["cluster", "join", "--node", &cl.grpc(survivor), "--id", "4"])
+        .args(["--addr", &format!("127.0.0.1:{grpc}"), "--api", &format!("127.0.0.1:{http}")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "join: {}", String::from_utf8_lossy(&out.stderr));
+    let status = cl.status(survivor).await.expect("survivor answers");
+    assert!(status.members.iter().any(|m| m.id == 4 && m.voter), "{:?}", status.members);
+}

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
+use openraft::error::{ClientWriteError, RaftError};
 use openraft::ChangeMembers;
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -123,8 +124,16 @@ impl AdminService {
     }
 }
 
-fn raft_status(e: impl std::fmt::Display) -> Status {
-    Status::failed_precondition(e.to_string())
+/// A membership change refused because leadership moved while it was asked
+/// for is worth retrying (UNAVAILABLE); anything else is the operator's to
+/// fix (FAILED_PRECONDITION).
+fn raft_status(e: RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>) -> Status {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+            Status::unavailable(format!("leadership moved during the change: {e}; retry"))
+        }
+        e => Status::failed_precondition(e.to_string()),
+    }
 }
 
 #[tonic::async_trait]
@@ -329,18 +338,49 @@ impl ClusterAdmin {
         Ok(rows)
     }
 
+    /// Join `req.id`; retried while the cluster has no settled leader
+    /// (an election, or leadership moving mid-change), up to [`RETRY_FOR`].
     pub async fn join(&self, req: JoinRequest) -> Result<String, Status> {
-        let mut c = self.peers.admin(&self.node).map_err(|e| Status::unavailable(e.to_string()))?;
-        Ok(c.join(req).await?.into_inner().message)
+        retry_unavailable(|| async {
+            let mut c = self.peers.admin(&self.node).map_err(|e| Status::unavailable(e.to_string()))?;
+            Ok(c.join(req.clone()).await?.into_inner().message)
+        })
+        .await
     }
 
     /// Remove a node; `progress` sees each step as the leader reports it.
     pub async fn leave(&self, req: LeaveRequest, mut progress: impl FnMut(String)) -> Result<(), Status> {
-        let mut c = self.peers.admin(&self.node).map_err(|e| Status::unavailable(e.to_string()))?;
-        let mut steps = c.leave(req).await?.into_inner();
+        let mut steps = retry_unavailable(|| async {
+            let mut c = self.peers.admin(&self.node).map_err(|e| Status::unavailable(e.to_string()))?;
+            Ok(c.leave(req).await?.into_inner())
+        })
+        .await?;
         while let Some(step) = steps.message().await? {
             progress(step.message);
         }
         Ok(())
+    }
+}
+
+/// How long the command line keeps asking while no leader can take a
+/// membership change.
+const RETRY_FOR: Duration = Duration::from_secs(30);
+
+/// Run `call` again while it fails with UNAVAILABLE (no leader known, or
+/// leadership moved), for at most [`RETRY_FOR`]; other errors return at once.
+async fn retry_unavailable<T, F, Fut>(mut call: F) -> Result<T, Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Status>>,
+{
+    let deadline = tokio::time::Instant::now() + RETRY_FOR;
+    loop {
+        match call().await {
+            Err(e) if e.code() == tonic::Code::Unavailable && tokio::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e.message(), "membership change not taken yet; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            other => return other,
+        }
     }
 }
