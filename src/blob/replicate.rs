@@ -231,7 +231,13 @@ impl Replicator {
         if targets.is_empty() {
             return Vec::new();
         }
-        tracing::info!(%digest, have = have.len(), ?targets, "placing copies");
+        if have.len() < want {
+            tracing::info!(%digest, have = have.len(), ?targets, "placing copies");
+        } else {
+            // Enough copies already; this only moves the blob toward its
+            // placement (a joined node's share), retried every round.
+            tracing::debug!(%digest, have = have.len(), ?targets, "rebalancing copies");
+        }
         let mut new = self.copy_to(digest, sources, &targets).await;
         let mut next = fallback.iter().filter(|n| !have.contains(n));
         while have.len() + new.len() < want {
@@ -255,6 +261,9 @@ impl Replicator {
         for (id, res) in futures::future::join_all(pulls).await {
             match res {
                 Ok(()) => ok.push(id),
+                // A full disk refuses every round until space frees up; the
+                // copy goes to the next node in placement order meanwhile.
+                Err(PullError::NoSpace) => tracing::debug!(%digest, node = id, "short of space; not copied there"),
                 Err(e) => tracing::warn!(%digest, node = id, error = %e, "repair copy failed"),
             }
         }
@@ -464,10 +473,31 @@ impl Replicator {
 /// Read size of a peer transfer: large reads, few wakeups.
 const READ_BUF: usize = 1 << 20;
 
-async fn pull(peers: &crate::cluster::Peers, addr: &str, digest: &Digest, sources: &[String]) -> Result<(), String> {
-    let mut client = peers.blobs(addr).map_err(|e| e.to_string())?;
+/// Why a node did not take a copy it was asked for.
+#[derive(Debug)]
+enum PullError {
+    /// Its blob disk is below the free-space reserve. Expected while a disk
+    /// is full: placement moves on to the next node.
+    NoSpace,
+    Failed(String),
+}
+
+impl std::fmt::Display for PullError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PullError::NoSpace => f.write_str("blob disk below its free-space reserve"),
+            PullError::Failed(e) => f.write_str(e),
+        }
+    }
+}
+
+async fn pull(peers: &crate::cluster::Peers, addr: &str, digest: &Digest, sources: &[String]) -> Result<(), PullError> {
+    let mut client = peers.blobs(addr).map_err(|e| PullError::Failed(e.to_string()))?;
     let req = crate::cluster::PullRequest { digest: digest.to_string(), sources: sources.to_vec() };
-    client.pull(req).await.map(|_| ()).map_err(|e| e.message().to_owned())
+    client.pull(req).await.map(|_| ()).map_err(|e| match e.code() {
+        tonic::Code::ResourceExhausted => PullError::NoSpace,
+        _ => PullError::Failed(e.message().to_owned()),
+    })
 }
 
 /// Hashes a stream's chunks on a blocking thread while the stream moves
