@@ -13,12 +13,11 @@ mod common;
 #[path = "support/load.rs"]
 mod load;
 
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{free_port, image_manifest, sha256, OCI_MANIFEST};
+use common::{free_port, image_manifest, sha256, spawn_serve, wait_for, OCI_MANIFEST};
 use load::run;
 
 const REPO: &str = "bench/manifests";
@@ -46,27 +45,26 @@ async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
     let dir = tempfile::tempdir().unwrap();
-    let (registry, mut child) = match arg("--registry") {
+    // A berth started here is killed when `_node` drops, at the end.
+    let (registry, _node) = match arg("--registry") {
         Some(r) => (r, None),
         None => {
             let (http, grpc) = (free_port(), free_port());
-            let c = Command::new(env!("CARGO_BIN_EXE_berth"))
-                .args(["serve", "--http", &format!("127.0.0.1:{http}"), "--grpc", &format!("127.0.0.1:{grpc}")])
-                .arg("--data-dir")
-                .arg(dir.path())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            (format!("127.0.0.1:{http}"), Some(c))
+            let args: Vec<String> = ["--http", &format!("127.0.0.1:{http}"), "--grpc", &format!("127.0.0.1:{grpc}")]
+                .iter()
+                .map(|s| s.to_string())
+                .chain(["--data-dir".to_owned(), dir.path().display().to_string()])
+                .collect();
+            (format!("127.0.0.1:{http}"), Some(spawn_serve(&args, http).await))
         }
     };
     let base = format!("http://{registry}");
     let c = reqwest::Client::builder().pool_max_idle_per_host(128).build().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !c.get(format!("{base}/v2/")).send().await.is_ok_and(|r| r.status().is_success()) {
-        assert!(Instant::now() < deadline, "registry did not answer");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for("the registry to answer", Duration::from_secs(60), || {
+        let (c, url) = (c.clone(), format!("{base}/v2/"));
+        async move { c.get(url).send().await.is_ok_and(|r| r.status().is_success()) }
+    })
+    .await;
 
     let config = push_blob(&c, &base, b"{\"bench\":1}!!").await;
     let layer = push_blob(&c, &base, &[7u8; 2000]).await;
@@ -109,9 +107,5 @@ async fn main() {
         })
         .await;
         s.print(&format!("manifest GET by tag c={conc}"));
-    }
-    if let Some(c) = child.as_mut() {
-        let _ = c.kill();
-        let _ = c.wait();
     }
 }
