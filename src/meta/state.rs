@@ -50,7 +50,7 @@ struct StoredSnapshot {
 
 pub struct StateMachine {
     db: Arc<DB>,
-    snap_dir: PathBuf,
+    snapshots: Arc<SnapshotFiles>,
     receiving: Option<PathBuf>,
 }
 
@@ -65,7 +65,16 @@ fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
 impl StateMachine {
     pub fn new(db: Arc<DB>, snap_dir: PathBuf) -> std::io::Result<StateMachine> {
         std::fs::create_dir_all(&snap_dir)?;
-        Ok(StateMachine { db, snap_dir, receiving: None })
+        // Builds and transfers cut short by a crash leave scratch files.
+        for e in std::fs::read_dir(&snap_dir)?.flatten() {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            if n.starts_with("build-") || n.starts_with("recv-") {
+                std::fs::remove_file(e.path())?;
+            }
+        }
+        let snapshots = Arc::new(SnapshotFiles { dir: snap_dir, lock: std::sync::Mutex::new(()) });
+        Ok(StateMachine { db, snapshots, receiving: None })
     }
 
     fn get_sm<T: serde::de::DeserializeOwned>(&self, k: &[u8]) -> SResult<Option<T>> {
@@ -249,10 +258,6 @@ impl StateMachine {
         }
         Ok(())
     }
-
-    fn snapshot_path(&self, id: &str) -> PathBuf {
-        self.snap_dir.join(format!("{id}.snap"))
-    }
 }
 
 /// Snapshot file: for every key of every state column family, a record of
@@ -322,55 +327,108 @@ fn load_snapshot(db: &DB, file: std::fs::File, meta: &SnapshotMeta<NodeId, NodeI
     db.write_opt(batch, &opts).map_err(std::io::Error::other)
 }
 
-pub struct SnapshotBuilder {
-    db: Arc<DB>,
-    snap_dir: PathBuf,
+/// The snapshot directory and which file in it is current. A snapshot is
+/// built in a task of its own while the state machine goes on applying and
+/// installing, so publishing a built snapshot, installing a received one and
+/// opening the current one take one lock: a build that finishes after a
+/// newer snapshot was installed must neither fail nor replace it.
+struct SnapshotFiles {
+    dir: PathBuf,
+    lock: std::sync::Mutex<()>,
 }
 
-impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
-    async fn build_snapshot(&mut self) -> SResult<Snapshot<TypeConfig>> {
+impl SnapshotFiles {
+    fn stamp() -> u128 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_micros()
+    }
+
+    /// A fresh path for a snapshot being built or received (`kind` is
+    /// `build` or `recv`; such files are never taken for the current one).
+    fn scratch(&self, kind: &str) -> PathBuf {
+        self.dir.join(format!("{kind}-{}.snap", Self::stamp()))
+    }
+
+    /// Move the complete snapshot at `from` into place and open it. It
+    /// becomes the current snapshot unless a newer one already is; then the
+    /// file is unlinked, and only the returned handle still reads it.
+    fn publish(
+        &self,
+        db: &DB,
+        from: &std::path::Path,
+        meta: &SnapshotMeta<NodeId, NodeInfo>,
+    ) -> SResult<std::fs::File> {
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let name = format!("{}.snap", meta.snapshot_id);
+        let path = self.dir.join(&name);
+        std::fs::rename(from, &path).map_err(io_err)?;
+        let file = std::fs::File::open(&path).map_err(io_err)?;
+        if read_stored(db)?.is_some_and(|s| s.meta.last_log_id > meta.last_log_id) {
+            std::fs::remove_file(&path).map_err(io_err)?;
+            return Ok(file);
+        }
+        let stored = StoredSnapshot { meta: meta.clone(), file: name.clone() };
+        let mut opts = rocksdb::WriteOptions::default();
+        opts.set_sync(true);
+        db.put_cf_opt(cf(db, CF_SM), KEY_SNAPSHOT, bincode::serialize(&stored).map_err(io_err)?, &opts)
+            .map_err(io_err)?;
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                let n = e.file_name();
+                let n = n.to_string_lossy();
+                if n.ends_with(".snap") && n != name && !n.starts_with("build-") && !n.starts_with("recv-") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        Ok(file)
+    }
+
+    /// The current snapshot, opened.
+    fn current(&self, db: &DB) -> SResult<Option<(SnapshotMeta<NodeId, NodeInfo>, std::fs::File)>> {
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(stored) = read_stored(db)? else { return Ok(None) };
+        match std::fs::File::open(self.dir.join(&stored.file)) {
+            Ok(f) => Ok(Some((stored.meta, f))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(e)),
+        }
+    }
+}
+
+fn read_stored(db: &DB) -> SResult<Option<StoredSnapshot>> {
+    let v = db.get_cf(cf(db, CF_SM), KEY_SNAPSHOT).map_err(io_err)?;
+    v.map(|v| bincode::deserialize(&v).map_err(io_err)).transpose()
+}
+
+pub struct SnapshotBuilder {
+    db: Arc<DB>,
+    snapshots: Arc<SnapshotFiles>,
+}
+
+impl SnapshotBuilder {
+    /// Write the state as of now to a scratch file (a RocksDB snapshot keeps
+    /// it consistent while entries go on being applied).
+    async fn write(&self) -> SResult<(PathBuf, SnapshotMeta<NodeId, NodeInfo>)> {
         let db = self.db.clone();
-        let dir = self.snap_dir.clone();
-        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_micros();
-        let tmp_path = dir.join(format!("build-{stamp}.snap"));
-        let p = tmp_path.clone();
+        let path = self.snapshots.scratch("build");
+        let p = path.clone();
         let (applied, membership) =
             tokio::task::spawn_blocking(move || write_snapshot(&db, &p)).await.map_err(io_err)?.map_err(io_err)?;
+        let stamp = SnapshotFiles::stamp();
         let snapshot_id = match applied {
             Some(l) => format!("{}-{}-{stamp}", l.leader_id.term, l.index),
             None => format!("0-0-{stamp}"),
         };
-        let final_path = dir.join(format!("{snapshot_id}.snap"));
-        std::fs::rename(&tmp_path, &final_path).map_err(io_err)?;
-        let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
-        set_current_snapshot(&self.db, &dir, &meta, &final_path)?;
-        let file = tokio::fs::File::open(&final_path).await.map_err(io_err)?;
-        Ok(Snapshot { meta, snapshot: Box::new(file) })
+        Ok((path, SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id }))
     }
 }
 
-/// Record `path` as the current snapshot and delete older snapshot files.
-fn set_current_snapshot(
-    db: &DB,
-    dir: &std::path::Path,
-    meta: &SnapshotMeta<NodeId, NodeInfo>,
-    path: &std::path::Path,
-) -> SResult<()> {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
-    let stored = StoredSnapshot { meta: meta.clone(), file: name.clone() };
-    let mut opts = rocksdb::WriteOptions::default();
-    opts.set_sync(true);
-    db.put_cf_opt(cf(db, CF_SM), KEY_SNAPSHOT, bincode::serialize(&stored).map_err(io_err)?, &opts).map_err(io_err)?;
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let n = e.file_name();
-            let n = n.to_string_lossy();
-            if n.ends_with(".snap") && n != name && !n.starts_with("build-") && !n.starts_with("recv-") {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> SResult<Snapshot<TypeConfig>> {
+        let (path, meta) = self.write().await?;
+        let file = self.snapshots.publish(&self.db, &path, &meta)?;
+        Ok(Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(file)) })
     }
-    Ok(())
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
@@ -428,12 +486,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        SnapshotBuilder { db: self.db.clone(), snap_dir: self.snap_dir.clone() }
+        SnapshotBuilder { db: self.db.clone(), snapshots: self.snapshots.clone() }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> SResult<Box<tokio::fs::File>> {
-        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_micros();
-        let path = self.snap_dir.join(format!("recv-{stamp}.snap"));
+        // openraft starts over when the leader sends a newer snapshot.
+        if let Some(abandoned) = self.receiving.take() {
+            let _ = std::fs::remove_file(abandoned);
+        }
+        let path = self.snapshots.scratch("recv");
         let f = tokio::fs::OpenOptions::new()
             .create(true)
             .truncate(true)
@@ -465,22 +526,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         .map_err(io_err)?
         .map_err(io_err)?;
         drop(f);
-        let final_path = self.snapshot_path(&meta.snapshot_id);
-        if let Some(p) = self.receiving.take() {
-            std::fs::rename(p, &final_path).map_err(io_err)?;
-        }
-        set_current_snapshot(&self.db, &self.snap_dir, meta, &final_path)
+        let received =
+            self.receiving.take().ok_or_else(|| io_err(std::io::Error::other("no snapshot was received")))?;
+        self.snapshots.publish(&self.db, &received, meta)?;
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> SResult<Option<Snapshot<TypeConfig>>> {
-        let Some(stored) = self.get_sm::<StoredSnapshot>(KEY_SNAPSHOT)? else {
-            return Ok(None);
-        };
-        match tokio::fs::File::open(self.snap_dir.join(&stored.file)).await {
-            Ok(f) => Ok(Some(Snapshot { meta: stored.meta, snapshot: Box::new(f) })),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_err(e)),
-        }
+        let current = self.snapshots.current(&self.db)?;
+        Ok(current.map(|(meta, f)| Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(f)) }))
     }
 }
 
@@ -534,6 +588,46 @@ mod tests {
         (db, sm)
     }
 
+    /// Receive `snap` the way openraft hands one over, and install it.
+    async fn install(sm: &mut StateMachine, snap: Snapshot<TypeConfig>) {
+        use tokio::io::AsyncSeekExt;
+        let mut f = sm.begin_receiving_snapshot().await.unwrap();
+        let mut src = snap.snapshot;
+        src.seek(std::io::SeekFrom::Start(0)).await.unwrap();
+        tokio::io::copy(&mut src, &mut *f).await.unwrap();
+        sm.install_snapshot(&snap.meta, f).await.unwrap();
+    }
+
+    /// openraft builds snapshots in a task of their own, so a follower can
+    /// install a newer snapshot from its leader while building one of its
+    /// own. The build finishing last must not fail (which stops Raft on
+    /// the node) nor take the installed snapshot's place.
+    #[tokio::test]
+    async fn a_build_that_finishes_after_a_newer_install_keeps_the_installed_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, mut sm) = machine(dir.path());
+        sm.apply([entry(1, vec![put_tag(1, "t", "old")])]).await.unwrap();
+        let builder = sm.get_snapshot_builder().await;
+        let (built, built_meta) = builder.write().await.unwrap();
+
+        let leader_dir = tempfile::tempdir().unwrap();
+        let (_, mut leader) = machine(leader_dir.path());
+        leader.apply([entry(1, vec![put_tag(1, "t", "old")]), entry(2, vec![put_tag(2, "t", "new")])]).await.unwrap();
+        let newer = leader.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let newer_meta = newer.meta.clone();
+        install(&mut sm, newer).await;
+
+        let mut late = builder.snapshots.publish(&db, &built, &built_meta).expect("a late build still succeeds");
+        let mut bytes = Vec::new();
+        late.read_to_end(&mut bytes).unwrap();
+        assert!(!bytes.is_empty(), "the late build is still readable through its handle");
+        let current = sm.get_current_snapshot().await.unwrap().expect("a current snapshot");
+        assert_eq!(current.meta, newer_meta);
+        assert_eq!(tag_value(&db), "new");
+        let files: Vec<_> = std::fs::read_dir(dir.path().join("snap")).unwrap().flatten().collect();
+        assert_eq!(files.len(), 1, "only the current snapshot stays on disk: {files:?}");
+    }
+
     /// A write that reaches the log twice (a forward whose answer was lost,
     /// retried after a newer write to the same tag) must not bring the old
     /// value back, on this replica or on one restored from a snapshot.
@@ -552,12 +646,7 @@ mod tests {
         let snap = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
         let other = tempfile::tempdir().unwrap();
         let (db2, mut sm2) = machine(other.path());
-        let mut f = sm2.begin_receiving_snapshot().await.unwrap();
-        let mut src = snap.snapshot;
-        use tokio::io::AsyncSeekExt;
-        src.seek(std::io::SeekFrom::Start(0)).await.unwrap();
-        tokio::io::copy(&mut src, &mut *f).await.unwrap();
-        sm2.install_snapshot(&snap.meta, f).await.unwrap();
+        install(&mut sm2, snap).await;
         sm2.apply([entry(4, vec![first.clone()])]).await.unwrap();
         assert_eq!(tag_value(&db2), "new");
 

@@ -142,13 +142,28 @@ pub fn files_under(dir: &Path) -> Vec<String> {
     out
 }
 
-/// A `berth serve` child process, killed (SIGKILL) when dropped.
-pub struct Proc(pub std::process::Child);
+/// A `berth serve` child process, killed (SIGKILL) when dropped. Its log
+/// goes to a file, and if the test is failing when the node is dropped,
+/// the node's last warnings and errors are printed with the failure.
+pub struct Proc(pub std::process::Child, Option<std::path::PathBuf>);
 
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        let Some(log) = self.1.take() else { return };
+        if std::thread::panicking() {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            // Peers being down is what most tests do on purpose: skip that.
+            let noise = |l: &str| l.contains("Unreachable node") || l.contains("Timeout expired");
+            let notable: Vec<&str> =
+                text.lines().filter(|l| (l.contains(" WARN ") || l.contains("ERROR")) && !noise(l)).collect();
+            eprintln!("--- last warnings and errors of berth pid {} ({} in all):", self.0.id(), notable.len());
+            for l in &notable[notable.len().saturating_sub(40)..] {
+                eprintln!("{l}");
+            }
+        }
+        let _ = std::fs::remove_file(&log);
     }
 }
 
@@ -173,20 +188,30 @@ pub fn berth() -> std::process::Command {
 
 /// Start `berth serve` with `args` and wait until its API answers.
 pub async fn spawn_serve(args: &[String], http: u16) -> Proc {
-    let log = std::env::var("BERTH_TEST_LOGS").is_ok();
+    // BERTH_TEST_LOGS=1 shows every node's log as it runs.
+    let (stderr, log) = if std::env::var("BERTH_TEST_LOGS").is_ok() {
+        (std::process::Stdio::inherit(), None)
+    } else {
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("berth-test-{}-{seq}.log", std::process::id()));
+        (std::fs::File::create(&path).expect("node log file").into(), Some(path))
+    };
     let child = berth()
         .arg("serve")
         .args(args)
+        .env("NO_COLOR", "1")
         .stdout(std::process::Stdio::null())
-        .stderr(if log { std::process::Stdio::inherit() } else { std::process::Stdio::null() })
+        .stderr(stderr)
         .spawn()
         .expect("start berth");
+    let proc = Proc(child, log);
     let url = format!("http://127.0.0.1:{http}/v2/");
     wait_for("node to answer", Duration::from_secs(60), || {
         let url = url.clone();
         async move { reqwest::get(&url).await.is_ok() }
     })
     .await;
-    Proc(child)
+    proc
 }
 pub mod cluster;
