@@ -128,10 +128,17 @@ fn main() -> anyhow::Result<()> {
             cfg.learner |= learner;
             rt.block_on(async move {
                 let node = RunningNode::start(cfg).await?;
-                shutdown_signal().await;
-                tracing::info!("shutting down");
-                node.shutdown().await;
-                anyhow::Ok(())
+                tokio::select! {
+                    () = shutdown_signal() => {
+                        tracing::info!("shutting down");
+                        node.shutdown().await;
+                        anyhow::Ok(())
+                    }
+                    reason = node.raft_failed() => {
+                        tracing::error!(%reason, "Raft stopped on a fatal error; exiting so the node restarts from disk");
+                        anyhow::bail!("Raft stopped: {reason}")
+                    }
+                }
             })
         }
         Cmd::Cluster { command } => rt.block_on(cluster(command)),

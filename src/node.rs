@@ -144,6 +144,22 @@ impl RunningNode {
         Ok(RunningNode { http_addr, grpc_addr, cluster, shutdown, tasks })
     }
 
+    /// Resolves, with the reason, once Raft on this node has stopped on a
+    /// fatal error (a storage failure, say). Such a node can no longer take
+    /// writes or serve linearizable reads, and every request would get a
+    /// 500; exiting lets its supervisor restart it from its durable state.
+    pub async fn raft_failed(&self) -> String {
+        let mut metrics = self.cluster.raft.metrics();
+        loop {
+            if let Err(e) = &metrics.borrow_and_update().running_state {
+                return e.to_string();
+            }
+            if metrics.changed().await.is_err() {
+                return "Raft stopped".into();
+            }
+        }
+    }
+
     /// Stop accepting requests and stop Raft.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);

@@ -10,16 +10,6 @@ use common::cluster::TestCluster;
 use common::*;
 
 /// Tag `tag` in `repo` to the manifest `m` (whose blobs are in `repo`).
-async fn tag(c: &reqwest::Client, base: &str, repo: &str, tag: &str, m: &[u8]) -> reqwest::StatusCode {
-    c.put(format!("{base}/v2/{repo}/manifests/{tag}"))
-        .header("Content-Type", OCI_MANIFEST)
-        .body(m.to_vec())
-        .send()
-        .await
-        .map(|r| r.status())
-        .unwrap_or(reqwest::StatusCode::SERVICE_UNAVAILABLE)
-}
-
 /// `tag`, retried while the node answers 503: a write racing an election
 /// may be told to come back, but must never be lost or fail otherwise.
 async fn tag_retrying(c: &reqwest::Client, base: &str, repo: &str, t: &str, m: &[u8]) -> reqwest::StatusCode {

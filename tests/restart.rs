@@ -70,3 +70,51 @@ async fn sigkill_and_restart_keeps_every_acknowledged_write() {
     // Writes continue after the restart.
     push_image(&c, &base, "crash/after", "latest", "after").await;
 }
+
+/// A node whose Raft stops on a storage error cannot write or serve
+/// consistent reads any more: it exits (so its supervisor restarts it)
+/// instead of answering 500 to everything, and a restart brings it back
+/// with every acknowledged write.
+#[tokio::test]
+async fn a_storage_failure_stops_the_node_and_a_restart_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (http, grpc) = (free_port(), free_port());
+    let base = format!("http://127.0.0.1:{http}");
+    let config = dir.path().join("node.toml");
+    let data = dir.path().join("data");
+    std::fs::write(
+        &config,
+        format!(
+            "http = \"127.0.0.1:{http}\"\ngrpc = \"127.0.0.1:{grpc}\"\ndata_dir = \"{}\"\n\n[raft]\nsnapshot_logs = 20\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    let args = vec!["--config".to_string(), config.display().to_string()];
+    let c = client();
+    let mut node = spawn_serve(&args, http).await;
+    let (_, m) = push_image(&c, &base, "fail/r", "base", "f").await;
+
+    // The next snapshot cannot be written.
+    std::fs::remove_dir_all(data.join("snapshots")).unwrap();
+    let mut acknowledged = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = node.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "the node did not exit");
+        let t = format!("t{}", acknowledged.len());
+        if tag(&c, &base, "fail/r", &t, &m).await == 201 {
+            acknowledged.push(t);
+        }
+    };
+    assert!(!status.success(), "{status}");
+    drop(node);
+
+    let _node = spawn_serve(&args, http).await;
+    for t in ["base"].iter().map(|s| s.to_string()).chain(acknowledged) {
+        let r = c.get(format!("{base}/v2/fail/r/manifests/{t}")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{t}");
+    }
+}

@@ -142,6 +142,17 @@ pub fn files_under(dir: &Path) -> Vec<String> {
     out
 }
 
+/// PUT manifest `m` as `repo:tag`; a connection that fails counts as 503.
+pub async fn tag(c: &reqwest::Client, base: &str, repo: &str, tag: &str, m: &[u8]) -> reqwest::StatusCode {
+    c.put(format!("{base}/v2/{repo}/manifests/{tag}"))
+        .header("Content-Type", OCI_MANIFEST)
+        .body(m.to_vec())
+        .send()
+        .await
+        .map(|r| r.status())
+        .unwrap_or(reqwest::StatusCode::SERVICE_UNAVAILABLE)
+}
+
 /// A `berth serve` child process, killed (SIGKILL) when dropped. Its log
 /// goes to a file, and if the test is failing when the node is dropped,
 /// the node's last warnings and errors are printed with the failure.
