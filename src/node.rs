@@ -137,6 +137,7 @@ impl RunningNode {
             uploads: uploads.clone(),
             max_manifest_bytes: cfg.max_manifest_bytes,
             http: AppState::http_client(),
+            metrics: Default::default(),
         };
         tasks.push(tokio::spawn(api::serve(http, state, rx.clone())));
         tasks.push(tokio::spawn(expire_uploads(uploads, Duration::from_secs(cfg.upload_expiry_secs), rx)));

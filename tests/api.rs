@@ -580,3 +580,37 @@ async fn malformed_requests_get_4xx_and_store_nothing() {
     assert_eq!(catalog["repositories"], serde_json::json!([]));
     n.node.shutdown().await;
 }
+
+/// `/metrics` counts requests by endpoint and status (not by repository)
+/// and shows this node's Raft state, in Prometheus' text format.
+#[tokio::test]
+async fn metrics_count_requests_by_endpoint_and_show_raft() {
+    let n = start_node().await;
+    let c = client();
+    push_image(&c, &n.base, "metrics/app", "v1", "m").await;
+    assert_eq!(c.get(format!("{}/v2/metrics/app/manifests/v1", n.base)).send().await.unwrap().status(), 200);
+    assert_eq!(c.get(format!("{}/v2/metrics/app/manifests/nope", n.base)).send().await.unwrap().status(), 404);
+    assert_eq!(c.get(format!("{}/v2/Bad..Name/tags/list", n.base)).send().await.unwrap().status(), 400);
+
+    let r = c.get(format!("{}/metrics", n.base)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["Content-Type"].to_str().unwrap().starts_with("text/plain"));
+    let text = r.text().await.unwrap();
+    let value = |series: &str| -> f64 {
+        let line = text.lines().find(|l| l.starts_with(series)).unwrap_or_else(|| panic!("no {series} in\n{text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert_eq!(value(r#"berth_http_requests_total{method="PUT",route="manifest",status="201"}"#), 1.0);
+    assert_eq!(value(r#"berth_http_requests_total{method="GET",route="manifest",status="200"}"#), 1.0);
+    assert_eq!(value(r#"berth_http_requests_total{method="GET",route="manifest",status="404"}"#), 1.0);
+    assert_eq!(value(r#"berth_http_requests_total{method="GET",route="invalid",status="400"}"#), 1.0);
+    assert_eq!(value(r#"berth_http_request_duration_seconds_count{method="GET",route="manifest"}"#), 2.0);
+    assert!(!text.contains("metrics/app"), "repository names are not labels");
+    assert_eq!(value("berth_raft_is_leader"), 1.0);
+    assert_eq!(value("berth_raft_voters"), 1.0);
+    let applied = value("berth_raft_applied_index");
+    assert!(applied >= 2.0, "the pushes went through Raft");
+    assert!(value("berth_raft_commit_index") >= applied);
+    assert!(value("berth_raft_term") >= 1.0);
+    n.node.shutdown().await;
+}

@@ -7,6 +7,7 @@ mod blobs;
 mod forward;
 mod lists;
 mod manifests;
+mod metrics;
 mod response;
 mod route;
 
@@ -20,6 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
+pub use metrics::Metrics;
 pub use response::Body;
 pub use route::Route;
 
@@ -39,6 +41,7 @@ pub struct AppState {
     pub max_manifest_bytes: usize,
     /// For streaming upload requests to the node that owns the session.
     pub http: forward::HttpClient,
+    pub metrics: Arc<Metrics>,
 }
 
 impl AppState {
@@ -98,8 +101,14 @@ pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: tokio::
 async fn handle(state: &AppState, req: Request<Incoming>) -> Response<Body> {
     let span = tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), status = tracing::field::Empty);
     async move {
-        let head = req.method() == Method::HEAD;
-        let resp = match dispatch(state, req).await {
+        let started = std::time::Instant::now();
+        let method = req.method().clone();
+        let head = method == Method::HEAD;
+        let (label, result) = match Route::parse(req.uri().path()) {
+            Ok(route) => (route.label(), dispatch(state, route, req).await),
+            Err(e) => ("invalid", Err(e)),
+        };
+        let resp = match result {
             Ok(r) => r,
             Err(e) => {
                 if e.status().is_server_error() {
@@ -111,19 +120,19 @@ async fn handle(state: &AppState, req: Request<Incoming>) -> Response<Body> {
             }
         };
         tracing::Span::current().record("status", resp.status().as_u16());
+        state.metrics.observe(&method, label, resp.status(), started.elapsed());
         resp
     }
     .instrument(span)
     .await
 }
 
-async fn dispatch(state: &AppState, req: Request<Incoming>) -> ApiResult {
-    let route = Route::parse(req.uri().path())?;
+async fn dispatch(state: &AppState, route: Route, req: Request<Incoming>) -> ApiResult {
     let query = Query::parse(req.uri());
     let method = req.method().clone();
     let head = method == Method::HEAD;
     // A drain waits for client work, not for load-balancer health checks.
-    let _active = (!matches!(route, Route::Base)).then(|| state.cluster.drain.track());
+    let _active = (!matches!(route, Route::Base | Route::Metrics)).then(|| state.cluster.drain.track());
     if let Route::Upload(_, id) = &route {
         if forward::is_foreign(state, id) {
             return forward::to_owner(state, id, req).await;
@@ -138,6 +147,7 @@ async fn dispatch(state: &AppState, req: Request<Incoming>) -> ApiResult {
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(if head { response::empty() } else { full("{}") })
             .expect("static response")),
+        (Method::GET, Route::Metrics) => state.metrics.render(&state.cluster),
         (Method::GET, Route::Catalog) => lists::catalog(state, &query).await,
         (Method::GET, Route::Tags(name)) => lists::tags(state, &name, &query).await,
         (Method::GET, Route::Referrers(name, digest)) => lists::referrers(state, &name, &digest, &query).await,

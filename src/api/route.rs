@@ -25,6 +25,8 @@ pub enum Route {
     /// `/_berth/blobs/<digest>`: a local copy, for a peer reading through
     /// (outside `/v2/`: not part of the registry API).
     PeerBlob(Digest),
+    /// `/metrics`: Prometheus text exposition.
+    Metrics,
 }
 
 fn not_found() -> Error {
@@ -33,6 +35,9 @@ fn not_found() -> Error {
 
 impl Route {
     pub fn parse(path: &str) -> Result<Route, Error> {
+        if path == "/metrics" {
+            return Ok(Route::Metrics);
+        }
         if let Some(d) = path.strip_prefix("/_berth/blobs/") {
             return Ok(Route::PeerBlob(d.parse()?));
         }
@@ -75,6 +80,8 @@ mod tests {
     fn routes() {
         let d = format!("sha256:{}", "a".repeat(64));
         assert_eq!(Route::parse("/v2/").unwrap(), Route::Base);
+        assert_eq!(Route::parse("/metrics").unwrap(), Route::Metrics);
+        assert!(Route::parse("/metrics/x").is_err());
         assert!(matches!(Route::parse("/v2/a/b/tags/list"), Ok(Route::Tags(n)) if n.as_str() == "a/b"));
         assert!(matches!(Route::parse("/v2/x/blobs/uploads/"), Ok(Route::UploadStart(_))));
         assert!(matches!(Route::parse(&format!("/v2/x/blobs/{d}")), Ok(Route::Blob(..))));

@@ -1,0 +1,125 @@
+//! `GET /metrics`: what an operator scrapes with Prometheus. Request counts
+//! and latencies by endpoint (never by repository name, which would make
+//! the label set unbounded), and this node's view of Raft, read at scrape
+//! time so the numbers are never stale.
+
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+use super::response::{builder, finish, full, ApiResult};
+use super::Route;
+use crate::cluster::Cluster;
+
+/// The registry and the instruments the request path updates.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    latency: HistogramVec,
+    raft: RaftGauges,
+}
+
+struct RaftGauges {
+    term: IntGauge,
+    leader: IntGauge,
+    is_leader: IntGauge,
+    last_log: IntGauge,
+    committed: IntGauge,
+    applied: IntGauge,
+    snapshot: IntGauge,
+    purged: IntGauge,
+    voters: IntGauge,
+    learners: IntGauge,
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    registry.register(Box::new(g.clone())).expect("registered once");
+    g
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("berth_http_requests_total", "HTTP requests answered, by method, endpoint and status."),
+            &["method", "route", "status"],
+        )
+        .expect("valid metric");
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "berth_http_request_duration_seconds",
+                "Time to the response head (a blob body streams after it), by method and endpoint.",
+            )
+            .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            &["method", "route"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(requests.clone())).expect("registered once");
+        registry.register(Box::new(latency.clone())).expect("registered once");
+        let g = |name, help| gauge(&registry, name, help);
+        let raft = RaftGauges {
+            term: g("berth_raft_term", "Current Raft term."),
+            leader: g("berth_raft_leader_id", "Id of the leader this node knows, 0 if none."),
+            is_leader: g("berth_raft_is_leader", "1 if this node leads."),
+            last_log: g("berth_raft_last_log_index", "Index of the last entry in this node's log."),
+            committed: g("berth_raft_commit_index", "Highest index this node knows to be committed."),
+            applied: g("berth_raft_applied_index", "Highest index applied to this node's state machine."),
+            snapshot: g("berth_raft_snapshot_index", "Last index covered by this node's snapshot."),
+            purged: g("berth_raft_purged_index", "Last index removed from this node's log."),
+            voters: g("berth_raft_voters", "Voters in the membership this node knows."),
+            learners: g("berth_raft_learners", "Learners in the membership this node knows."),
+        };
+        Metrics { registry, requests, latency, raft }
+    }
+}
+
+impl Metrics {
+    /// Count one answered request.
+    pub fn observe(&self, method: &Method, route: &str, status: StatusCode, took: Duration) {
+        self.requests.with_label_values(&[method.as_str(), route, status.as_str()]).inc();
+        self.latency.with_label_values(&[method.as_str(), route]).observe(took.as_secs_f64());
+    }
+
+    /// The text exposition of every metric, Raft's read now.
+    pub fn render(&self, cluster: &Cluster) -> ApiResult {
+        let m = cluster.raft.metrics().borrow().clone();
+        let r = &self.raft;
+        let index = |l: Option<&openraft::LogId<crate::NodeId>>| l.map_or(0, |l| l.index as i64);
+        r.term.set(m.current_term as i64);
+        r.leader.set(m.current_leader.unwrap_or(0) as i64);
+        r.is_leader.set(i64::from(m.current_leader == Some(cluster.id)));
+        r.last_log.set(m.last_log_index.unwrap_or(0) as i64);
+        r.committed.set(cluster.committed.get() as i64);
+        r.applied.set(index(m.last_applied.as_ref()));
+        r.snapshot.set(index(m.snapshot.as_ref()));
+        r.purged.set(index(m.purged.as_ref()));
+        let membership = m.membership_config.membership();
+        let voters = membership.voter_ids().count();
+        r.voters.set(voters as i64);
+        r.learners.set(membership.nodes().count().saturating_sub(voters) as i64);
+        let encoder = TextEncoder::new();
+        let mut out = Vec::new();
+        encoder.encode(&self.registry.gather(), &mut out).map_err(super::response::internal)?;
+        finish(builder(StatusCode::OK).header(http::header::CONTENT_TYPE, encoder.format_type()), full(out))
+    }
+}
+
+impl Route {
+    /// The endpoint as a metric label: bounded, names and digests left out.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Route::Base => "base",
+            Route::Catalog => "catalog",
+            Route::Tags(_) => "tags",
+            Route::Manifest(..) => "manifest",
+            Route::Blob(..) => "blob",
+            Route::UploadStart(_) => "upload_start",
+            Route::Upload(..) => "upload",
+            Route::Referrers(..) => "referrers",
+            Route::PeerBlob(_) => "peer_blob",
+            Route::Metrics => "metrics",
+        }
+    }
+}
