@@ -509,6 +509,31 @@ async fn truncated_upload_changes_nothing() {
     n.node.shutdown().await;
 }
 
+/// Some clients send a whole request, then shut their write side while
+/// they wait for the answer: the push must still happen and be answered.
+#[tokio::test]
+async fn a_client_that_half_closes_after_its_request_is_answered() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let n = start_node().await;
+    let body = b"sent, then half-closed";
+    let digest = sha256(body);
+    let mut s = tokio::net::TcpStream::connect(n.node.http_addr).await.unwrap();
+    let head = format!(
+        "POST /v2/halfclose/blobs/uploads/?digest={digest} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer:?}");
+    let r = client().get(format!("{}/v2/halfclose/blobs/{digest}", n.base)).send().await.unwrap();
+    assert_eq!(r.bytes().await.unwrap().as_ref(), body);
+    n.node.shutdown().await;
+}
+
 /// A table of malformed requests, each answered with a 4xx (never a 5xx),
 /// leaving no blob, no new upload session and no repository behind.
 #[tokio::test]

@@ -90,7 +90,11 @@ pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: tokio::
                 req.extensions_mut().insert(fd);
                 async move { Ok::<_, Infallible>(handle(&state, req).await) }
             });
-            let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let mut conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            // A client may send its whole request, then shut its write side
+            // while it waits: it still gets the answer (hyper would drop the
+            // request in flight otherwise).
+            conn.http1().half_close(true);
             if let Err(e) = conn.serve_connection_with_upgrades(TokioIo::new(stream), svc).await {
                 tracing::debug!(%peer, error = %e, "connection ended");
             }
