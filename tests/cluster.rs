@@ -341,17 +341,8 @@ async fn a_join_asked_while_the_leader_is_down_waits_for_the_new_one() {
     let leader = cl.wait_leader_everywhere().await;
     let survivor = followers(&cl, leader)[0];
     let (http, grpc) = (free_port(), free_port());
-    let config = cl.dir.path().join("node4.toml");
-    let data = cl.dir.path().join("data4");
-    std::fs::write(
-        &config,
-        format!(
-            "node_id = 4\nhttp = \"127.0.0.1:{http}\"\ngrpc = \"127.0.0.1:{grpc}\"\ndata_dir = \"{}\"\nstandby = true\n",
-            data.display()
-        ),
-    )
-    .unwrap();
-    let _node4 = spawn_serve(&["--config".into(), config.display().to_string()], http).await;
+    let (config, data) = (cl.dir.path().join("node4.toml"), cl.dir.path().join("data4"));
+    let _node4 = spawn_serve(&write_config(&config, 4, http, grpc, &data, "standby = true\n"), http).await;
 
     // Asked through a survivor while nobody leads yet: the command waits for
     // the election instead of failing with "no leader".

@@ -194,17 +194,9 @@ async fn a_joining_node_receives_its_share() {
     }
     let (http, grpc) = (free_port(), free_port());
     let data3 = cl.dir.path().join("data-new");
-    let cfg = cl.dir.path().join("new.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "node_id = 3\nhttp = \"127.0.0.1:{http}\"\ngrpc = \"127.0.0.1:{grpc}\"\ndata_dir = \"{}\"\njoin = \"{}\"\nreplicas = 2\nrepair_interval_secs = 1\n",
-            data3.display(),
-            cl.grpc(leader)
-        ),
-    )
-    .unwrap();
-    let _n3 = spawn_serve(&["--config".to_string(), cfg.display().to_string()], http).await;
+    let rest = format!("join = \"{}\"\nreplicas = 2\nrepair_interval_secs = 1\n", cl.grpc(leader));
+    let args = write_config(&cl.dir.path().join("new.toml"), 3, http, grpc, &data3, &rest);
+    let _n3 = spawn_serve(&args, http).await;
     let path3 = |d: &str| {
         let (alg, hex) = d.split_once(':').unwrap();
         data3.join("blobs").join(alg).join(&hex[..2]).join(hex)

@@ -80,17 +80,8 @@ async fn a_storage_failure_stops_the_node_and_a_restart_recovers() {
     let dir = tempfile::tempdir().unwrap();
     let (http, grpc) = (free_port(), free_port());
     let base = format!("http://127.0.0.1:{http}");
-    let config = dir.path().join("node.toml");
     let data = dir.path().join("data");
-    std::fs::write(
-        &config,
-        format!(
-            "http = \"127.0.0.1:{http}\"\ngrpc = \"127.0.0.1:{grpc}\"\ndata_dir = \"{}\"\n\n[raft]\nsnapshot_logs = 20\n",
-            data.display()
-        ),
-    )
-    .unwrap();
-    let args = vec!["--config".to_string(), config.display().to_string()];
+    let args = write_config(&dir.path().join("node.toml"), 1, http, grpc, &data, "[raft]\nsnapshot_logs = 20\n");
     let c = client();
     let mut node = spawn_serve(&args, http).await;
     let (_, m) = push_image(&c, &base, "fail/r", "base", "f").await;
@@ -113,7 +104,7 @@ async fn a_storage_failure_stops_the_node_and_a_restart_recovers() {
     drop(node);
 
     let _node = spawn_serve(&args, http).await;
-    for t in ["base"].iter().map(|s| s.to_string()).chain(acknowledged) {
+    for t in std::iter::once("base".to_string()).chain(acknowledged) {
         let r = c.get(format!("{base}/v2/fail/r/manifests/{t}")).send().await.unwrap();
         assert_eq!(r.status(), 200, "{t}");
     }

@@ -84,21 +84,23 @@ impl Metrics {
 
     /// The text exposition of every metric, Raft's read now.
     pub fn render(&self, cluster: &Cluster) -> ApiResult {
-        let m = cluster.raft.metrics().borrow().clone();
+        let s = cluster.status();
         let r = &self.raft;
-        let index = |l: Option<&openraft::LogId<crate::NodeId>>| l.map_or(0, |l| l.index as i64);
-        r.term.set(m.current_term as i64);
-        r.leader.set(m.current_leader.unwrap_or(0) as i64);
-        r.is_leader.set(i64::from(m.current_leader == Some(cluster.id)));
-        r.last_log.set(m.last_log_index.unwrap_or(0) as i64);
-        r.committed.set(cluster.committed.get() as i64);
-        r.applied.set(index(m.last_applied.as_ref()));
-        r.snapshot.set(index(m.snapshot.as_ref()));
-        r.purged.set(index(m.purged.as_ref()));
-        let membership = m.membership_config.membership();
-        let voters = membership.voter_ids().count();
-        r.voters.set(voters as i64);
-        r.learners.set(membership.nodes().count().saturating_sub(voters) as i64);
+        let voters = s.members.iter().filter(|m| m.voter).count();
+        for (gauge, value) in [
+            (&r.term, s.term),
+            (&r.leader, s.leader),
+            (&r.is_leader, u64::from(s.leader == s.id)),
+            (&r.last_log, s.last_log_index),
+            (&r.committed, s.commit_index),
+            (&r.applied, s.applied_index),
+            (&r.snapshot, s.snapshot_index),
+            (&r.purged, s.purged_index),
+            (&r.voters, voters as u64),
+            (&r.learners, (s.members.len() - voters) as u64),
+        ] {
+            gauge.set(value as i64);
+        }
         let encoder = TextEncoder::new();
         let mut out = Vec::new();
         encoder.encode(&self.registry.gather(), &mut out).map_err(super::response::internal)?;

@@ -61,31 +61,35 @@ async fn drain_here(cluster: &Cluster, timeout: Duration) -> String {
     }
 }
 
-fn status_of(cluster: &Cluster) -> NodeStatus {
-    let m = cluster.raft.metrics().borrow().clone();
-    let membership = m.membership_config.membership();
-    let voters: BTreeSet<u64> = membership.voter_ids().collect();
-    let members = membership
-        .nodes()
-        .map(|(id, n)| Member {
-            id: *id,
-            api: n.api.clone(),
-            grpc: n.grpc.clone(),
-            region: n.region.clone(),
-            voter: voters.contains(id),
-        })
-        .collect();
-    NodeStatus {
-        id: m.id,
-        state: format!("{:?}", m.state),
-        term: m.current_term,
-        leader: m.current_leader.unwrap_or(0),
-        last_log_index: m.last_log_index.unwrap_or(0),
-        applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
-        commit_index: cluster.committed.get(),
-        snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
-        purged_index: m.purged.map(|l| l.index).unwrap_or(0),
-        members,
+impl Cluster {
+    /// This node's view of Raft and the membership, as `cluster status`
+    /// and `/metrics` show it.
+    pub fn status(&self) -> NodeStatus {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let members = membership
+            .nodes()
+            .map(|(id, n)| Member {
+                id: *id,
+                api: n.api.clone(),
+                grpc: n.grpc.clone(),
+                region: n.region.clone(),
+                voter: voters.contains(id),
+            })
+            .collect();
+        NodeStatus {
+            id: m.id,
+            state: format!("{:?}", m.state),
+            term: m.current_term,
+            leader: m.current_leader.unwrap_or(0),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            commit_index: self.committed.get(),
+            snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+            purged_index: m.purged.map(|l| l.index).unwrap_or(0),
+            members,
+        }
     }
 }
 
@@ -139,7 +143,7 @@ fn raft_status(e: RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>) -> Stat
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn status(&self, _req: Request<Empty>) -> Result<Response<NodeStatus>, Status> {
-        Ok(Response::new(status_of(&self.cluster)))
+        Ok(Response::new(self.cluster.status()))
     }
 
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<AdminReply>, Status> {

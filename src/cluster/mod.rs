@@ -69,7 +69,7 @@ pub struct Cluster {
     pub peers: Peers,
     /// Set while this node is being drained before it leaves.
     pub drain: Drain,
-    /// What this node knows to be committed (for `cluster status`).
+    /// What this node knows to be committed (for `cluster status` and `/metrics`).
     pub committed: crate::meta::CommitIndex,
     batcher: batcher::Batcher,
     ids: std::sync::Arc<RequestIds>,

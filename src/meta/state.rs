@@ -64,22 +64,8 @@ fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
 
 impl StateMachine {
     pub fn new(db: Arc<DB>, snap_dir: PathBuf) -> std::io::Result<StateMachine> {
-        std::fs::create_dir_all(&snap_dir)?;
-        // Builds and transfers cut short by a crash leave scratch files.
-        for e in std::fs::read_dir(&snap_dir)?.flatten() {
-            let n = e.file_name();
-            let n = n.to_string_lossy();
-            if n.starts_with("build-") || n.starts_with("recv-") {
-                std::fs::remove_file(e.path())?;
-            }
-        }
-        let snapshots = Arc::new(SnapshotFiles { dir: snap_dir, lock: std::sync::Mutex::new(()) });
+        let snapshots = Arc::new(SnapshotFiles::open(snap_dir)?);
         Ok(StateMachine { db, snapshots, receiving: None })
-    }
-
-    fn get_sm<T: serde::de::DeserializeOwned>(&self, k: &[u8]) -> SResult<Option<T>> {
-        let v = self.db.get_cf(cf(&self.db, CF_SM), k).map_err(io_err)?;
-        v.map(|v| bincode::deserialize(&v).map_err(io_err)).transpose()
     }
 
     /// Apply one command's effects into `batch`, reading current state from
@@ -273,8 +259,7 @@ fn write_snapshot(db: &DB, out: &std::path::Path) -> std::io::Result<(Option<Log
         Some(v) => bincode::deserialize(&v).map_err(std::io::Error::other)?,
         None => Membership::default(),
     };
-    let tmp = out.with_extension("tmp");
-    let mut w = BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
+    let mut w = BufWriter::with_capacity(1 << 20, std::fs::File::create(out)?);
     for (i, name) in STATE_CFS.iter().enumerate() {
         for item in snap.iterator_cf(cf(db, name), IteratorMode::Start) {
             let (k, v) = item.map_err(std::io::Error::other)?;
@@ -287,7 +272,6 @@ fn write_snapshot(db: &DB, out: &std::path::Path) -> std::io::Result<(Option<Log
     }
     let f = w.into_inner().map_err(|e| e.into_error())?;
     f.sync_all()?;
-    std::fs::rename(&tmp, out)?;
     Ok((applied, membership))
 }
 
@@ -338,12 +322,29 @@ struct SnapshotFiles {
 }
 
 impl SnapshotFiles {
+    /// Builds and transfers cut short by a crash leave scratch files behind.
+    fn open(dir: PathBuf) -> std::io::Result<SnapshotFiles> {
+        std::fs::create_dir_all(&dir)?;
+        let files = SnapshotFiles { dir, lock: std::sync::Mutex::new(()) };
+        files.remove_where(is_scratch);
+        Ok(files)
+    }
+
+    fn remove_where(&self, doomed: impl Fn(&str) -> bool) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
+        for e in entries.flatten() {
+            if doomed(&e.file_name().to_string_lossy()) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+
     fn stamp() -> u128 {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_micros()
     }
 
     /// A fresh path for a snapshot being built or received (`kind` is
-    /// `build` or `recv`; such files are never taken for the current one).
+    /// `build` or `recv`: see [`is_scratch`]).
     fn scratch(&self, kind: &str) -> PathBuf {
         self.dir.join(format!("{kind}-{}.snap", Self::stamp()))
     }
@@ -362,7 +363,7 @@ impl SnapshotFiles {
         let path = self.dir.join(&name);
         std::fs::rename(from, &path).map_err(io_err)?;
         let file = std::fs::File::open(&path).map_err(io_err)?;
-        if read_stored(db)?.is_some_and(|s| s.meta.last_log_id > meta.last_log_id) {
+        if get_sm::<StoredSnapshot>(db, KEY_SNAPSHOT)?.is_some_and(|s| s.meta.last_log_id > meta.last_log_id) {
             std::fs::remove_file(&path).map_err(io_err)?;
             return Ok(file);
         }
@@ -371,22 +372,16 @@ impl SnapshotFiles {
         opts.set_sync(true);
         db.put_cf_opt(cf(db, CF_SM), KEY_SNAPSHOT, bincode::serialize(&stored).map_err(io_err)?, &opts)
             .map_err(io_err)?;
-        if let Ok(entries) = std::fs::read_dir(&self.dir) {
-            for e in entries.flatten() {
-                let n = e.file_name();
-                let n = n.to_string_lossy();
-                if n.ends_with(".snap") && n != name && !n.starts_with("build-") && !n.starts_with("recv-") {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-        }
+        // Older snapshots; scratch files belong to builds and transfers
+        // still running.
+        self.remove_where(|n| n != name && !is_scratch(n));
         Ok(file)
     }
 
     /// The current snapshot, opened.
     fn current(&self, db: &DB) -> SResult<Option<(SnapshotMeta<NodeId, NodeInfo>, std::fs::File)>> {
         let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(stored) = read_stored(db)? else { return Ok(None) };
+        let Some(stored) = get_sm::<StoredSnapshot>(db, KEY_SNAPSHOT)? else { return Ok(None) };
         match std::fs::File::open(self.dir.join(&stored.file)) {
             Ok(f) => Ok(Some((stored.meta, f))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -395,8 +390,16 @@ impl SnapshotFiles {
     }
 }
 
-fn read_stored(db: &DB) -> SResult<Option<StoredSnapshot>> {
-    let v = db.get_cf(cf(db, CF_SM), KEY_SNAPSHOT).map_err(io_err)?;
+/// Whether a file in the snapshot directory is a [`SnapshotFiles::scratch`]
+/// file: a snapshot still being built or received, never the current one.
+fn is_scratch(name: &str) -> bool {
+    name.starts_with("build-") || name.starts_with("recv-")
+}
+
+/// A value the state machine keeps about itself (applied id, membership,
+/// current snapshot) in its own column family.
+fn get_sm<T: serde::de::DeserializeOwned>(db: &DB, k: &[u8]) -> SResult<Option<T>> {
+    let v = db.get_cf(cf(db, CF_SM), k).map_err(io_err)?;
     v.map(|v| bincode::deserialize(&v).map_err(io_err)).transpose()
 }
 
@@ -435,8 +438,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = SnapshotBuilder;
 
     async fn applied_state(&mut self) -> SResult<(Option<LogId<NodeId>>, Membership)> {
-        let applied = self.get_sm::<Option<LogId<NodeId>>>(KEY_APPLIED)?.flatten();
-        let membership = self.get_sm::<Membership>(KEY_MEMBERSHIP)?.unwrap_or_default();
+        let applied = get_sm::<Option<LogId<NodeId>>>(&self.db, KEY_APPLIED)?.flatten();
+        let membership = get_sm::<Membership>(&self.db, KEY_MEMBERSHIP)?.unwrap_or_default();
         Ok((applied, membership))
     }
 

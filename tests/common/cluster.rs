@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use berth::cluster::{ClusterAdmin, NodeStatus};
 
-use super::{free_port, spawn_serve, wait_for, Proc};
+use super::{free_port, spawn_serve, wait_for, write_config, Proc};
 
 pub struct NodeSpec {
     pub id: u64,
@@ -48,17 +48,12 @@ impl TestCluster {
             })
             .collect();
         for s in &nodes {
-            let cfg = format!(
-                "node_id = {}\nhttp = \"127.0.0.1:{}\"\ngrpc = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n{}\n\
-                 [raft]\nheartbeat_ms = 50\nelection_min_ms = 300\nelection_max_ms = 600\nsnapshot_logs = {snapshot_logs}\nkeep_logs = {}\n\n{members}",
-                s.id,
-                s.http,
-                s.grpc,
-                dir.path().join(format!("data{}", s.id)).display(),
+            let rest = format!(
+                "{}\n[raft]\nheartbeat_ms = 50\nelection_min_ms = 300\nelection_max_ms = 600\nsnapshot_logs = {snapshot_logs}\nkeep_logs = {}\n\n{members}",
                 extra(s.id),
                 (snapshot_logs / 5).max(1)
             );
-            std::fs::write(&s.config, cfg).unwrap();
+            write_config(&s.config, s.id, s.http, s.grpc, &dir.path().join(format!("data{}", s.id)), &rest);
         }
         let mut c = TestCluster { dir, nodes, procs: Vec::new() };
         for i in 0..c.nodes.len() {

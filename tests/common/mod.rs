@@ -142,6 +142,18 @@ pub fn files_under(dir: &Path) -> Vec<String> {
     out
 }
 
+/// Write a node's TOML config at `path` (its id, loopback addresses and
+/// data dir, then `rest`: more settings and tables) and return the
+/// `berth serve` arguments that start it.
+pub fn write_config(path: &Path, id: u64, http: u16, grpc: u16, data: &Path, rest: &str) -> Vec<String> {
+    let cfg = format!(
+        "node_id = {id}\nhttp = \"127.0.0.1:{http}\"\ngrpc = \"127.0.0.1:{grpc}\"\ndata_dir = \"{}\"\n{rest}",
+        data.display()
+    );
+    std::fs::write(path, cfg).unwrap();
+    vec!["--config".to_string(), path.display().to_string()]
+}
+
 /// PUT manifest `m` as `repo:tag`; a connection that fails counts as 503.
 pub async fn tag(c: &reqwest::Client, base: &str, repo: &str, tag: &str, m: &[u8]) -> reqwest::StatusCode {
     c.put(format!("{base}/v2/{repo}/manifests/{tag}"))
