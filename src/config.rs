@@ -197,6 +197,11 @@ impl Config {
         if self.max_manifest_bytes == 0 {
             return Err(ConfigError::Invalid("max_manifest_bytes must be positive".into()));
         }
+        // A manifest travels in one Raft entry, which must stay replicable.
+        let most = crate::meta::MAX_ENTRY_BYTES - (64 << 10);
+        if self.max_manifest_bytes > most {
+            return Err(ConfigError::Invalid(format!("max_manifest_bytes must be at most {most}")));
+        }
         Ok(())
     }
 }

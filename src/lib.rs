@@ -32,11 +32,15 @@ pub struct NodeInfo {
     pub grpc: String,
     #[serde(default)]
     pub region: String,
+    /// The member's data dir (see `meta::StoredIdentity`): messages meant
+    /// for it are refused by any other data dir started under its id.
+    #[serde(default)]
+    pub incarnation: u64,
 }
 
 impl fmt::Display for NodeInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "api={} grpc={} region={}", self.api, self.grpc, self.region)
+        write!(f, "api={} grpc={} region={} incarnation={:016x}", self.api, self.grpc, self.region, self.incarnation)
     }
 }
 
@@ -50,7 +54,7 @@ openraft::declare_raft_types!(
         Node = NodeInfo,
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = tokio::fs::File,
-        AsyncRuntime = openraft::TokioRuntime,
+        AsyncRuntime = cluster::BerthRuntime,
 );
 
 pub type Raft = openraft::Raft<TypeConfig>;

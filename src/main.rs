@@ -85,6 +85,19 @@ enum ClusterCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Bring back a member whose data dir was lost (wiped, a replaced disk), as the fresh node now
+    /// running at its address: the old member is removed, the fresh node added as a learner and,
+    /// once caught up, promoted. Needs a working majority of the other voters.
+    Replace {
+        /// gRPC address of any member.
+        #[arg(long)]
+        node: String,
+        /// The id of the member whose data was lost.
+        #[arg(long)]
+        id: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove a node from the cluster: drain its clients, copy its blobs to the others, then remove it.
     /// Refused if the remaining voters would lack a working majority or blobs would be left short.
     Leave {
@@ -190,6 +203,10 @@ async fn cluster(cmd: ClusterCmd) -> anyhow::Result<()> {
             let msg = ClusterAdmin::new(&node).join(req).await.map_err(|e| anyhow::anyhow!("{}", e.message()))?;
             report(json, msg);
         }
+        ClusterCmd::Replace { node, id, json } => {
+            let msg = ClusterAdmin::new(&node).replace(id).await.map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+            report(json, msg);
+        }
         ClusterCmd::Leave { node, id, force, drain_secs, json } => {
             let req = LeaveRequest { id, force, drain_secs };
             ClusterAdmin::new(&node)
@@ -223,5 +240,10 @@ fn print_status(rows: &[MemberStatus]) {
             r.api,
             r.region
         );
+    }
+    for r in rows {
+        if let Some(p) = &r.problem {
+            println!("\nnode {}: {p}", r.id);
+        }
     }
 }

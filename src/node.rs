@@ -10,15 +10,17 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tonic::service::interceptor::InterceptedService;
 
 use crate::api::{self, AppState};
 use crate::blob::{repair, BlobStore, Policy, Replicator, Uploads};
+use crate::cluster::identity::Guard;
 use crate::cluster::{
-    AdminServer, AdminService, BlobService, BlobsServer, Cluster, ClusterAdmin, JoinRequest, MetaServer, MetaService,
-    Network, RaftRpcServer, RaftService, Throttle, MAX_MESSAGE,
+    AdminServer, AdminService, BlobService, BlobsServer, Cluster, ClusterAdmin, Identity, JoinRequest, MetaServer,
+    MetaService, Network, RaftRpcServer, RaftService, Throttle, MAX_MESSAGE,
 };
 use crate::config::Config;
-use crate::meta::{self, LogStore, MetaReader, StateMachine};
+use crate::meta::{self, IdentityStore, LogStore, MetaReader, StateMachine};
 use crate::{NodeInfo, Raft};
 
 /// A started node. Dropping it without [`RunningNode::shutdown`] leaves its
@@ -58,20 +60,27 @@ impl RunningNode {
         let http_addr = http.local_addr()?;
         let grpc_addr = grpc.local_addr()?;
 
+        let identity_store = IdentityStore::new(db.clone());
+        let identity = Identity::new(identity_store.clone(), identity_store.load_or_create(cfg.node_id)?);
         let sm = StateMachine::new(db.clone(), cfg.data_dir.join("snapshots"))?;
         let log = LogStore::new(db.clone());
         let committed = log.commit_index();
-        let raft = Raft::new(cfg.node_id, raft_config(&cfg)?, Network, log, sm).await.context("starting raft")?;
-        let cluster = Cluster::new(cfg.node_id, raft.clone(), committed, cfg.consistency);
+        let network = Network::new(identity.clone());
+        let raft = Raft::new(cfg.node_id, raft_config(&cfg)?, network, log, sm).await.context("starting raft")?;
+        let cluster = Cluster::new(identity.clone(), raft.clone(), committed, cfg.consistency);
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = Vec::new();
 
-        let raft_svc = RaftRpcServer::new(RaftService { raft: raft.clone() })
+        // Every service refuses calls from another cluster.
+        let guard = Guard(identity.clone());
+        let raft_svc = RaftRpcServer::new(RaftService { raft: raft.clone(), identity: identity.clone() })
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
+        let raft_svc = InterceptedService::new(raft_svc, guard.clone());
         let meta_svc = MetaServer::new(MetaService { cluster: cluster.clone() })
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
+        let meta_svc = InterceptedService::new(meta_svc, guard.clone());
         let meta = MetaReader::new(db.clone());
         let policy = Policy {
             replicas: cfg.replicas,
@@ -82,6 +91,7 @@ impl RunningNode {
         let replicator = Replicator::new(cluster.clone(), meta.clone(), uploads.store().clone(), policy);
         let admin_svc =
             AdminServer::new(AdminService { cluster: cluster.clone(), evacuator: Arc::new(replicator.clone()) });
+        let admin_svc = InterceptedService::new(admin_svc, guard.clone());
         let blob_svc = BlobsServer::new(BlobService {
             store: uploads.store().clone(),
             peers: cluster.peers.clone(),
@@ -89,6 +99,7 @@ impl RunningNode {
         })
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
+        let blob_svc = InterceptedService::new(blob_svc, guard);
         let mut grpc_stop = rx.clone();
         tasks.push(tokio::spawn(async move {
             let res = tonic::transport::Server::builder()
@@ -111,9 +122,10 @@ impl RunningNode {
             api: cfg.advertise_http.clone().unwrap_or_else(|| http_addr.to_string()),
             grpc: cfg.advertise_grpc.clone().unwrap_or_else(|| grpc_addr.to_string()),
             region: cfg.region.clone(),
+            incarnation: identity.incarnation(),
         };
         if !raft.is_initialized().await? {
-            bootstrap(&cfg, &raft, me, &mut tasks).await?;
+            bootstrap(&cfg, &cluster, me, &mut tasks).await?;
         }
         if cfg.join.is_none() && cfg.initial_members.is_empty() && !cfg.standby {
             // A one-node cluster elects itself at once; wait for it so the
@@ -185,7 +197,12 @@ fn accept_stream(
 
 /// First start of a node: initialize a new cluster, join an existing one,
 /// or wait to be contacted by the member that initializes.
-async fn bootstrap(cfg: &Config, raft: &Raft, me: NodeInfo, tasks: &mut Vec<JoinHandle<()>>) -> anyhow::Result<()> {
+async fn bootstrap(
+    cfg: &Config,
+    cluster: &Cluster,
+    me: NodeInfo,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> anyhow::Result<()> {
     if let Some(via) = cfg.join.clone() {
         let req = JoinRequest { id: cfg.node_id, api: me.api, grpc: me.grpc, region: me.region, learner: cfg.learner };
         tracing::info!(%via, "joining an existing cluster");
@@ -208,22 +225,97 @@ async fn bootstrap(cfg: &Config, raft: &Raft, me: NodeInfo, tasks: &mut Vec<Join
         tracing::info!(node = cfg.node_id, "standby: waiting for `berth cluster join` to add this node");
         return Ok(());
     }
-    let members: BTreeMap<u64, NodeInfo> = if cfg.initial_members.is_empty() {
-        BTreeMap::from([(cfg.node_id, me)])
-    } else {
-        cfg.initial_members
-            .iter()
-            .map(|m| (m.id, NodeInfo { api: m.http.clone(), grpc: m.grpc.clone(), region: m.region.clone() }))
-            .collect()
-    };
-    let first = *members.keys().next().expect("at least one member");
-    if first == cfg.node_id {
-        tracing::info!(node = cfg.node_id, members = members.len(), "initializing a new cluster");
-        raft.initialize(members).await?;
-    } else {
-        tracing::info!(node = cfg.node_id, initializer = first, "waiting for node {first} to initialize the cluster");
+    if cfg.initial_members.is_empty() {
+        cluster.identity.adopt(cluster.identity.cluster().unwrap_or_else(new_cluster_id))?;
+        tracing::info!(node = cfg.node_id, "initializing a one-node cluster");
+        cluster.raft.initialize(BTreeMap::from([(cfg.node_id, me)])).await?;
+        return Ok(());
     }
+    let first = cfg.initial_members.iter().map(|m| m.id).min().expect("at least one member");
+    if first != cfg.node_id {
+        tracing::info!(node = cfg.node_id, initializer = first, "waiting for node {first} to initialize the cluster");
+        return Ok(());
+    }
+    // The others may not be up yet: ask them in the background, so this
+    // node serves its API (and answers their questions) meanwhile.
+    let (members, cluster, me) = (cfg.initial_members.clone(), cluster.clone(), me);
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = initialize_when_all_answer(&members, &cluster, me).await {
+            tracing::error!(error = %e, "initializing the cluster failed");
+        }
+    }));
     Ok(())
+}
+
+fn new_cluster_id() -> u64 {
+    rand::random::<u64>().max(1)
+}
+
+/// Initialize a new cluster of `members` once every one of them has said it
+/// belongs to none: a node whose data dir was wiped must never start a
+/// second cluster beside the one its peers still run (two answers for one
+/// tag). The membership records each member's incarnation as the member
+/// itself reports it.
+async fn initialize_when_all_answer(
+    members: &[crate::config::MemberConfig],
+    cluster: &Cluster,
+    me: NodeInfo,
+) -> anyhow::Result<()> {
+    let my_id = cluster.id;
+    let mut rounds = 0u64;
+    loop {
+        let mut infos = BTreeMap::new();
+        let mut silent = Vec::new();
+        for m in members {
+            let info = NodeInfo { api: m.http.clone(), grpc: m.grpc.clone(), region: m.region.clone(), incarnation: 0 };
+            if m.id == my_id {
+                infos.insert(m.id, NodeInfo { incarnation: me.incarnation, ..info });
+                continue;
+            }
+            match ClusterAdmin::new(&m.grpc).node_status().await {
+                Ok(st) if !st.cluster_id.is_empty() => {
+                    let known = st.members.iter().find(|x| x.id == my_id).map(|x| x.incarnation);
+                    cluster.identity.refuse(format!(
+                        "node {my_id}'s data dir is new (incarnation {:016x}), but node {} already belongs to \
+                         cluster {}{}: this node will not initialize a second cluster, vote or serve as node \
+                         {my_id}. To bring it back as a fresh copy of node {my_id}, run \
+                         `berth cluster replace --node {} --id {my_id}` once a majority of voters is up",
+                        cluster.identity.incarnation(),
+                        m.id,
+                        st.cluster_id,
+                        known
+                            .map(|k| format!(", which knows node {my_id} as incarnation {k:016x}"))
+                            .unwrap_or_default(),
+                        m.grpc,
+                    ));
+                    return Ok(());
+                }
+                Ok(st) if st.id != m.id => {
+                    anyhow::bail!(
+                        "the node at {} says it is node {}, but the config names node {}",
+                        m.grpc,
+                        st.id,
+                        m.id
+                    )
+                }
+                Ok(st) => {
+                    infos.insert(m.id, NodeInfo { incarnation: st.incarnation, ..info });
+                }
+                Err(_) => silent.push(m.id),
+            }
+        }
+        if silent.is_empty() {
+            cluster.identity.adopt(cluster.identity.cluster().unwrap_or_else(new_cluster_id))?;
+            tracing::info!(node = my_id, members = infos.len(), "every member answered; initializing a new cluster");
+            cluster.raft.initialize(infos).await?;
+            return Ok(());
+        }
+        if rounds.is_multiple_of(10) {
+            tracing::info!(?silent, "waiting for every initial member to answer before initializing the cluster");
+        }
+        rounds += 1;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// Periodically remove abandoned upload sessions.

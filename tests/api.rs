@@ -637,5 +637,21 @@ async fn metrics_count_requests_by_endpoint_and_show_raft() {
     assert!(applied >= 2.0, "the pushes went through Raft");
     assert!(value("berth_raft_commit_index") >= applied);
     assert!(value("berth_raft_term") >= 1.0);
+
+    // Made-up methods are one label, "other": the exposition does not grow.
+    let size = |c: reqwest::Client, base: String| async move {
+        c.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap().len()
+    };
+    let made_up = |i: usize| reqwest::Method::from_bytes(format!("MADEUP{i}").as_bytes()).unwrap();
+    c.request(made_up(0), format!("{}/v2/", n.base)).send().await.unwrap();
+    // The first scrape adds its own series; measure from the second.
+    size(c.clone(), n.base.clone()).await;
+    let before = size(c.clone(), n.base.clone()).await;
+    for i in 1..200 {
+        c.request(made_up(i), format!("{}/v2/", n.base)).send().await.unwrap();
+    }
+    let after = size(c.clone(), n.base.clone()).await;
+    // Only counter and histogram digits may grow (a few bytes).
+    assert!(after < before + 64, "metrics grew from {before} to {after} bytes");
     n.node.shutdown().await;
 }

@@ -356,3 +356,219 @@ async fn a_join_asked_while_the_leader_is_down_waits_for_the_new_one() {
     let status = cl.status(survivor).await.expect("survivor answers");
     assert!(status.members.iter().any(|m| m.id == 4 && m.voter), "{:?}", status.members);
 }
+
+/// A DELETE acknowledged anywhere is seen by every node after it, for
+/// blobs, manifests by digest and tags alike. The test holds back the
+/// leader's traffic to one follower, so that follower has provably not
+/// applied the deletes when it is asked: a node answering from its local
+/// state (as digest reads once did when the object was present locally)
+/// serves the deleted object with 200.
+#[tokio::test]
+async fn deletes_are_seen_at_once_by_every_node() {
+    let cl = TestCluster::start_gated(3).await;
+    let c = client();
+    let leader = cl.wait_leader_everywhere().await;
+    let f = followers(&cl, leader);
+    let lb = cl.base(leader);
+    let config = br#"{"del":1}"#.to_vec();
+    let layer = b"a layer to delete".repeat(64);
+    let cd = push_blob(&c, &lb, "del", &config).await;
+    let ld = push_blob(&c, &lb, "del", &layer).await;
+    let a = image_manifest((&cd, config.len()), &[(&ld, layer.len())], "");
+    let b = image_manifest((&cd, config.len()), &[(&ld, layer.len())], r#","annotations":{"b":"1"}"#);
+    put_manifest(&c, &lb, "del", "a", &a).await;
+    put_manifest(&c, &lb, "del", "b", &b).await;
+    let target = cl.status(leader).await.unwrap().last_log_index;
+    for i in 0..3 {
+        cl.wait_applied(i, target).await;
+    }
+    let reads =
+        [format!("/v2/del/blobs/{ld}"), format!("/v2/del/manifests/{}", sha256(&b)), "/v2/del/manifests/a".to_string()];
+    for (i, p) in reads.iter().enumerate() {
+        for n in 0..3 {
+            let r = c.head(format!("{}{p}", cl.base(n))).header("Accept", OCI_MANIFEST).send().await.unwrap();
+            assert_eq!(r.status(), 200, "read {i} on node {n} before the deletes");
+        }
+    }
+
+    // The lagging follower hears nothing from the others from here on.
+    let lagging = f[0];
+    cl.gates[lagging].close();
+    let deletes =
+        [format!("/v2/del/blobs/{ld}"), format!("/v2/del/manifests/{}", sha256(&b)), "/v2/del/manifests/a".into()];
+    for p in &deletes {
+        let r = c.delete(format!("{lb}{p}")).send().await.unwrap();
+        assert_eq!(r.status(), 202, "DELETE {p}");
+    }
+    for n in [leader, f[1]] {
+        for p in &reads {
+            let r = c.head(format!("{}{p}", cl.base(n))).header("Accept", OCI_MANIFEST).send().await.unwrap();
+            assert_eq!(r.status(), 404, "{p} on node {n} after its DELETE");
+        }
+    }
+    let pending: Vec<_> = reads
+        .iter()
+        .map(|p| {
+            let (c, url) = (c.clone(), format!("{}{p}", cl.base(lagging)));
+            tokio::spawn(async move { c.head(url).header("Accept", OCI_MANIFEST).send().await.unwrap().status() })
+        })
+        .collect();
+    // Give the reads time to arrive while the follower still lags, so a
+    // node that answers without a barrier is caught answering 200. (Only
+    // the detection of that bug depends on this pause, not the assertion.)
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cl.gates[lagging].open();
+    for (p, r) in reads.iter().zip(pending) {
+        assert_eq!(r.await.unwrap(), 404, "{p} on the lagging node after its DELETE");
+    }
+}
+
+/// No node may ever answer an acknowledged tag of `wipe` with anything but
+/// its digest `d`; a node that cannot answer says 503. Asked all at once: a
+/// node without a leader takes the write deadline to say so.
+async fn never_forked(c: &reqwest::Client, cl: &TestCluster, acked: &[String], d: &str) {
+    let mut reads = Vec::new();
+    for n in 0..cl.nodes.len() {
+        for t in acked {
+            let (c, url) = (c.clone(), format!("{}/v2/wipe/manifests/{t}", cl.base(n)));
+            reads.push(tokio::spawn(async move {
+                let r = c.get(&url).header("Accept", OCI_MANIFEST).send().await.ok()?;
+                let digest = r.headers().get("Docker-Content-Digest").map(|v| v.to_str().unwrap().to_owned());
+                Some((url, r.status().as_u16(), digest))
+            }));
+        }
+    }
+    for r in reads {
+        let Some((url, status, digest)) = r.await.unwrap() else { continue };
+        match status {
+            200 => assert_eq!(digest.as_deref(), Some(d), "{url}"),
+            503 => {}
+            s => panic!("{url} answered {s} for an acknowledged tag"),
+        }
+    }
+}
+
+/// A node whose data dir is lost has forgotten its vote and its log, so it
+/// must never act as the member it was: not initialize a second cluster
+/// (the bootstrapping node), not vote, not serve. Wiping two of three nodes
+/// once forked the cluster: the wiped pair formed a new one and answered
+/// 404 for every acknowledged tag. Here no node ever answers differently
+/// for an acknowledged tag, a wiped member says what to do, and `berth
+/// cluster replace` brings each one back, one at a time, with everything.
+#[tokio::test]
+async fn wiped_data_dirs_never_fork_the_cluster_and_replace_brings_them_back() {
+    let mut cl = TestCluster::start(3, 10_000).await;
+    let c = client();
+    let leader = cl.wait_leader_everywhere().await;
+    let (d, m) = push_image(&c, &cl.base(leader), "wipe", "base", "wipe").await;
+    let mut acked = vec!["base".to_string()];
+    for i in 0..30 {
+        let t = format!("t{i}");
+        assert_eq!(tag_retrying(&c, &cl.base(i % 3), "wipe", &t, &m).await, 201);
+        acked.push(t);
+    }
+    let problem = |cl: &TestCluster, i: usize| {
+        let admin = berth::cluster::ClusterAdmin::new(&cl.grpc(i));
+        async move { admin.node_status().await.map(|s| s.problem).unwrap_or_default() }
+    };
+
+    // One at a time, each node (the bootstrapping node 1 first) loses its
+    // data dir, refuses to act as its old self, and is replaced.
+    for wiped in 0..3 {
+        let target = cl.status(cl.wait_leader_everywhere().await).await.unwrap().last_log_index;
+        for i in 0..3 {
+            cl.wait_applied(i, target).await;
+        }
+        cl.kill(wiped);
+        std::fs::remove_dir_all(cl.data_dir(wiped)).unwrap();
+        cl.start_node(wiped).await;
+        wait_for("the wiped node to say what is wrong", Duration::from_secs(30), || async {
+            problem(&cl, wiped).await.contains("berth cluster replace")
+        })
+        .await;
+        never_forked(&c, &cl, &acked, &d).await;
+        let r = c.get(format!("{}/v2/", cl.base(wiped))).send().await.unwrap();
+        assert_eq!(r.status(), 503, "a wiped node does not serve as its old self");
+
+        let other = (wiped + 1) % 3;
+        let out = berth()
+            .args(["cluster", "replace", "--node", &cl.grpc(other), "--id", &cl.nodes[wiped].id.to_string()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "replace: {}", String::from_utf8_lossy(&out.stderr));
+        cl.wait_leader_everywhere().await;
+        wait_for("the replaced node to serve", Duration::from_secs(60), || async {
+            c.get(format!("{}/v2/", cl.base(wiped))).send().await.is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+        for t in &acked {
+            assert_eq!(digest_of(&c, &cl.base(wiped), "wipe", t).await.as_deref(), Some(d.as_str()), "replaced {t}");
+        }
+        let st = cl.status(wiped).await.unwrap();
+        assert!(st.problem.is_empty(), "{}", st.problem);
+        let voters = st.members.iter().filter(|m| m.voter).count();
+        assert_eq!(voters, 3, "three voters again: {:?}", st.members);
+        let t = format!("after-wipe-{wiped}");
+        assert_eq!(tag_retrying(&c, &cl.base(wiped), "wipe", &t, &m).await, 201);
+        acked.push(t);
+    }
+
+    // Two of three (including the bootstrapping node) at once: a majority
+    // of the voters has lost its log. Nothing may answer differently, and
+    // replace refuses rather than guess.
+    for wiped in [0, 1] {
+        cl.kill(wiped);
+        std::fs::remove_dir_all(cl.data_dir(wiped)).unwrap();
+    }
+    for wiped in [0, 1] {
+        cl.start_node(wiped).await;
+    }
+    for wiped in [0, 1] {
+        wait_for("the wiped node to say what is wrong", Duration::from_secs(30), || async {
+            problem(&cl, wiped).await.contains("berth cluster replace")
+        })
+        .await;
+    }
+    never_forked(&c, &cl, &acked, &d).await;
+    let out = berth().args(["cluster", "replace", "--node", &cl.grpc(2), "--id", "1"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("majority"), "{err}");
+    never_forked(&c, &cl, &acked, &d).await;
+}
+
+/// A burst of manifests at the size limit once halted every write: batched
+/// into one entry of ~100 MB, it could never be replicated within the
+/// heartbeat-long AppendEntries timeout. Now every one is acknowledged,
+/// and small writes go on.
+#[tokio::test]
+async fn a_burst_of_manifests_at_the_size_limit_never_stops_writes() {
+    let cl = TestCluster::start(3, 10_000).await;
+    let c = client();
+    let leader = cl.wait_leader_everywhere().await;
+    let config = br#"{"big":1}"#.to_vec();
+    let layer = b"big layer".repeat(100);
+    let cd = push_blob(&c, &cl.base(leader), "big", &config).await;
+    let ld = push_blob(&c, &cl.base(leader), "big", &layer).await;
+    let tasks: Vec<_> = (0..24)
+        .map(|i| {
+            let pad = format!(r#","annotations":{{"pad":"{i}{}"}}"#, "x".repeat(4_000_000));
+            let m = image_manifest((&cd, config.len()), &[(&ld, layer.len())], &pad);
+            assert!(m.len() <= 4 << 20);
+            let (c, base) = (c.clone(), cl.base(i % 3));
+            tokio::spawn(async move { tag(&c, &base, "big", &format!("b{i}"), &m).await })
+        })
+        .collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        assert_eq!(t.await.unwrap(), 201, "big manifest {i}");
+    }
+    let (_, small) = push_image(&c, &cl.base(leader), "small", "s", "small").await;
+    for i in 0..6 {
+        assert_eq!(tag(&c, &cl.base(i % 3), "small", &format!("after{i}"), &small).await, 201, "small write {i}");
+    }
+    for n in 0..3 {
+        let v: serde_json::Value =
+            c.get(format!("{}/v2/big/tags/list", cl.base(n))).send().await.unwrap().json().await.unwrap();
+        assert_eq!(v["tags"].as_array().unwrap().len(), 24, "node {n}");
+    }
+}

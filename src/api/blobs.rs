@@ -48,13 +48,13 @@ fn blob_created(name: &Name, digest: &Digest) -> ApiResult {
     )
 }
 
-/// Where the blob lives and whether this repository may see it. Content is
-/// immutable, so a local hit needs no read barrier; a miss is confirmed
-/// against the latest committed state before it is reported.
+/// Whether this repository may see the blob, and its size, as of a read
+/// barrier. Content is immutable but its presence in a repository is not: a
+/// node that has not applied an acknowledged DELETE would otherwise go on
+/// serving the blob, and through a load balancer every client sees that.
+/// The barrier is one coalesced read-index round shared by every read
+/// waiting, not one per request.
 async fn linked_size(state: &AppState, name: &Name, digest: &Digest) -> Result<u64, Error> {
-    if let Some(size) = state.meta.blob_link(name, digest)? {
-        return Ok(size);
-    }
     state.cluster.read_barrier().await?;
     state.meta.blob_link(name, digest)?.ok_or_else(|| Error::new(ErrorCode::BlobUnknown, "blob unknown to registry"))
 }

@@ -14,26 +14,17 @@ fn unknown() -> Error {
     Error::new(ErrorCode::ManifestUnknown, "manifest unknown")
 }
 
-/// Resolve a reference to a digest and the stored manifest. Tags always go
-/// through the read barrier; digests only when missing locally.
+/// Resolve a reference to a digest and the stored manifest as of a read
+/// barrier, for digests as for tags: a manifest's bytes never change, but
+/// a DELETE acknowledged on any node must be seen by every node after it.
 async fn lookup(state: &AppState, name: &Name, r: &Reference) -> Result<(Digest, ManifestRecord), Error> {
+    state.cluster.read_barrier().await?;
     let digest = match r {
-        Reference::Tag(t) => {
-            state.cluster.read_barrier().await?;
-            state.meta.tag(name, t)?.ok_or_else(unknown)?
-        }
+        Reference::Tag(t) => state.meta.tag(name, t)?.ok_or_else(unknown)?,
         Reference::Digest(d) => d.clone(),
     };
-    if let Some(rec) = state.meta.manifest(name, &digest)? {
-        return Ok((digest, rec));
-    }
-    if matches!(r, Reference::Digest(_)) {
-        state.cluster.read_barrier().await?;
-        if let Some(rec) = state.meta.manifest(name, &digest)? {
-            return Ok((digest, rec));
-        }
-    }
-    Err(unknown())
+    let rec = state.meta.manifest(name, &digest)?.ok_or_else(unknown)?;
+    Ok((digest, rec))
 }
 
 /// Whether the client's Accept header admits `media_type`. No Accept header,

@@ -145,7 +145,9 @@ async fn dispatch(state: &AppState, route: Route, req: Request<Incoming>) -> Api
     match (method, route) {
         (Method::GET | Method::HEAD, Route::Base) if !state.cluster.serving() => Err(Error::new(
             ErrorCode::Unavailable,
-            "this node is not serving: it has no leader, is not a cluster member, or is leaving",
+            state.cluster.identity.problem().unwrap_or_else(|| {
+                "this node is not serving: it has no leader, is not a cluster member, or is leaving".into()
+            }),
         )),
         (Method::GET | Method::HEAD, Route::Base) => Ok(builder(StatusCode::OK)
             .header(http::header::CONTENT_TYPE, "application/json")

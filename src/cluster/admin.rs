@@ -14,7 +14,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::pb::{admin_server::Admin, AdminReply, DrainRequest, Empty, JoinRequest, LeaveRequest, Member, NodeStatus};
+use super::pb::{
+    admin_server::Admin, AdminReply, DrainRequest, Empty, JoinRequest, LeaveRequest, Member, NodeStatus, ReplaceRequest,
+};
 use super::Cluster;
 use crate::{NodeId, NodeInfo};
 
@@ -76,8 +78,10 @@ impl Cluster {
                 grpc: n.grpc.clone(),
                 region: n.region.clone(),
                 voter: voters.contains(id),
+                incarnation: n.incarnation,
             })
             .collect();
+        let identity = &self.identity;
         NodeStatus {
             id: m.id,
             state: format!("{:?}", m.state),
@@ -89,6 +93,9 @@ impl Cluster {
             snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
             purged_index: m.purged.map(|l| l.index).unwrap_or(0),
             members,
+            cluster_id: identity.cluster().map(|c| format!("{c:016x}")).unwrap_or_default(),
+            incarnation: identity.incarnation(),
+            problem: identity.problem().unwrap_or_default(),
         }
     }
 }
@@ -103,15 +110,42 @@ impl AdminService {
         }
     }
 
+    /// Ask the node at `addr` who it is: it must be node `id`, and belong
+    /// to no cluster or to this one. Its answer, not the request, gives the
+    /// incarnation the membership records for it.
+    async fn identify(&self, addr: &str, id: NodeId) -> Result<NodeStatus, Status> {
+        let mut c = self.cluster.peers.admin(addr).map_err(|e| Status::unavailable(e.to_string()))?;
+        let mut req = Request::new(Empty {});
+        req.set_timeout(Duration::from_secs(3));
+        let st = c
+            .status(req)
+            .await
+            .map_err(|e| Status::unavailable(format!("the node at {addr} does not answer: {}", e.message())))?
+            .into_inner();
+        if st.id != id {
+            return Err(Status::invalid_argument(format!("the node at {addr} is node {}, not node {id}", st.id)));
+        }
+        let ours = self.cluster.identity.cluster().map(|c| format!("{c:016x}")).unwrap_or_default();
+        if !st.cluster_id.is_empty() && st.cluster_id != ours {
+            return Err(Status::failed_precondition(format!(
+                "the node at {addr} belongs to cluster {}, not this one ({ours})",
+                st.cluster_id
+            )));
+        }
+        Ok(st)
+    }
+
     /// Count remaining voters that answer, to refuse a leave that would
     /// leave the cluster without a working majority.
+    /// A voter counts only if it answers as the member the cluster knows:
+    /// a node restarted on a wiped data dir answers, but cannot vote.
     async fn answering(&self, voters: &BTreeSet<u64>) -> usize {
         let m = self.cluster.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership().clone();
         let mut alive = 0;
         for id in voters {
             if *id == self.cluster.id {
-                alive += 1;
+                alive += usize::from(self.cluster.identity.problem().is_none());
                 continue;
             }
             let Some(node) = membership.get_node(id) else { continue };
@@ -120,11 +154,30 @@ impl AdminService {
             };
             let mut req = Request::new(Empty {});
             req.set_timeout(Duration::from_secs(1));
-            if c.status(req).await.is_ok() {
-                alive += 1;
+            if let Ok(st) = c.status(req).await {
+                let st = st.into_inner();
+                alive += usize::from(st.problem.is_empty() && st.incarnation == node.incarnation);
             }
         }
         alive
+    }
+
+    /// Refuse a replace of `id` that no leader could commit: fewer than a
+    /// majority of the other voters answer as themselves.
+    async fn replace_needs_majority(&self, id: NodeId) -> Result<(), Status> {
+        let membership = self.cluster.raft.metrics().borrow().membership_config.membership().clone();
+        let remaining: BTreeSet<NodeId> = membership.voter_ids().filter(|v| *v != id).collect();
+        let alive = self.answering(&remaining).await;
+        let majority = remaining.len() / 2 + 1;
+        if alive < majority {
+            return Err(Status::failed_precondition(format!(
+                "only {alive} of the {} other voters answer as the members the cluster knows, and a majority \
+                 needs {majority}: no membership change can be committed. Acknowledged writes may have been \
+                 lost with the wiped voters; bring back a voter with its data dir first",
+                remaining.len()
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -155,7 +208,24 @@ impl Admin for AdminService {
         if req.id == 0 || req.grpc.is_empty() {
             return Err(Status::invalid_argument("a joining node needs an id >= 1 and a gRPC address"));
         }
-        let node = NodeInfo { api: req.api.clone(), grpc: req.grpc.clone(), region: req.region.clone() };
+        let joiner = self.identify(&req.grpc, req.id).await?;
+        let known = self.cluster.raft.metrics().borrow().membership_config.membership().get_node(&req.id).cloned();
+        if let Some(known) = known.filter(|k| k.incarnation != joiner.incarnation) {
+            return Err(Status::failed_precondition(format!(
+                "node {id} is a member with another data dir ({:016x}; the node at {} has {:016x}): \
+                 if its data was lost, run `berth cluster replace --id {id}`",
+                known.incarnation,
+                req.grpc,
+                joiner.incarnation,
+                id = req.id
+            )));
+        }
+        let node = NodeInfo {
+            api: req.api.clone(),
+            grpc: req.grpc.clone(),
+            region: req.region.clone(),
+            incarnation: joiner.incarnation,
+        };
         let raft = &self.cluster.raft;
         tracing::info!(id = req.id, grpc = %req.grpc, "adding learner");
         raft.add_learner(req.id, node, true).await.map_err(raft_status)?;
@@ -194,6 +264,24 @@ impl Admin for AdminService {
             }
         });
         Ok(Response::new(ReceiverStream::new(rx).boxed()))
+    }
+
+    async fn replace(&self, req: Request<ReplaceRequest>) -> Result<Response<AdminReply>, Status> {
+        let req = req.into_inner();
+        let target = match self.forward_target() {
+            Ok(target) => target,
+            Err(no_leader) => {
+                // Say so at once when no leader can come back by itself.
+                self.replace_needs_majority(req.id).await?;
+                return Err(no_leader);
+            }
+        };
+        if let Some(leader) = target {
+            let mut c = self.cluster.peers.admin(&leader).map_err(|e| Status::unavailable(e.to_string()))?;
+            return c.replace(req).await;
+        }
+        let message = self.replace_member(req.id).await?;
+        Ok(Response::new(AdminReply { message }))
     }
 
     async fn drain(&self, req: Request<DrainRequest>) -> Result<Response<AdminReply>, Status> {
@@ -266,6 +354,47 @@ impl AdminService {
         Ok(())
     }
 
+    /// The leader's side of `berth cluster replace`: member `id` lost its
+    /// data dir and a fresh node runs at its address. A node without its
+    /// log and vote must not count as the voter it was, so the old member
+    /// is removed (which needs a working majority of the other voters),
+    /// the fresh node is added as a learner under its own incarnation and,
+    /// once caught up, promoted. Its blobs come back through repair: the
+    /// fresh node finds the copies the index says it holds missing.
+    async fn replace_member(&self, id: NodeId) -> Result<String, Status> {
+        let membership = self.cluster.raft.metrics().borrow().membership_config.membership().clone();
+        let Some(old) = membership.get_node(&id).cloned() else {
+            return Err(Status::not_found(format!("node {id} is not a member")));
+        };
+        if id == self.cluster.id {
+            return Err(Status::failed_precondition(format!("node {id} is the leader, running with its data")));
+        }
+        let fresh = self.identify(&old.grpc, id).await?;
+        if fresh.incarnation == old.incarnation {
+            return Err(Status::failed_precondition(format!(
+                "node {id} at {} still has the data dir the cluster knows: nothing to replace",
+                old.grpc
+            )));
+        }
+        let voter = membership.voter_ids().any(|v| v == id);
+        let removal = if voter {
+            self.replace_needs_majority(id).await?;
+            ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+        } else {
+            ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+        };
+        let raft = &self.cluster.raft;
+        tracing::info!(id, old = %format!("{:016x}", old.incarnation), new = %format!("{:016x}", fresh.incarnation), "replacing member");
+        raft.change_membership(removal, false).await.map_err(raft_status)?;
+        let node = NodeInfo { incarnation: fresh.incarnation, ..old };
+        raft.add_learner(id, node, true).await.map_err(raft_status)?;
+        if !voter {
+            return Ok(format!("node {id} replaced: a fresh learner, caught up"));
+        }
+        raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false).await.map_err(raft_status)?;
+        Ok(format!("node {id} replaced: a fresh voter, caught up"))
+    }
+
     async fn remote_drain(&self, id: NodeId, node: &NodeInfo, req: DrainRequest) -> Result<String, Status> {
         if id == self.cluster.id {
             return self.drain(Request::new(req)).await.map(|r| r.into_inner().message);
@@ -292,6 +421,10 @@ pub struct MemberStatus {
     pub last_log_index: Option<u64>,
     pub commit_index: Option<u64>,
     pub applied_index: Option<u64>,
+    /// The data dir the membership records for this member.
+    pub incarnation: String,
+    /// Why the node refuses to act as this member, if it does.
+    pub problem: Option<String>,
 }
 
 /// The operator's client: talks to any member's gRPC address.
@@ -337,6 +470,8 @@ impl ClusterAdmin {
                 last_log_index: s.as_ref().map(|s| s.last_log_index),
                 commit_index: s.as_ref().map(|s| s.commit_index),
                 applied_index: s.as_ref().map(|s| s.applied_index),
+                incarnation: format!("{:016x}", m.incarnation),
+                problem: s.as_ref().map(|s| s.problem.clone()).filter(|p| !p.is_empty()),
             });
         }
         Ok(rows)
@@ -348,6 +483,16 @@ impl ClusterAdmin {
         retry_unavailable(|| async {
             let mut c = self.peers.admin(&self.node).map_err(|e| Status::unavailable(e.to_string()))?;
             Ok(c.join(req.clone()).await?.into_inner().message)
+        })
+        .await
+    }
+
+    /// Replace member `id`, whose data dir was lost, by the fresh node now
+    /// at its address (see the server's `replace_member`).
+    pub async fn replace(&self, id: NodeId) -> Result<String, Status> {
+        retry_unavailable(|| async {
+            let mut c = self.peers.admin(&self.node).map_err(|e| Status::unavailable(e.to_string()))?;
+            Ok(c.replace(ReplaceRequest { id }).await?.into_inner().message)
         })
         .await
     }

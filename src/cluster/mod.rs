@@ -7,11 +7,13 @@ mod admin;
 mod batcher;
 pub mod blob_service;
 pub mod drain;
+pub mod identity;
 mod meta_service;
 mod network;
 mod pb;
 mod peers;
 mod read_index;
+mod runtime;
 mod service;
 mod throttle;
 
@@ -20,14 +22,16 @@ use std::time::{Duration, Instant};
 pub use admin::{AdminService, ClusterAdmin, Evacuate, MemberStatus, Progress, DEFAULT_DRAIN};
 pub use blob_service::BlobService;
 pub use drain::Drain;
+pub use identity::Identity;
 pub use meta_service::MetaService;
 pub use network::Network;
 pub use pb::admin_server::AdminServer;
 pub use pb::blobs_server::BlobsServer;
 pub use pb::meta_server::MetaServer;
 pub use pb::raft_rpc_server::RaftRpcServer;
-pub use pb::{DrainRequest, Empty, JoinRequest, LeaveRequest, Member, NodeStatus, PullRequest};
+pub use pb::{DrainRequest, Empty, JoinRequest, LeaveRequest, Member, NodeStatus, PullRequest, ReplaceRequest};
 pub use peers::{Peers, MAX_MESSAGE, WINDOW};
+pub use runtime::BerthRuntime;
 pub use service::RaftService;
 pub use throttle::Throttle;
 
@@ -46,6 +50,12 @@ pub enum ClusterError {
     NoLeader,
     #[error("timed out waiting for the cluster")]
     Timeout,
+    #[error("too many writes are waiting on this node, retry later")]
+    Busy,
+    /// This node's data dir is not the member the cluster knows (see
+    /// [`identity`]); the reason says what the operator does next.
+    #[error("{0}")]
+    Refused(String),
     #[error("raft: {0}")]
     Fatal(String),
 }
@@ -67,6 +77,8 @@ pub struct Cluster {
     pub id: NodeId,
     pub raft: Raft,
     pub peers: Peers,
+    /// This data dir's incarnation and cluster id (see [`identity`]).
+    pub identity: Identity,
     /// Set while this node is being drained before it leaves.
     pub drain: Drain,
     /// What this node knows to be committed (for `cluster status` and `/metrics`).
@@ -78,12 +90,18 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    pub fn new(id: NodeId, raft: Raft, committed: crate::meta::CommitIndex, consistency: Consistency) -> Cluster {
+    pub fn new(
+        identity: Identity,
+        raft: Raft,
+        committed: crate::meta::CommitIndex,
+        consistency: Consistency,
+    ) -> Cluster {
+        let id = identity.node();
         let batcher = batcher::Batcher::start(raft.clone());
-        let peers = Peers::default();
+        let peers = Peers::new(identity.clone());
         let reads = read_index::ReadIndexer::start(raft.clone(), peers.clone(), DEADLINE);
         let ids = std::sync::Arc::new(RequestIds::new(id));
-        Cluster { id, raft, peers, drain: Drain::default(), committed, batcher, ids, reads, consistency }
+        Cluster { id, raft, peers, identity, drain: Drain::default(), committed, batcher, ids, reads, consistency }
     }
 
     /// Wait until this node has applied the log up to `index`.
@@ -103,12 +121,16 @@ impl Cluster {
     /// first attempt may have been committed all the same) applies once.
     #[tracing::instrument(level = "debug", skip_all)]
     pub async fn propose(&self, cmd: Command) -> Result<Outcome, ClusterError> {
+        if let Some(why) = self.identity.problem() {
+            return Err(ClusterError::Refused(why));
+        }
         let deadline = Instant::now() + DEADLINE;
         let p = Proposal { id: self.ids.next(), cmd };
         loop {
-            let leader_node = match self.batcher.submit(p.clone()).await {
+            let leader_node = match self.batcher.submit(p.clone(), deadline).await {
                 Ok((outcome, _)) => return Ok(outcome),
                 Err(batcher::SubmitError::NotLeader(leader)) => leader,
+                Err(batcher::SubmitError::Busy) => return Err(ClusterError::Busy),
                 Err(batcher::SubmitError::Fatal(e)) => return Err(ClusterError::Fatal(e)),
             };
             if let Some((leader_id, leader)) = leader_node {
@@ -138,9 +160,10 @@ impl Cluster {
     /// The leader's side of a forwarded write: propose through the batcher;
     /// `None` if this node is not the leader.
     pub async fn propose_as_leader(&self, p: Proposal) -> Result<Option<(Outcome, u64)>, ClusterError> {
-        match self.batcher.submit(p).await {
+        match self.batcher.submit(p, Instant::now() + DEADLINE).await {
             Ok(done) => Ok(Some(done)),
             Err(batcher::SubmitError::NotLeader(_)) => Ok(None),
+            Err(batcher::SubmitError::Busy) => Err(ClusterError::Busy),
             Err(batcher::SubmitError::Fatal(e)) => Err(ClusterError::Fatal(e)),
         }
     }
@@ -162,6 +185,9 @@ impl Cluster {
     /// reads). The leader confirms its leadership with a quorum; a follower
     /// asks the leader for that read index, then waits to apply it.
     pub async fn read_barrier(&self) -> Result<(), ClusterError> {
+        if let Some(why) = self.identity.problem() {
+            return Err(ClusterError::Refused(why));
+        }
         if self.consistency == Consistency::Local {
             return Ok(());
         }
@@ -184,7 +210,7 @@ impl Cluster {
     /// drained: what a load balancer's health check needs to know before
     /// sending it clients.
     pub fn serving(&self) -> bool {
-        if self.drain.is_draining() {
+        if self.drain.is_draining() || self.identity.problem().is_some() {
             return false;
         }
         let m = self.raft.metrics().borrow().clone();

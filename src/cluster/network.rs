@@ -1,34 +1,59 @@
 //! The Raft network: one lazily connected gRPC client per peer.
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
 };
+use openraft::EntryPayload;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::Channel;
 
+use super::identity::{Identity, Stamp};
 use super::pb::{self, raft_rpc_client::RaftRpcClient, RaftRequest};
+use super::peers::PeerChannel;
+use super::runtime;
 use crate::{NodeId, NodeInfo, TypeConfig};
 
 /// Creates a [`PeerClient`] for each peer openraft replicates to.
-#[derive(Clone, Default)]
-pub struct Network;
+#[derive(Clone)]
+pub struct Network {
+    identity: Identity,
+}
+
+impl Network {
+    pub fn new(identity: Identity) -> Network {
+        Network { identity }
+    }
+}
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> PeerClient {
-        PeerClient { target, addr: node.grpc.clone(), client: None }
+        PeerClient {
+            target,
+            addr: node.grpc.clone(),
+            incarnation: node.incarnation,
+            stamp: Stamp(self.identity.clone()),
+            client: None,
+        }
     }
 }
 
 pub struct PeerClient {
     target: NodeId,
     addr: String,
-    client: Option<RaftRpcClient<Channel>>,
+    /// The data dir the membership records for the target: a wiped or
+    /// replaced node refuses messages meant for its predecessor.
+    incarnation: u64,
+    stamp: Stamp,
+    client: Option<RaftRpcClient<PeerChannel>>,
 }
 
 #[derive(Clone, Copy)]
@@ -41,7 +66,7 @@ enum Rpc {
 type RpcResult<T, E> = Result<T, RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>>;
 
 impl PeerClient {
-    fn client(&mut self) -> Result<RaftRpcClient<Channel>, Unreachable> {
+    fn client(&mut self) -> Result<RaftRpcClient<PeerChannel>, Unreachable> {
         if self.client.is_none() {
             let ep = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
                 .map_err(|e| Unreachable::new(&e))?
@@ -49,7 +74,11 @@ impl PeerClient {
                 .tcp_nodelay(true)
                 .initial_stream_window_size(super::peers::WINDOW)
                 .initial_connection_window_size(super::peers::WINDOW * 2);
-            self.client = Some(RaftRpcClient::new(ep.connect_lazy()).max_decoding_message_size(64 << 20));
+            self.client = Some(
+                RaftRpcClient::with_interceptor(ep.connect_lazy(), self.stamp.clone())
+                    .max_decoding_message_size(super::MAX_MESSAGE)
+                    .max_encoding_message_size(super::MAX_MESSAGE),
+            );
         }
         Ok(self.client.clone().expect("client set above"))
     }
@@ -61,8 +90,13 @@ impl PeerClient {
         E: std::error::Error + DeserializeOwned,
     {
         let mut client = self.client().map_err(RPCError::Unreachable)?;
-        let mut request = tonic::Request::new(RaftRequest { data: pb::encode(req).into() });
-        request.set_timeout(option.hard_ttl());
+        let data = pb::encode(req);
+        // openraft's deadline is one heartbeat whatever the payload; a
+        // large one gets the time its bytes need (see `runtime`).
+        let extra = transfer_allowance(data.len());
+        runtime::stretch_deadline(extra);
+        let mut request = tonic::Request::new(RaftRequest { data: data.into(), to_incarnation: self.incarnation });
+        request.set_timeout(option.hard_ttl() + extra);
         let reply = match rpc {
             Rpc::Append => client.append_entries(request).await,
             Rpc::Vote => client.vote(request).await,
@@ -84,12 +118,53 @@ impl PeerClient {
     }
 }
 
+/// AppendEntries carry at most this many bytes of entries, unless one
+/// entry alone is larger (it still goes, alone): a burst of large manifests
+/// is replicated a few at a time, never as one message of hundreds of MiB.
+const MAX_APPEND_BYTES: usize = 8 << 20;
+
+/// The slowest transfer rate a healthy peer link is allowed, for deadlines.
+const MIN_RATE: usize = 8 << 20;
+
+/// Time beyond openraft's deadline that `bytes` of payload may take: none
+/// for heartbeats and small appends, so a dead peer is noticed as quickly.
+fn transfer_allowance(bytes: usize) -> Duration {
+    if bytes < 256 << 10 {
+        return Duration::ZERO;
+    }
+    Duration::from_millis(500) + Duration::from_secs_f64(bytes as f64 / MIN_RATE as f64)
+}
+
+fn entry_bytes(e: &openraft::Entry<TypeConfig>) -> usize {
+    match &e.payload {
+        EntryPayload::Normal(batch) => batch.approx_bytes(),
+        _ => 1024,
+    }
+}
+
+/// How many leading entries fit in [`MAX_APPEND_BYTES`] (at least one), if
+/// not all of them do.
+fn entries_that_fit(entries: &[openraft::Entry<TypeConfig>]) -> Option<usize> {
+    let mut total = 0;
+    for (i, e) in entries.iter().enumerate() {
+        total += entry_bytes(e);
+        if total > MAX_APPEND_BYTES {
+            return Some(i.max(1));
+        }
+    }
+    None
+}
+
 impl RaftNetwork<TypeConfig> for PeerClient {
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
+        if let Some(fit) = entries_that_fit(&rpc.entries).filter(|n| *n < rpc.entries.len()) {
+            // openraft resends with at most `fit` entries for a while.
+            return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(fit as u64)));
+        }
         self.call(Rpc::Append, &rpc, &option).await
     }
 

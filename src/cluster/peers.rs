@@ -4,15 +4,28 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+use super::identity::{Identity, Stamp};
 use super::pb::admin_client::AdminClient;
 use super::pb::blobs_client::BlobsClient;
 use super::pb::meta_client::MetaClient;
 
-#[derive(Clone, Default)]
+/// A channel to a peer whose every call carries this node's cluster id.
+pub type PeerChannel = InterceptedService<Channel, Stamp>;
+
+#[derive(Clone)]
 pub struct Peers {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    stamp: Stamp,
+}
+
+impl Default for Peers {
+    /// Channels for a client that is not a member (the command line).
+    fn default() -> Peers {
+        Peers::new(Identity::outsider())
+    }
 }
 
 /// HTTP/2 flow-control window: the 64 KiB default would cap a blob
@@ -23,7 +36,16 @@ pub const WINDOW: u32 = 8 << 20;
 pub const MAX_MESSAGE: usize = 64 << 20;
 
 impl Peers {
-    pub fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+    /// Channels whose calls carry `identity`'s cluster id.
+    pub fn new(identity: Identity) -> Peers {
+        Peers { channels: Arc::default(), stamp: Stamp(identity) }
+    }
+
+    fn channel(&self, addr: &str) -> Result<PeerChannel, tonic::transport::Error> {
+        Ok(InterceptedService::new(self.raw_channel(addr)?, self.stamp.clone()))
+    }
+
+    fn raw_channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
         let mut map = self.channels.lock().unwrap();
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
@@ -38,17 +60,17 @@ impl Peers {
         Ok(c)
     }
 
-    pub fn meta(&self, addr: &str) -> Result<MetaClient<Channel>, tonic::transport::Error> {
+    pub fn meta(&self, addr: &str) -> Result<MetaClient<PeerChannel>, tonic::transport::Error> {
         Ok(MetaClient::new(self.channel(addr)?)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE))
     }
 
-    pub fn admin(&self, addr: &str) -> Result<AdminClient<Channel>, tonic::transport::Error> {
+    pub fn admin(&self, addr: &str) -> Result<AdminClient<PeerChannel>, tonic::transport::Error> {
         Ok(AdminClient::new(self.channel(addr)?))
     }
 
-    pub fn blobs(&self, addr: &str) -> Result<BlobsClient<Channel>, tonic::transport::Error> {
+    pub fn blobs(&self, addr: &str) -> Result<BlobsClient<PeerChannel>, tonic::transport::Error> {
         Ok(BlobsClient::new(self.channel(addr)?)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE))

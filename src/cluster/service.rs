@@ -2,11 +2,20 @@
 
 use tonic::{Request, Response, Status};
 
+use super::identity::{self, Identity};
 use super::pb::{self, raft_rpc_server::RaftRpc, RaftReply, RaftRequest};
 use crate::Raft;
 
 pub struct RaftService {
     pub raft: Raft,
+    pub identity: Identity,
+}
+
+impl RaftService {
+    /// Only messages from this node's cluster, meant for this data dir.
+    fn admit(&self, req: &Request<RaftRequest>) -> Result<(), Status> {
+        self.identity.admit_raft(identity::cluster_of(req.metadata())?, req.get_ref().to_incarnation)
+    }
 }
 
 fn reply<T: serde::Serialize>(v: T) -> Result<Response<RaftReply>, Status> {
@@ -16,16 +25,19 @@ fn reply<T: serde::Serialize>(v: T) -> Result<Response<RaftReply>, Status> {
 #[tonic::async_trait]
 impl RaftRpc for RaftService {
     async fn append_entries(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        self.admit(&req)?;
         let r = pb::decode(&req.into_inner().data)?;
         reply(self.raft.append_entries(r).await)
     }
 
     async fn vote(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        self.admit(&req)?;
         let r = pb::decode(&req.into_inner().data)?;
         reply(self.raft.vote(r).await)
     }
 
     async fn install_snapshot(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        self.admit(&req)?;
         let r = pb::decode(&req.into_inner().data)?;
         reply(self.raft.install_snapshot(r).await)
     }

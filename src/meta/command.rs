@@ -54,6 +54,19 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// About how many bytes the command takes in a log entry: what bounds
+    /// batches and AppendEntries. Exact for the manifest bytes, which are
+    /// all that can be large; a generous allowance for the rest.
+    pub fn approx_bytes(&self) -> usize {
+        const SMALL: usize = 512;
+        match self {
+            Command::PutManifest { bytes, tags, .. } => SMALL + bytes.len() + tags.len() * 136,
+            _ => SMALL,
+        }
+    }
+}
+
 /// Why an applied command changed nothing.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Rejection {
@@ -121,6 +134,13 @@ pub struct Proposal {
 /// writes into one entry makes them share one log append and one fsync.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Batch(pub Vec<Proposal>);
+
+impl Batch {
+    /// See [`Command::approx_bytes`].
+    pub fn approx_bytes(&self) -> usize {
+        self.0.iter().map(|p| p.cmd.approx_bytes()).sum()
+    }
+}
 
 /// The outcome of each command of a [`Batch`], in order.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]

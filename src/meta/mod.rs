@@ -3,6 +3,7 @@
 //! over the applied state. Knows nothing of HTTP or gRPC.
 
 mod command;
+mod identity;
 mod log;
 mod state;
 
@@ -13,6 +14,7 @@ use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, DB};
 use serde::{Deserialize, Serialize};
 
 pub use command::{Batch, Command, Outcome, Outcomes, Proposal, Rejection, RequestId, RequestIds};
+pub use identity::{IdentityError, IdentityStore, StoredIdentity};
 pub use log::{CommitIndex, LogStore};
 pub use state::StateMachine;
 
@@ -33,6 +35,11 @@ const CF_REQUESTS: &str = "requests";
 /// The same ids keyed by the log index that applied them, oldest first, so
 /// expiring them touches only what expires.
 const CF_REQUEST_AGE: &str = "request_age";
+
+/// The largest command a Raft entry may carry, in bytes. Manifests travel
+/// in commands, so `max_manifest_bytes` must stay below it (config
+/// validation checks), and batches and AppendEntries are bounded by it.
+pub const MAX_ENTRY_BYTES: usize = 16 << 20;
 
 /// A stored manifest: the exact bytes the client pushed and their media type.
 #[derive(Debug, Clone, Serialize, Deserialize)]

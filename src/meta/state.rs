@@ -42,6 +42,15 @@ const KEEP_REQUESTS: u64 = 100_000;
 /// add, so the table stays bounded, and the work per entry stays small.
 const PRUNE_PER_ENTRY: usize = 1024;
 
+/// Largest key and value a snapshot record may carry. Keys are a repository
+/// name and an item (both bounded by the spec's grammar); values are at most
+/// a manifest record, and manifests are bounded by `max_manifest_bytes`,
+/// which config validation keeps under [`crate::meta::MAX_ENTRY_BYTES`].
+const MAX_SNAPSHOT_KEY: usize = 64 << 10;
+const MAX_SNAPSHOT_VALUE: usize = super::MAX_ENTRY_BYTES;
+/// Longest snapshot id accepted from a peer (ours are three numbers).
+const MAX_SNAPSHOT_ID: usize = 128;
+
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMeta<NodeId, NodeInfo>,
@@ -292,15 +301,20 @@ fn load_snapshot(db: &DB, file: std::fs::File, meta: &SnapshotMeta<NodeId, NodeI
         let name = STATE_CFS
             .get(tag[0] as usize)
             .ok_or_else(|| std::io::Error::other("corrupt snapshot: bad column family"))?;
-        let mut read_chunk = || -> std::io::Result<Vec<u8>> {
+        let mut read_chunk = |max: usize| -> std::io::Result<Vec<u8>> {
             let mut len = [0u8; 4];
             r.read_exact(&mut len)?;
-            let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
+            let len = u32::from_be_bytes(len) as usize;
+            // A length is what the sender wrote: bound it before allocating.
+            if len > max {
+                return Err(std::io::Error::other(format!("corrupt snapshot: a record of {len} bytes")));
+            }
+            let mut buf = vec![0u8; len];
             r.read_exact(&mut buf)?;
             Ok(buf)
         };
-        let k = read_chunk()?;
-        let v = read_chunk()?;
+        let k = read_chunk(MAX_SNAPSHOT_KEY)?;
+        let v = read_chunk(MAX_SNAPSHOT_VALUE)?;
         batch.put_cf(cf(db, name), k, v);
     }
     let enc = |e: bincode::Error| std::io::Error::other(e);
@@ -359,7 +373,10 @@ impl SnapshotFiles {
         meta: &SnapshotMeta<NodeId, NodeInfo>,
     ) -> SResult<std::fs::File> {
         let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        let name = format!("{}.snap", meta.snapshot_id);
+        // The name is made here, never taken from the snapshot's id: a
+        // received snapshot's id is whatever the sending peer wrote.
+        let index = meta.last_log_id.map_or(0, |l| l.index);
+        let name = format!("snap-{index}-{}.snap", Self::stamp());
         let path = self.dir.join(&name);
         std::fs::rename(from, &path).map_err(io_err)?;
         let file = std::fs::File::open(&path).map_err(io_err)?;
@@ -515,6 +532,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta<NodeId, NodeInfo>,
         snapshot: Box<tokio::fs::File>,
     ) -> SResult<()> {
+        if meta.snapshot_id.len() > MAX_SNAPSHOT_ID {
+            return Err(io_err(std::io::Error::other("snapshot id too long")));
+        }
         let mut f = snapshot.into_std().await;
         let db = self.db.clone();
         let m = meta.clone();
@@ -629,6 +649,36 @@ mod tests {
         assert_eq!(tag_value(&db), "new");
         let files: Vec<_> = std::fs::read_dir(dir.path().join("snap")).unwrap().flatten().collect();
         assert_eq!(files.len(), 1, "only the current snapshot stays on disk: {files:?}");
+    }
+
+    /// A snapshot id is whatever the sending peer wrote. One that names a
+    /// path outside the snapshot folder must write nothing there, and the
+    /// snapshot must still install.
+    #[tokio::test]
+    async fn a_hostile_snapshot_id_writes_nothing_outside_the_snapshot_folder() {
+        let leader_dir = tempfile::tempdir().unwrap();
+        let (_, mut leader) = machine(leader_dir.path());
+        leader.apply([entry(1, vec![put_tag(1, "t", "v")])]).await.unwrap();
+        let mut snap = leader.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        snap.meta.snapshot_id = "../../escaped".into();
+
+        let dir = tempfile::tempdir().unwrap();
+        let (db, mut sm) = machine(dir.path());
+        install(&mut sm, snap).await;
+        assert_eq!(tag_value(&db), "v");
+        for outside in [dir.path().join("escaped.snap"), dir.path().parent().unwrap().join("escaped.snap")] {
+            assert!(!outside.exists(), "{} was written", outside.display());
+        }
+        let files: Vec<_> = std::fs::read_dir(dir.path().join("snap")).unwrap().flatten().collect();
+        assert_eq!(files.len(), 1, "the snapshot is in its folder: {files:?}");
+        assert!(sm.get_current_snapshot().await.unwrap().is_some());
+
+        // An id too long to be ours is refused.
+        let mut snap = leader.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        snap.meta.snapshot_id = "x".repeat(4096);
+        let mut f = sm.begin_receiving_snapshot().await.unwrap();
+        tokio::io::copy(&mut snap.snapshot, &mut *f).await.unwrap();
+        assert!(sm.install_snapshot(&snap.meta, f).await.is_err());
     }
 
     /// A write that reaches the log twice (a forward whose answer was lost,

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use berth::cluster::{ClusterAdmin, NodeStatus};
 
+use super::gate::Gate;
 use super::{free_port, spawn_serve, wait_for, write_config, Proc};
 
 pub struct NodeSpec {
@@ -19,6 +20,9 @@ pub struct TestCluster {
     pub dir: tempfile::TempDir,
     pub nodes: Vec<NodeSpec>,
     pub procs: Vec<Option<Proc>>,
+    /// With [`TestCluster::start_gated`]: the gate in front of each node's
+    /// cluster port, which every other node sends its Raft traffic through.
+    pub gates: Vec<Gate>,
 }
 
 impl TestCluster {
@@ -29,6 +33,16 @@ impl TestCluster {
 
     /// Like `start`, with `extra(id)` added to node `id`'s top-level settings.
     pub async fn start_with(n: u64, snapshot_logs: u64, extra: impl Fn(u64) -> String) -> TestCluster {
+        Self::start_opts(n, snapshot_logs, extra, false).await
+    }
+
+    /// Like `start`, with every node's cluster port behind a [`Gate`] the
+    /// test can close (see `gates`).
+    pub async fn start_gated(n: u64) -> TestCluster {
+        Self::start_opts(n, 10_000, |_| String::new(), true).await
+    }
+
+    async fn start_opts(n: u64, snapshot_logs: u64, extra: impl Fn(u64) -> String, gated: bool) -> TestCluster {
         let dir = tempfile::tempdir().unwrap();
         let nodes: Vec<NodeSpec> = (1..=n)
             .map(|id| NodeSpec {
@@ -38,12 +52,20 @@ impl TestCluster {
                 config: dir.path().join(format!("n{id}.toml")),
             })
             .collect();
+        let mut gates = Vec::new();
+        if gated {
+            for s in &nodes {
+                gates.push(Gate::start(s.grpc).await);
+            }
+        }
         let members: String = nodes
             .iter()
-            .map(|s| {
+            .enumerate()
+            .map(|(i, s)| {
+                let grpc = gates.get(i).map_or(s.grpc, |g| g.port);
                 format!(
-                    "[[initial_members]]\nid = {}\nhttp = \"127.0.0.1:{}\"\ngrpc = \"127.0.0.1:{}\"\n",
-                    s.id, s.http, s.grpc
+                    "[[initial_members]]\nid = {}\nhttp = \"127.0.0.1:{}\"\ngrpc = \"127.0.0.1:{grpc}\"\n",
+                    s.id, s.http
                 )
             })
             .collect();
@@ -55,7 +77,7 @@ impl TestCluster {
             );
             write_config(&s.config, s.id, s.http, s.grpc, &dir.path().join(format!("data{}", s.id)), &rest);
         }
-        let mut c = TestCluster { dir, nodes, procs: Vec::new() };
+        let mut c = TestCluster { dir, nodes, procs: Vec::new(), gates };
         for i in 0..c.nodes.len() {
             c.procs.push(None);
             c.start_node(i).await;

@@ -238,3 +238,4 @@ pub async fn spawn_serve(args: &[String], http: u16) -> Proc {
     proc
 }
 pub mod cluster;
+pub mod gate;
