@@ -457,10 +457,17 @@ async fn never_forked(c: &reqwest::Client, cl: &TestCluster, acked: &[String], d
 /// cluster replace` brings each one back, one at a time, with everything.
 #[tokio::test]
 async fn wiped_data_dirs_never_fork_the_cluster_and_replace_brings_them_back() {
-    let mut cl = TestCluster::start(3, 10_000).await;
+    // Repair every second: a replaced node gets its copies back quickly.
+    let mut cl = TestCluster::start_with(3, 10_000, |_| "repair_interval_secs = 1\n".into()).await;
     let c = client();
     let leader = cl.wait_leader_everywhere().await;
-    let (d, m) = push_image(&c, &cl.base(leader), "wipe", "base", "wipe").await;
+    let config = br#"{"wipe":1}"#.to_vec();
+    let layer = b"a layer that must survive every wipe".repeat(100);
+    let blobs =
+        [push_blob(&c, &cl.base(leader), "wipe", &config).await, push_blob(&c, &cl.base(leader), "wipe", &layer).await];
+    let m = image_manifest((&blobs[0], config.len()), &[(&blobs[1], layer.len())], "");
+    put_manifest(&c, &cl.base(leader), "wipe", "base", &m).await;
+    let d = sha256(&m);
     let mut acked = vec!["base".to_string()];
     for i in 0..30 {
         let t = format!("t{i}");
@@ -511,6 +518,12 @@ async fn wiped_data_dirs_never_fork_the_cluster_and_replace_brings_them_back() {
         let t = format!("after-wipe-{wiped}");
         assert_eq!(tag_retrying(&c, &cl.base(wiped), "wipe", &t, &m).await, 201);
         acked.push(t);
+        // Repair gives the fresh node its copies back before the next node
+        // may lose its disk: losing every holder of a blob loses the blob.
+        wait_for("repair to restore the replaced node's copies", Duration::from_secs(60), || async {
+            blobs.iter().all(|b| (0..3).all(|i| cl.blob_path(i, b).exists()))
+        })
+        .await;
     }
 
     // Two of three (including the bootstrapping node) at once: a majority

@@ -460,3 +460,72 @@ async fn the_peer_blob_route_upgrades_to_a_raw_stream() {
     assert_eq!(r.status(), 200);
     assert!(r.bytes().await.unwrap() == data);
 }
+
+/// SIGSTOP a node: its process stops answering, but the kernel keeps its
+/// connections open, so nothing resets a call in flight to it. Dropping the
+/// guard lets it run again.
+struct Frozen(i32);
+
+impl Frozen {
+    fn new(cl: &TestCluster, i: usize) -> Frozen {
+        let pid = cl.procs[i].as_ref().unwrap().0.id() as i32;
+        // SAFETY: signalling a child process this test started.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+/// A frozen peer hangs neither a pull nor a push. The reader tries the
+/// frozen holder of a blob first (lowest id) and must move on to the other
+/// holder; pushes whose placement picks the frozen node must move on to
+/// the next node. Without timeouts and keepalives on peer calls, each of
+/// these waits for ever (the client's own 60 s timeout fails the test).
+#[tokio::test]
+async fn a_frozen_peer_hangs_neither_a_pull_nor_a_push() {
+    let cfg = "replicas = 2\nmin_copies = 2\nrepair_interval_secs = 3600\n";
+    let cl = TestCluster::start_with(3, 10_000, |_| cfg.into()).await;
+    let c = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let leader = cl.wait_leader_everywhere().await;
+    // A blob on two nodes, read from the third with the first holder frozen.
+    let data: Vec<u8> = (0..2_000_000u32).map(|i| (i % 241) as u8).collect();
+    let d = push_blob(&c, &cl.base(leader), "frozen", &data).await;
+    let holders: Vec<usize> = (0..3).filter(|i| cl.blob_path(*i, &d).exists()).collect();
+    assert_eq!(holders.len(), 2);
+    let reader = (0..3).find(|i| !holders.contains(i)).unwrap();
+    {
+        let _frozen = Frozen::new(&cl, holders[0]);
+        let got = get_bytes(&c, &format!("{}/v2/frozen/blobs/{d}", cl.base(reader))).await;
+        assert!(got.as_deref() == Some(&data[..]), "read through past a frozen holder");
+    }
+    cl.wait_leader_everywhere().await;
+
+    // Pushes to the leader while a follower is frozen: every one lands.
+    let leader = cl.wait_leader_everywhere().await;
+    let follower = (0..3).find(|i| *i != leader).unwrap();
+    let _frozen = Frozen::new(&cl, follower);
+    let pushes: Vec<_> = (0..8u8)
+        .map(|k| {
+            let (c, base) = (c.clone(), cl.base(leader));
+            tokio::spawn(async move {
+                let blob: Vec<u8> = (0..100_000u32).map(|i| (i as u8).wrapping_mul(k + 1)).collect();
+                let d = sha256(&blob);
+                c.post(format!("{base}/v2/frozen/blobs/uploads/?digest={d}"))
+                    .body(blob)
+                    .send()
+                    .await
+                    .map(|r| r.status())
+            })
+        })
+        .collect();
+    for (k, p) in pushes.into_iter().enumerate() {
+        let status = p.await.unwrap().expect("the push answered");
+        assert_eq!(status, 201, "push {k} with a frozen follower");
+    }
+}

@@ -8,6 +8,10 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -16,6 +20,27 @@ use tokio::io::Interest;
 pub const UPGRADE: &str = "berth-blob";
 /// Response header of a `101`: how many bytes follow.
 pub const SIZE_HEADER: &str = "berth-size";
+
+/// How long a peer may take to start answering a blob read.
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(5);
+/// How long a peer's blob stream may go without a byte before the read
+/// fails (and the next holder is tried, or the client's response ends
+/// with an error): a frozen holder must not hang a pull or a push.
+pub const IDLE_LIMIT: Duration = Duration::from_secs(10);
+
+/// `stream`, ending with a `TimedOut` error if no chunk arrives within
+/// [`IDLE_LIMIT`].
+pub fn idle_limited<S>(stream: S) -> impl Stream<Item = io::Result<Bytes>> + Send + Unpin + 'static
+where
+    S: Stream<Item = io::Result<Bytes>> + Send + 'static,
+{
+    let limited = tokio_stream::StreamExt::timeout(stream, IDLE_LIMIT);
+    Box::pin(limited.map(|r| {
+        r.unwrap_or_else(|_| {
+            Err(io::Error::new(io::ErrorKind::TimedOut, format!("peer sent nothing for {} s", IDLE_LIMIT.as_secs())))
+        })
+    }))
+}
 
 /// The accepted socket of an HTTP connection, carried in each request's
 /// extensions so an upgraded request can write to it directly.

@@ -450,11 +450,14 @@ impl Replicator {
             .header(http::header::UPGRADE, super::peer::UPGRADE)
             .body(http_body_util::Empty::new())
             .map_err(|e| e.to_string())?;
-        let mut resp = self.http.request(req).await.map_err(|e| e.to_string())?;
+        let mut resp = tokio::time::timeout(super::peer::ANSWER_WITHIN, self.http.request(req))
+            .await
+            .map_err(|_| format!("{api} did not answer within {} s", super::peer::ANSWER_WITHIN.as_secs()))?
+            .map_err(|e| e.to_string())?;
         match resp.status() {
-            http::StatusCode::OK => {
-                Ok(Either::Left(resp.into_body().into_data_stream().map_err(std::io::Error::other)))
-            }
+            http::StatusCode::OK => Ok(Either::Left(super::peer::idle_limited(
+                resp.into_body().into_data_stream().map_err(std::io::Error::other),
+            ))),
             http::StatusCode::SWITCHING_PROTOCOLS => {
                 let size: u64 = resp
                     .headers()
@@ -463,7 +466,9 @@ impl Replicator {
                     .ok_or("upgrade without a size")?;
                 let conn = hyper::upgrade::on(&mut resp).await.map_err(|e| e.to_string())?;
                 let body = hyper_util::rt::TokioIo::new(conn).take(size);
-                Ok(Either::Right(tokio_util::io::ReaderStream::with_capacity(body, READ_BUF)))
+                Ok(Either::Right(super::peer::idle_limited(tokio_util::io::ReaderStream::with_capacity(
+                    body, READ_BUF,
+                ))))
             }
             other => Err(format!("status {other}")),
         }

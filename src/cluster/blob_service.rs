@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 
 use super::pb::{blobs_server::Blobs, BlobChunk, FetchRequest, PullReply, PullRequest};
 use super::Peers;
-use crate::blob::BlobStore;
+use crate::blob::{peer, BlobStore};
 use crate::oci::Digest;
 
 pub struct BlobService {
@@ -33,8 +33,11 @@ pub async fn fetch(
 ) -> Result<impl Stream<Item = std::io::Result<bytes::Bytes>> + Send + Unpin + 'static, Status> {
     let mut client = peers.blobs(addr).map_err(|e| Status::unavailable(e.to_string()))?;
     let req = FetchRequest { digest: digest.to_string(), offset, background };
-    let stream = client.fetch(req).await?.into_inner();
-    Ok(stream.map(|r| r.map(|c| c.data).map_err(std::io::Error::other)))
+    let stream = tokio::time::timeout(peer::ANSWER_WITHIN, client.fetch(req))
+        .await
+        .map_err(|_| Status::deadline_exceeded(format!("{addr} did not answer a blob read")))??
+        .into_inner();
+    Ok(peer::idle_limited(stream.map(|r| r.map(|c| c.data).map_err(std::io::Error::other))))
 }
 
 /// Copy `digest` into `store` from the first of `sources` that has it intact.

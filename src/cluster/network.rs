@@ -68,12 +68,7 @@ type RpcResult<T, E> = Result<T, RPCError<NodeId, NodeInfo, RaftError<NodeId, E>
 impl PeerClient {
     fn client(&mut self) -> Result<RaftRpcClient<PeerChannel>, Unreachable> {
         if self.client.is_none() {
-            let ep = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
-                .map_err(|e| Unreachable::new(&e))?
-                .connect_timeout(std::time::Duration::from_secs(1))
-                .tcp_nodelay(true)
-                .initial_stream_window_size(super::peers::WINDOW)
-                .initial_connection_window_size(super::peers::WINDOW * 2);
+            let ep = super::peers::endpoint(&self.addr).map_err(|e| Unreachable::new(&e))?;
             self.client = Some(
                 RaftRpcClient::with_interceptor(ep.connect_lazy(), self.stamp.clone())
                     .max_decoding_message_size(super::MAX_MESSAGE)
@@ -105,11 +100,16 @@ impl PeerClient {
         let reply = match reply {
             Ok(r) => r.into_inner(),
             Err(status) => {
-                if status.code() == tonic::Code::Unavailable {
-                    self.client = None;
-                    return Err(RPCError::Unreachable(Unreachable::new(&status)));
+                match status.code() {
+                    tonic::Code::Unavailable => self.client = None,
+                    // The peer refuses to act as this member (its data dir
+                    // was wiped, or it is of another cluster): openraft
+                    // retries network errors at once, unreachable peers
+                    // after a backoff, and this will not change soon.
+                    tonic::Code::FailedPrecondition | tonic::Code::PermissionDenied => {}
+                    _ => return Err(RPCError::Network(NetworkError::new(&status))),
                 }
-                return Err(RPCError::Network(NetworkError::new(&status)));
+                return Err(RPCError::Unreachable(Unreachable::new(&status)));
             }
         };
         let result: Result<Resp, RaftError<NodeId, E>> =

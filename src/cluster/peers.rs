@@ -35,6 +35,26 @@ pub const WINDOW: u32 = 8 << 20;
 /// Largest gRPC message: manifests (4 MiB by default) travel in commands.
 pub const MAX_MESSAGE: usize = 64 << 20;
 
+/// HTTP/2 pings on every peer connection, answered by the peer's process
+/// itself: a peer that is frozen (stopped, swapped out, wedged) keeps its
+/// TCP connections open but stops answering them, and every call on such
+/// a connection then fails within about `KEEPALIVE + KEEPALIVE_TIMEOUT`
+/// instead of hanging a push or a pull.
+pub const KEEPALIVE: Duration = Duration::from_secs(2);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A peer endpoint with berth's transport settings.
+pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(KEEPALIVE)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(WINDOW)
+        .initial_connection_window_size(WINDOW * 2))
+}
+
 impl Peers {
     /// Channels whose calls carry `identity`'s cluster id.
     pub fn new(identity: Identity) -> Peers {
@@ -50,12 +70,7 @@ impl Peers {
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let c = Endpoint::from_shared(format!("http://{addr}"))?
-            .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
-            .initial_stream_window_size(WINDOW)
-            .initial_connection_window_size(WINDOW * 2)
-            .connect_lazy();
+        let c = endpoint(addr)?.connect_lazy();
         map.insert(addr.to_owned(), c.clone());
         Ok(c)
     }
