@@ -83,16 +83,30 @@ async fn main() {
         s.print(&format!("linearizable tag GET c={conc} follower"));
     }
 
-    // A request that never touches Raft (blob HEAD, answered from the local
-    // index), to tell the metadata path's cost from the HTTP path's.
-    {
-        let (c, base, layer) = (c.clone(), cl.base(follower), layer.clone());
-        let mut s = run(64, 20000, move |_| {
-            let (c, url) = (c.clone(), format!("{base}/v2/bench/blobs/{layer}"));
-            async move { c.head(url).send().await.is_ok_and(|r| r.status() == 200) }
-        })
-        .await;
-        s.print("blob HEAD c=64 (no Raft)");
+    // Reads by digest on a follower: content never changes, but whether a
+    // repository still has it does, so these take the read barrier too.
+    let digest = sha256(&manifest(&config, &layer, 0));
+    for (what, url, head) in [
+        ("manifest GET by digest", format!("{}/v2/bench/manifests/{digest}", cl.base(follower)), false),
+        ("blob HEAD", format!("{}/v2/bench/blobs/{layer}", cl.base(follower)), true),
+        ("blob GET (2 KB)", format!("{}/v2/bench/blobs/{layer}", cl.base(follower)), false),
+    ] {
+        for conc in [1, 64] {
+            let (c, url) = (c.clone(), url.clone());
+            let total = if conc == 1 { 1000 } else { 20000 };
+            let mut s = run(conc, total, move |_| {
+                let (c, url) = (c.clone(), url.clone());
+                async move {
+                    let r = if head { c.head(url).send().await } else { c.get(url).send().await };
+                    match r {
+                        Ok(r) if r.status() == 200 => r.bytes().await.is_ok(),
+                        _ => false,
+                    }
+                }
+            })
+            .await;
+            s.print(&format!("{what} c={conc} follower"));
+        }
     }
 
     // Failover: kill the leader, then write through a survivor until it works.
