@@ -64,6 +64,7 @@ step "building images (offline path)"
 t=$(date +%s); docker/build-images.sh "$BIN" >/dev/null || fail "image build"
 step "images built in $(( $(date +%s) - t ))s; berth image $(docker image inspect --format '{{.Size}}' "$BERTH_IMAGE" | awk '{printf "%.0f MB", $1/1e6}')"
 
+docker/certs.sh "$BIN" || fail "certificates"
 t=$(date +%s); dc up -d >/dev/null 2>&1 || fail "compose up"
 wait_until "cluster healthy" 90 healthy node1 3
 step "compose up and healthy in $(( $(date +%s) - t ))s"

@@ -61,6 +61,34 @@ impl Default for TransferSettings {
     }
 }
 
+/// Paths of a CA certificate and of one certificate and its key, PEM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The cluster CA's certificate: peers must present one it signed.
+    pub ca: PathBuf,
+    /// This node's (or the operator's) certificate, signed by the CA.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// The operator's files in a directory made by `berth certs`.
+    pub fn admin_in(dir: &Path) -> TlsFiles {
+        TlsFiles { ca: dir.join("ca.pem"), cert: dir.join("admin.pem"), key: dir.join("admin.key") }
+    }
+
+    /// Node `id`'s files in a directory made by `berth certs`.
+    pub fn node_in(dir: &Path, id: u64) -> TlsFiles {
+        TlsFiles {
+            ca: dir.join("ca.pem"),
+            cert: dir.join(format!("node{id}.pem")),
+            key: dir.join(format!("node{id}.key")),
+        }
+    }
+}
+
 /// A member of the initial cluster, as named in every node's config.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -125,6 +153,12 @@ pub struct Config {
     pub scrub_interval_secs: u64,
     /// A member unanswering this long no longer counts as holding copies.
     pub dead_after_secs: u64,
+    /// Mutual TLS on the cluster listener and on every call to a peer.
+    /// Required for a node with peers, unless `insecure_cluster`.
+    pub cluster_tls: Option<TlsFiles>,
+    /// Talk to peers in plain text, authenticating no one (a warning at
+    /// every start). Only for networks nothing else can reach.
+    pub insecure_cluster: bool,
 }
 
 impl Default for Config {
@@ -155,6 +189,8 @@ impl Default for Config {
             repair_interval_secs: 10,
             scrub_interval_secs: 24 * 3600,
             dead_after_secs: 60,
+            cluster_tls: None,
+            insecure_cluster: false,
         }
     }
 }
@@ -177,6 +213,12 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Whether this node talks to other nodes: a one-node cluster (no
+    /// initial members, no join, not on standby) never does.
+    pub fn has_peers(&self) -> bool {
+        !self.initial_members.is_empty() || self.join.is_some() || self.standby
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.node_id == 0 {
             return Err(ConfigError::Invalid("node_id must be at least 1".into()));
@@ -193,6 +235,16 @@ impl Config {
         }
         if self.transfer.max_per_peer == 0 {
             return Err(ConfigError::Invalid("transfer.max_per_peer must be at least 1".into()));
+        }
+        if self.cluster_tls.is_some() && self.insecure_cluster {
+            return Err(ConfigError::Invalid("cluster_tls and insecure_cluster = true exclude each other".into()));
+        }
+        if self.has_peers() && self.cluster_tls.is_none() && !self.insecure_cluster {
+            return Err(ConfigError::Invalid(
+                "a node with peers (initial_members, join or standby) needs [cluster_tls] with ca, cert and key \
+                 (`berth certs` makes a development set), or insecure_cluster = true"
+                    .into(),
+            ));
         }
         if self.max_manifest_bytes == 0 {
             return Err(ConfigError::Invalid("max_manifest_bytes must be positive".into()));

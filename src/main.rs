@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+use berth::cluster::tls::{ClusterTls, TlsFiles};
 use berth::cluster::{ClusterAdmin, JoinRequest, LeaveRequest, MemberStatus};
 use berth::config::Config;
 use berth::node::RunningNode;
@@ -48,8 +49,22 @@ enum Cmd {
     },
     /// Inspect and change cluster membership.
     Cluster {
+        /// Directory made by `berth certs`: its ca.pem, admin.pem and admin.key authenticate
+        /// this command to the cluster (mutual TLS). Without it, plain text (insecure_cluster).
+        #[arg(long, env = "BERTH_CLUSTER_TLS_DIR", global = true)]
+        tls_dir: Option<PathBuf>,
         #[command(subcommand)]
         command: ClusterCmd,
+    },
+    /// Make a development CA and certificates for mutual TLS between nodes: ca.pem/ca.key,
+    /// node<N>.pem/.key for each node, admin.pem/.key for `berth cluster` (keys are 0600).
+    Certs {
+        /// Directory to write to (existing files are never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+        /// Node ids to make certificates for.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+        nodes: Vec<u64>,
     },
 }
 
@@ -154,7 +169,16 @@ fn main() -> anyhow::Result<()> {
                 }
             })
         }
-        Cmd::Cluster { command } => rt.block_on(cluster(command)),
+        Cmd::Cluster { tls_dir, command } => {
+            let tls = tls_dir.map(|d| ClusterTls::load(&TlsFiles::admin_in(&d))).transpose()?;
+            rt.block_on(cluster(command, tls))
+        }
+        Cmd::Certs { out, nodes } => {
+            for path in berth::cluster::tls::generate(&out, &nodes)? {
+                println!("{}", path.display());
+            }
+            Ok(())
+        }
         Cmd::Ping { http } => rt.block_on(ping(&http)),
     }
 }
@@ -181,7 +205,8 @@ async fn shutdown_signal() {
     }
 }
 
-async fn cluster(cmd: ClusterCmd) -> anyhow::Result<()> {
+async fn cluster(cmd: ClusterCmd, tls: Option<ClusterTls>) -> anyhow::Result<()> {
+    let admin = |node: &str| ClusterAdmin::new(node, tls.clone());
     let report = |json: bool, msg: String| {
         if json {
             println!("{}", serde_json::json!({ "ok": true, "message": msg }));
@@ -191,7 +216,7 @@ async fn cluster(cmd: ClusterCmd) -> anyhow::Result<()> {
     };
     match cmd {
         ClusterCmd::Status { node, json } => {
-            let rows = ClusterAdmin::new(&node).status().await.map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+            let rows = admin(&node).status().await.map_err(|e| anyhow::anyhow!("{}", e.message()))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
@@ -200,19 +225,16 @@ async fn cluster(cmd: ClusterCmd) -> anyhow::Result<()> {
         }
         ClusterCmd::Join { node, id, addr, api, region, learner, json } => {
             let req = JoinRequest { id, api, grpc: addr, region, learner };
-            let msg = ClusterAdmin::new(&node).join(req).await.map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+            let msg = admin(&node).join(req).await.map_err(|e| anyhow::anyhow!("{}", e.message()))?;
             report(json, msg);
         }
         ClusterCmd::Replace { node, id, json } => {
-            let msg = ClusterAdmin::new(&node).replace(id).await.map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+            let msg = admin(&node).replace(id).await.map_err(|e| anyhow::anyhow!("{}", e.message()))?;
             report(json, msg);
         }
         ClusterCmd::Leave { node, id, force, drain_secs, json } => {
             let req = LeaveRequest { id, force, drain_secs };
-            ClusterAdmin::new(&node)
-                .leave(req, |step| report(json, step))
-                .await
-                .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+            admin(&node).leave(req, |step| report(json, step)).await.map_err(|e| anyhow::anyhow!("{}", e.message()))?;
         }
     }
     Ok(())

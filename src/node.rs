@@ -15,6 +15,7 @@ use tonic::service::interceptor::InterceptedService;
 use crate::api::{self, AppState};
 use crate::blob::{repair, BlobStore, Policy, Replicator, Uploads};
 use crate::cluster::identity::Guard;
+use crate::cluster::tls::ClusterTls;
 use crate::cluster::{
     AdminServer, AdminService, BlobService, BlobsServer, Cluster, ClusterAdmin, Identity, JoinRequest, MetaServer,
     MetaService, Network, RaftRpcServer, RaftService, Throttle, MAX_MESSAGE,
@@ -65,9 +66,20 @@ impl RunningNode {
         let sm = StateMachine::new(db.clone(), cfg.data_dir.join("snapshots"))?;
         let log = LogStore::new(db.clone());
         let committed = log.commit_index();
-        let network = Network::new(identity.clone());
+        let tls = match (&cfg.cluster_tls, cfg.insecure_cluster) {
+            (Some(files), _) => Some(ClusterTls::load(files).context("loading cluster_tls")?),
+            (None, true) => {
+                tracing::warn!(
+                    "insecure_cluster = true: cluster traffic is plain text and any process that can reach \
+                     the cluster port can speak for a member"
+                );
+                None
+            }
+            (None, false) => None,
+        };
+        let network = Network::new(identity.clone(), tls.clone());
         let raft = Raft::new(cfg.node_id, raft_config(&cfg)?, network, log, sm).await.context("starting raft")?;
-        let cluster = Cluster::new(identity.clone(), raft.clone(), committed, cfg.consistency);
+        let cluster = Cluster::new(identity.clone(), tls.clone(), raft.clone(), committed, cfg.consistency);
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = Vec::new();
 
@@ -101,8 +113,12 @@ impl RunningNode {
         .max_encoding_message_size(MAX_MESSAGE);
         let blob_svc = InterceptedService::new(blob_svc, guard);
         let mut grpc_stop = rx.clone();
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = &tls {
+            server = server.tls_config(tls.server()).context("cluster_tls")?;
+        }
         tasks.push(tokio::spawn(async move {
-            let res = tonic::transport::Server::builder()
+            let res = server
                 .initial_stream_window_size(crate::cluster::WINDOW)
                 .initial_connection_window_size(crate::cluster::WINDOW * 2)
                 .add_service(raft_svc)
@@ -206,8 +222,9 @@ async fn bootstrap(
     if let Some(via) = cfg.join.clone() {
         let req = JoinRequest { id: cfg.node_id, api: me.api, grpc: me.grpc, region: me.region, learner: cfg.learner };
         tracing::info!(%via, "joining an existing cluster");
+        let peers = cluster.peers.clone();
         tasks.push(tokio::spawn(async move {
-            let admin = ClusterAdmin::new(&via);
+            let admin = ClusterAdmin::with_peers(&via, peers);
             loop {
                 match admin.join(req.clone()).await {
                     Ok(msg) => {
@@ -272,7 +289,7 @@ async fn initialize_when_all_answer(
                 infos.insert(m.id, NodeInfo { incarnation: me.incarnation, ..info });
                 continue;
             }
-            match ClusterAdmin::new(&m.grpc).node_status().await {
+            match ClusterAdmin::with_peers(&m.grpc, cluster.peers.clone()).node_status().await {
                 Ok(st) if !st.cluster_id.is_empty() => {
                     let known = st.members.iter().find(|x| x.id == my_id).map(|x| x.incarnation);
                     cluster.identity.refuse(format!(

@@ -179,7 +179,7 @@ async fn a_node_joins_under_load_and_another_leaves() {
     let written = writer.await.unwrap();
     assert_eq!(written, 60, "every write during the join succeeds");
 
-    let admin = berth::cluster::ClusterAdmin::new(&cl.grpc(leader));
+    let admin = admin(&cl.grpc(leader));
     wait_for("node 4 to become a voter", Duration::from_secs(60), || {
         let admin = &admin;
         async move {
@@ -475,7 +475,7 @@ async fn wiped_data_dirs_never_fork_the_cluster_and_replace_brings_them_back() {
         acked.push(t);
     }
     let problem = |cl: &TestCluster, i: usize| {
-        let admin = berth::cluster::ClusterAdmin::new(&cl.grpc(i));
+        let admin = admin(&cl.grpc(i));
         async move { admin.node_status().await.map(|s| s.problem).unwrap_or_default() }
     };
 
@@ -584,4 +584,49 @@ async fn a_burst_of_manifests_at_the_size_limit_never_stops_writes() {
             c.get(format!("{}/v2/big/tags/list", cl.base(n))).send().await.unwrap().json().await.unwrap();
         assert_eq!(v["tags"].as_array().unwrap().len(), 24, "node {n}");
     }
+}
+
+/// The cluster port speaks only to holders of a certificate signed by the
+/// cluster CA: a client without one, or with another CA's, is refused, and
+/// a node with another CA's certificate cannot be joined.
+#[tokio::test]
+async fn without_a_certificate_from_the_cluster_ca_nothing_gets_in() {
+    use berth::cluster::tls::{ClusterTls, TlsFiles};
+    use berth::cluster::ClusterAdmin;
+    let cl = TestCluster::start(3, 10_000).await;
+    let leader = cl.wait_leader_everywhere().await;
+    assert!(admin(&cl.grpc(leader)).node_status().await.is_ok(), "the operator's certificate works");
+    let plain = ClusterAdmin::new(&cl.grpc(leader), None).node_status().await;
+    assert!(plain.is_err(), "a plain-text client was answered");
+    let other = tempfile::tempdir().unwrap();
+    berth::cluster::tls::generate(other.path(), &[4]).unwrap();
+    let foreign = ClusterTls::load(&TlsFiles::admin_in(other.path())).unwrap();
+    let r = ClusterAdmin::new(&cl.grpc(leader), Some(foreign)).node_status().await;
+    assert!(r.is_err(), "a client of another CA was answered");
+
+    // A standby node whose certificate another CA signed: the join fails.
+    let (http, grpc) = (free_port(), free_port());
+    let f = TlsFiles::node_in(other.path(), 4);
+    let config = cl.dir.path().join("foreign.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "node_id = 4\nhttp = \"127.0.0.1:{http}\"\ngrpc = \"127.0.0.1:{grpc}\"\ndata_dir = \"{}\"\nstandby = true\n\
+             [cluster_tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            cl.dir.path().join("data-foreign").display(),
+            f.ca.display(),
+            f.cert.display(),
+            f.key.display()
+        ),
+    )
+    .unwrap();
+    let _foreign_node = spawn_serve(&["--config".into(), config.display().to_string()], http).await;
+    let out = berth()
+        .args(["cluster", "join", "--node", &cl.grpc(leader), "--id", "4"])
+        .args(["--addr", &format!("127.0.0.1:{grpc}"), "--api", &format!("127.0.0.1:{http}")])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "joined: {}", String::from_utf8_lossy(&out.stdout));
+    let members = cl.status(leader).await.unwrap().members;
+    assert_eq!(members.len(), 3, "{members:?}");
 }

@@ -64,6 +64,7 @@ impl Cluster {
             .arg(berth_bin)
             .env("BERTH_IMAGE", &self.image))
         .await?;
+        run(Command::new("bash").current_dir(&self.root).arg("docker/certs.sh").arg(berth_bin)).await?;
         run(self.compose().args(["up", "-d"])).await?;
         Ok(())
     }
@@ -107,12 +108,18 @@ impl Cluster {
         }
     }
 
+    /// The operator's certificate for the cluster port (docker/certs.sh).
+    fn admin_tls(&self) -> Option<berth::cluster::tls::ClusterTls> {
+        let files = berth::cluster::tls::TlsFiles::admin_in(&self.root.join("cluster-config/compose/tls"));
+        berth::cluster::tls::ClusterTls::load(&files).ok()
+    }
+
     /// The leader as every running node of 1-3 sees it, if they agree.
     pub async fn leader(&self) -> Option<String> {
         let mut seen = None;
         for node in NODES {
             let ip = self.ip(node).await.ok()?;
-            let s = ClusterAdmin::new(&format!("{ip}:5001")).node_status().await.ok()?;
+            let s = ClusterAdmin::new(&format!("{ip}:5001"), self.admin_tls()).node_status().await.ok()?;
             if s.leader == 0 || seen.is_some_and(|l| l != s.leader) {
                 return None;
             }

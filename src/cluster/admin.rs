@@ -434,8 +434,16 @@ pub struct ClusterAdmin {
 }
 
 impl ClusterAdmin {
-    pub fn new(node: &str) -> ClusterAdmin {
-        ClusterAdmin { peers: super::Peers::default(), node: node.to_owned() }
+    /// A client of the member at `node` (its gRPC address), over mutual
+    /// TLS with `tls` (the operator's certificate), plain text without.
+    pub fn new(node: &str, tls: Option<super::tls::ClusterTls>) -> ClusterAdmin {
+        ClusterAdmin { peers: super::Peers::new(super::Identity::outsider(), tls), node: node.to_owned() }
+    }
+
+    /// A client that calls through a member's own channels (its TLS and
+    /// cluster id): what a node uses to ask its peers.
+    pub fn with_peers(node: &str, peers: super::Peers) -> ClusterAdmin {
+        ClusterAdmin { peers, node: node.to_owned() }
     }
 
     async fn status_at(&self, addr: &str) -> Result<NodeStatus, Status> {

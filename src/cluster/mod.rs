@@ -16,6 +16,7 @@ mod read_index;
 mod runtime;
 mod service;
 mod throttle;
+pub mod tls;
 
 use std::time::{Duration, Instant};
 
@@ -92,13 +93,14 @@ pub struct Cluster {
 impl Cluster {
     pub fn new(
         identity: Identity,
+        tls: Option<tls::ClusterTls>,
         raft: Raft,
         committed: crate::meta::CommitIndex,
         consistency: Consistency,
     ) -> Cluster {
         let id = identity.node();
         let batcher = batcher::Batcher::start(raft.clone());
-        let peers = Peers::new(identity.clone());
+        let peers = Peers::new(identity.clone(), tls);
         let reads = read_index::ReadIndexer::start(raft.clone(), peers.clone(), DEADLINE);
         let ids = std::sync::Arc::new(RequestIds::new(id));
         Cluster { id, raft, peers, identity, drain: Drain::default(), committed, batcher, ids, reads, consistency }

@@ -18,17 +18,20 @@ use super::identity::{Identity, Stamp};
 use super::pb::{self, raft_rpc_client::RaftRpcClient, RaftRequest};
 use super::peers::PeerChannel;
 use super::runtime;
+use super::tls::ClusterTls;
 use crate::{NodeId, NodeInfo, TypeConfig};
 
 /// Creates a [`PeerClient`] for each peer openraft replicates to.
 #[derive(Clone)]
 pub struct Network {
     identity: Identity,
+    tls: Option<ClusterTls>,
 }
 
 impl Network {
-    pub fn new(identity: Identity) -> Network {
-        Network { identity }
+    /// Raft's peers, reached over mutual TLS when `tls` is set.
+    pub fn new(identity: Identity, tls: Option<ClusterTls>) -> Network {
+        Network { identity, tls }
     }
 }
 
@@ -41,6 +44,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             addr: node.grpc.clone(),
             incarnation: node.incarnation,
             stamp: Stamp(self.identity.clone()),
+            tls: self.tls.clone(),
             client: None,
         }
     }
@@ -53,6 +57,7 @@ pub struct PeerClient {
     /// replaced node refuses messages meant for its predecessor.
     incarnation: u64,
     stamp: Stamp,
+    tls: Option<ClusterTls>,
     client: Option<RaftRpcClient<PeerChannel>>,
 }
 
@@ -68,7 +73,7 @@ type RpcResult<T, E> = Result<T, RPCError<NodeId, NodeInfo, RaftError<NodeId, E>
 impl PeerClient {
     fn client(&mut self) -> Result<RaftRpcClient<PeerChannel>, Unreachable> {
         if self.client.is_none() {
-            let ep = super::peers::endpoint(&self.addr).map_err(|e| Unreachable::new(&e))?;
+            let ep = super::peers::endpoint(&self.addr, self.tls.as_ref()).map_err(|e| Unreachable::new(&e))?;
             self.client = Some(
                 RaftRpcClient::with_interceptor(ep.connect_lazy(), self.stamp.clone())
                     .max_decoding_message_size(super::MAX_MESSAGE)

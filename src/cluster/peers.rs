@@ -11,6 +11,7 @@ use super::identity::{Identity, Stamp};
 use super::pb::admin_client::AdminClient;
 use super::pb::blobs_client::BlobsClient;
 use super::pb::meta_client::MetaClient;
+use super::tls::ClusterTls;
 
 /// A channel to a peer whose every call carries this node's cluster id.
 pub type PeerChannel = InterceptedService<Channel, Stamp>;
@@ -19,12 +20,13 @@ pub type PeerChannel = InterceptedService<Channel, Stamp>;
 pub struct Peers {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     stamp: Stamp,
+    tls: Option<ClusterTls>,
 }
 
 impl Default for Peers {
-    /// Channels for a client that is not a member (the command line).
+    /// Plain-text channels for a client that is not a member.
     fn default() -> Peers {
-        Peers::new(Identity::outsider())
+        Peers::new(Identity::outsider(), None)
     }
 }
 
@@ -43,9 +45,14 @@ pub const MAX_MESSAGE: usize = 64 << 20;
 pub const KEEPALIVE: Duration = Duration::from_secs(2);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A peer endpoint with berth's transport settings.
-pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+/// A peer endpoint with berth's transport settings: mutual TLS with `tls`,
+/// plain text without.
+pub fn endpoint(addr: &str, tls: Option<&ClusterTls>) -> Result<Endpoint, tonic::transport::Error> {
+    let ep = match tls {
+        Some(tls) => Endpoint::from_shared(format!("https://{addr}"))?.tls_config(tls.client())?,
+        None => Endpoint::from_shared(format!("http://{addr}"))?,
+    };
+    Ok(ep
         .connect_timeout(Duration::from_secs(1))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(KEEPALIVE)
@@ -56,9 +63,10 @@ pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
 }
 
 impl Peers {
-    /// Channels whose calls carry `identity`'s cluster id.
-    pub fn new(identity: Identity) -> Peers {
-        Peers { channels: Arc::default(), stamp: Stamp(identity) }
+    /// Channels whose calls carry `identity`'s cluster id, over mutual TLS
+    /// when `tls` is set.
+    pub fn new(identity: Identity, tls: Option<ClusterTls>) -> Peers {
+        Peers { channels: Arc::default(), stamp: Stamp(identity), tls }
     }
 
     fn channel(&self, addr: &str) -> Result<PeerChannel, tonic::transport::Error> {
@@ -70,7 +78,7 @@ impl Peers {
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let c = endpoint(addr)?.connect_lazy();
+        let c = endpoint(addr, self.tls.as_ref())?.connect_lazy();
         map.insert(addr.to_owned(), c.clone());
         Ok(c)
     }

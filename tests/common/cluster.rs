@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use berth::cluster::{ClusterAdmin, NodeStatus};
+use berth::cluster::NodeStatus;
 
 use super::gate::Gate;
 use super::{free_port, spawn_serve, wait_for, write_config, Proc};
@@ -123,7 +123,7 @@ impl TestCluster {
     }
 
     pub async fn status(&self, i: usize) -> Option<NodeStatus> {
-        let admin = ClusterAdmin::new(&self.grpc(i));
+        let admin = super::admin(&self.grpc(i));
         admin.node_status().await.ok()
     }
 

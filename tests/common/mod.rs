@@ -142,12 +142,57 @@ pub fn files_under(dir: &Path) -> Vec<String> {
     out
 }
 
+/// This test process's cluster CA with certificates for nodes 1 to 9 and
+/// for the operator, made once (see `berth certs`).
+pub fn certs() -> &'static Path {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        berth::cluster::tls::generate(dir.path(), &(1..=9).collect::<Vec<_>>()).unwrap();
+        dir
+    })
+    .path()
+}
+
+/// How test nodes talk to each other, from `BERTH_TEST_CLUSTER_TLS`: `on`
+/// (the default: mutual TLS with [`certs`]), `insecure` (plain text,
+/// `insecure_cluster = true`), or `off` (neither key written: for a
+/// benchmark against a build that predates them).
+fn cluster_tls_mode() -> String {
+    std::env::var("BERTH_TEST_CLUSTER_TLS").unwrap_or_else(|_| "on".into())
+}
+
+/// The operator's TLS settings for talking to test nodes (None when the
+/// nodes talk plain text).
+pub fn admin_tls() -> Option<berth::cluster::tls::ClusterTls> {
+    let files = berth::cluster::tls::TlsFiles::admin_in(certs());
+    (cluster_tls_mode() == "on").then(|| berth::cluster::tls::ClusterTls::load(&files).unwrap())
+}
+
+/// A command-line client of the test node at `grpc`.
+pub fn admin(grpc: &str) -> berth::cluster::ClusterAdmin {
+    berth::cluster::ClusterAdmin::new(grpc, admin_tls())
+}
+
 /// Write a node's TOML config at `path` (its id, loopback addresses and
-/// data dir, then `rest`: more settings and tables) and return the
-/// `berth serve` arguments that start it.
+/// data dir, then `rest`: more settings and tables, and the cluster TLS
+/// table) and return the `berth serve` arguments that start it.
 pub fn write_config(path: &Path, id: u64, http: u16, grpc: u16, data: &Path, rest: &str) -> Vec<String> {
+    let tls = match cluster_tls_mode().as_str() {
+        "on" => {
+            let f = berth::cluster::tls::TlsFiles::node_in(certs(), id);
+            format!(
+                "\n[cluster_tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                f.ca.display(),
+                f.cert.display(),
+                f.key.display()
+            )
+        }
+        _ => String::new(),
+    };
+    let insecure = if cluster_tls_mode() == "insecure" { "insecure_cluster = true\n" } else { "" };
     let cfg = format!(
-        "node_id = {id}\nhttp = \"127.0.0.1:{http}\"\ngrpc = \"127.0.0.1:{grpc}\"\ndata_dir = \"{}\"\n{rest}",
+        "node_id = {id}\nhttp = \"127.0.0.1:{http}\"\ngrpc = \"127.0.0.1:{grpc}\"\ndata_dir = \"{}\"\n{insecure}{rest}{tls}",
         data.display()
     );
     std::fs::write(path, cfg).unwrap();
@@ -205,8 +250,15 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// The `berth` binary: this build's, or `BERTH_BIN` (a benchmark against
+/// another build). Its `berth cluster` commands use the test CA.
 pub fn berth() -> std::process::Command {
-    std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+    let bin = std::env::var_os("BERTH_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_berth").into());
+    let mut cmd = std::process::Command::new(bin);
+    if cluster_tls_mode() == "on" {
+        cmd.env("BERTH_CLUSTER_TLS_DIR", certs());
+    }
+    cmd
 }
 
 /// Start `berth serve` with `args` and wait until its API answers.
