@@ -42,6 +42,9 @@ case "$mode" in
     wait_http 127.0.0.1:5000
     ;;
   lb)
+    # The local configs name their certificates relative to the repository.
+    cd "$root"
+    [ -f cluster-config/local/tls/ca.pem ] || "$berth" certs --out cluster-config/local/tls --nodes 1,2,3,4 >/dev/null
     for n in 1 2 3; do
       "$berth" serve --config "$root/cluster-config/local/node$n.toml" --data-dir "$work/data/node$n" \
         2>"$work/node$n.log" &

@@ -160,21 +160,24 @@ async fn a_node_joins_under_load_and_another_leaves() {
     };
     let (http, grpc) = (free_port(), free_port());
     let data = cl.dir.path().join("data4");
-    let args: Vec<String> = [
-        "--node-id",
-        "4",
-        "--http",
-        &format!("127.0.0.1:{http}"),
-        "--grpc",
-        &format!("127.0.0.1:{grpc}"),
-        "--data-dir",
-        &data.display().to_string(),
-        "--join",
-        &cl.grpc(leader),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    // The flags make it join; the file carries only its cluster certificate.
+    let mut args = write_config(&cl.dir.path().join("n4.toml"), 4, http, grpc, &data, "");
+    args.extend(
+        [
+            "--node-id",
+            "4",
+            "--http",
+            &format!("127.0.0.1:{http}"),
+            "--grpc",
+            &format!("127.0.0.1:{grpc}"),
+            "--data-dir",
+            &data.display().to_string(),
+            "--join",
+            &cl.grpc(leader),
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
     let _node4 = spawn_serve(&args, http).await;
     let written = writer.await.unwrap();
     assert_eq!(written, 60, "every write during the join succeeds");
