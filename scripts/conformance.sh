@@ -44,7 +44,9 @@ case "$mode" in
   lb)
     # The local configs name their certificates relative to the repository.
     cd "$root"
-    [ -f cluster-config/local/tls/ca.pem ] || "$berth" certs --out cluster-config/local/tls --nodes 1,2,3,4 >/dev/null
+    if grep -q cluster_tls cluster-config/local/node1.toml && [ ! -f cluster-config/local/tls/ca.pem ]; then
+      "$berth" certs --out cluster-config/local/tls --nodes 1,2,3,4 >/dev/null
+    fi
     for n in 1 2 3; do
       "$berth" serve --config "$root/cluster-config/local/node$n.toml" --data-dir "$work/data/node$n" \
         2>"$work/node$n.log" &
