@@ -29,6 +29,12 @@ async fn digest_of(c: &reqwest::Client, base: &str, repo: &str, tag: &str) -> Op
     Some(r.headers()["Docker-Content-Digest"].to_str().unwrap().to_owned())
 }
 
+/// How many tags `repo` has, as the node at `base` lists them.
+async fn tag_count(c: &reqwest::Client, base: &str, repo: &str) -> usize {
+    let v: serde_json::Value = c.get(format!("{base}/v2/{repo}/tags/list")).send().await.unwrap().json().await.unwrap();
+    v["tags"].as_array().map_or(0, Vec::len)
+}
+
 fn followers(c: &TestCluster, leader: usize) -> Vec<usize> {
     c.alive().into_iter().filter(|i| *i != leader).collect()
 }
@@ -74,9 +80,7 @@ async fn follower_writes_are_read_on_other_followers_and_survive_leader_loss() {
     for (t, d) in &acked {
         assert_eq!(digest_of(&c, &cl.base(leader), "app", t).await.as_deref(), Some(d.as_str()), "restarted {t}");
     }
-    let v: serde_json::Value =
-        c.get(format!("{}/v2/app/tags/list", cl.base(leader))).send().await.unwrap().json().await.unwrap();
-    assert_eq!(v["tags"].as_array().unwrap().len(), acked.len());
+    assert_eq!(tag_count(&c, &cl.base(leader), "app").await, acked.len());
 
     // And the whole cluster restarts with everything in place.
     for i in 0..3 {
@@ -130,9 +134,7 @@ async fn five_nodes_keep_writing_with_two_down() {
         assert_eq!(tag_retrying(&c, &base, "five", &t, &m).await, 201);
     }
     for i in cl.alive() {
-        let v: serde_json::Value =
-            c.get(format!("{}/v2/five/tags/list", cl.base(i))).send().await.unwrap().json().await.unwrap();
-        assert_eq!(v["tags"].as_array().unwrap().len(), 11, "node {i}");
+        assert_eq!(tag_count(&c, &cl.base(i), "five").await, 11, "node {i}");
     }
 }
 
@@ -191,8 +193,7 @@ async fn a_node_joins_under_load_and_another_leaves() {
     })
     .await;
     let base4 = format!("http://127.0.0.1:{http}");
-    let v: serde_json::Value = c.get(format!("{base4}/v2/grow/tags/list")).send().await.unwrap().json().await.unwrap();
-    assert_eq!(v["tags"].as_array().unwrap().len(), 61);
+    assert_eq!(tag_count(&c, &base4, "grow").await, 61);
 
     // A follower leaves through the command line; the cluster goes on.
     let leaver = followers(&cl, leader)[0];
@@ -254,9 +255,7 @@ async fn a_node_that_missed_many_writes_catches_up_from_a_snapshot() {
     cl.wait_applied(lagger, ls.last_log_index).await;
     let st = cl.status(lagger).await.unwrap();
     assert!(st.snapshot_index > before, "installed a snapshot: {st:?}");
-    let v: serde_json::Value =
-        c.get(format!("{}/v2/snap/tags/list", cl.base(lagger))).send().await.unwrap().json().await.unwrap();
-    assert_eq!(v["tags"].as_array().unwrap().len(), 10_001);
+    assert_eq!(tag_count(&c, &cl.base(lagger), "snap").await, 10_001);
 }
 
 #[tokio::test]
@@ -583,9 +582,7 @@ async fn a_burst_of_manifests_at_the_size_limit_never_stops_writes() {
         assert_eq!(tag(&c, &cl.base(i % 3), "small", &format!("after{i}"), &small).await, 201, "small write {i}");
     }
     for n in 0..3 {
-        let v: serde_json::Value =
-            c.get(format!("{}/v2/big/tags/list", cl.base(n))).send().await.unwrap().json().await.unwrap();
-        assert_eq!(v["tags"].as_array().unwrap().len(), 24, "node {n}");
+        assert_eq!(tag_count(&c, &cl.base(n), "big").await, 24, "node {n}");
     }
 }
 
