@@ -206,11 +206,18 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// Read and validate a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.into(), e))?;
-        let cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse(path.into(), e))?;
+        let cfg = Config::from_file(path)?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Read a config file without validating it, for callers that override
+    /// settings first and validate after.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.into(), e))?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse(path.into(), e))
     }
 
     /// Whether this node talks to other nodes: a one-node cluster (no

@@ -41,6 +41,13 @@ enum Cmd {
         /// With --join: stay a learner (non-voting replica).
         #[arg(long)]
         learner: bool,
+        /// Directory made by `berth certs`: this node talks to its peers over mutual TLS with
+        /// its ca.pem and node<ID>.pem/.key (the config's [cluster_tls] otherwise).
+        #[arg(long, env = "BERTH_NODE_TLS_DIR")]
+        cluster_tls_dir: Option<PathBuf>,
+        /// Talk to peers in plain text, authenticating no one (insecure_cluster = true).
+        #[arg(long, env = "BERTH_INSECURE_CLUSTER")]
+        insecure_cluster: bool,
     },
     /// Exit 0 if the node's HTTP API answers `GET /v2/` with 200 (for health checks).
     Ping {
@@ -143,9 +150,10 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new()?;
     match cli.command {
-        Cmd::Serve { config, node_id, http, grpc, data_dir, join, learner } => {
+        Cmd::Serve { config, node_id, http, grpc, data_dir, join, learner, cluster_tls_dir, insecure_cluster } => {
+            // Validated once the flags are applied (RunningNode::start).
             let mut cfg = match config {
-                Some(p) => Config::load(&p)?,
+                Some(p) => Config::from_file(&p)?,
                 None => Config::default(),
             };
             cfg.node_id = node_id.unwrap_or(cfg.node_id);
@@ -154,6 +162,10 @@ fn main() -> anyhow::Result<()> {
             cfg.data_dir = data_dir.unwrap_or(cfg.data_dir);
             cfg.join = join.or(cfg.join);
             cfg.learner |= learner;
+            if let Some(dir) = cluster_tls_dir {
+                cfg.cluster_tls = Some(TlsFiles::node_in(&dir, cfg.node_id));
+            }
+            cfg.insecure_cluster |= insecure_cluster;
             rt.block_on(async move {
                 let node = RunningNode::start(cfg).await?;
                 tokio::select! {

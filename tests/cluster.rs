@@ -162,8 +162,8 @@ async fn a_node_joins_under_load_and_another_leaves() {
     };
     let (http, grpc) = (free_port(), free_port());
     let data = cl.dir.path().join("data4");
-    // The flags make it join; the file carries only its cluster certificate.
-    let mut args = write_config(&cl.dir.path().join("n4.toml"), 4, http, grpc, &data, "");
+    // Flags alone, the certificate from the `berth certs` directory.
+    let mut args = cluster_tls_flags();
     args.extend(
         [
             "--node-id",

@@ -169,6 +169,16 @@ pub fn admin_tls() -> Option<berth::cluster::tls::ClusterTls> {
     (cluster_tls_mode() == "on").then(|| berth::cluster::tls::ClusterTls::load(&files).unwrap())
 }
 
+/// `berth serve` flags for a node configured by flags alone, in the
+/// harness's cluster TLS mode.
+pub fn cluster_tls_flags() -> Vec<String> {
+    match cluster_tls_mode().as_str() {
+        "on" => vec!["--cluster-tls-dir".into(), certs().display().to_string()],
+        "insecure" => vec!["--insecure-cluster".into()],
+        _ => Vec::new(),
+    }
+}
+
 /// A command-line client of the test node at `grpc`.
 pub fn admin(grpc: &str) -> berth::cluster::ClusterAdmin {
     berth::cluster::ClusterAdmin::new(grpc, admin_tls())
