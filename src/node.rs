@@ -18,7 +18,7 @@ use crate::cluster::identity::Guard;
 use crate::cluster::tls::ClusterTls;
 use crate::cluster::{
     AdminServer, AdminService, BlobService, BlobsServer, Cluster, ClusterAdmin, Identity, JoinRequest, MetaServer,
-    MetaService, Network, RaftRpcServer, RaftService, Throttle, MAX_MESSAGE,
+    MetaService, Network, Peers, RaftRpcServer, RaftService, Throttle, MAX_MESSAGE,
 };
 use crate::config::Config;
 use crate::meta::{self, IdentityStore, LogStore, MetaReader, StateMachine};
@@ -66,18 +66,14 @@ impl RunningNode {
         let sm = StateMachine::new(db.clone(), cfg.data_dir.join("snapshots"))?;
         let log = LogStore::new(db.clone());
         let committed = log.commit_index();
-        let tls = match (&cfg.cluster_tls, cfg.insecure_cluster) {
-            (Some(files), _) => Some(ClusterTls::load(files).context("loading cluster_tls")?),
-            (None, true) => {
-                tracing::warn!(
-                    "insecure_cluster = true: cluster traffic is plain text and any process that can reach \
-                     the cluster port can speak for a member"
-                );
-                None
-            }
-            (None, false) => None,
-        };
-        let network = Network::new(identity.clone(), tls.clone());
+        let tls = cfg.cluster_tls.as_ref().map(ClusterTls::load).transpose().context("loading cluster_tls")?;
+        if cfg.insecure_cluster {
+            tracing::warn!(
+                "insecure_cluster = true: cluster traffic is plain text and any process that can reach the \
+                 cluster port can speak for a member"
+            );
+        }
+        let network = Network::new(Peers::new(identity.clone(), tls.clone()));
         let raft = Raft::new(cfg.node_id, raft_config(&cfg)?, network, log, sm).await.context("starting raft")?;
         let cluster = Cluster::new(identity.clone(), tls.clone(), raft.clone(), committed, cfg.consistency);
         let (shutdown, rx) = watch::channel(false);
@@ -243,7 +239,7 @@ async fn bootstrap(
         return Ok(());
     }
     if cfg.initial_members.is_empty() {
-        cluster.identity.adopt(cluster.identity.cluster().unwrap_or_else(new_cluster_id))?;
+        cluster.identity.found_cluster()?;
         tracing::info!(node = cfg.node_id, "initializing a one-node cluster");
         cluster.raft.initialize(BTreeMap::from([(cfg.node_id, me)])).await?;
         return Ok(());
@@ -255,17 +251,13 @@ async fn bootstrap(
     }
     // The others may not be up yet: ask them in the background, so this
     // node serves its API (and answers their questions) meanwhile.
-    let (members, cluster, me) = (cfg.initial_members.clone(), cluster.clone(), me);
+    let (members, cluster) = (cfg.initial_members.clone(), cluster.clone());
     tasks.push(tokio::spawn(async move {
-        if let Err(e) = initialize_when_all_answer(&members, &cluster, me).await {
+        if let Err(e) = initialize_when_all_answer(&members, &cluster).await {
             tracing::error!(error = %e, "initializing the cluster failed");
         }
     }));
     Ok(())
-}
-
-fn new_cluster_id() -> u64 {
-    rand::random::<u64>().max(1)
 }
 
 /// Initialize a new cluster of `members` once every one of them has said it
@@ -273,11 +265,7 @@ fn new_cluster_id() -> u64 {
 /// second cluster beside the one its peers still run (two answers for one
 /// tag). The membership records each member's incarnation as the member
 /// itself reports it.
-async fn initialize_when_all_answer(
-    members: &[crate::config::MemberConfig],
-    cluster: &Cluster,
-    me: NodeInfo,
-) -> anyhow::Result<()> {
+async fn initialize_when_all_answer(members: &[crate::config::MemberConfig], cluster: &Cluster) -> anyhow::Result<()> {
     let my_id = cluster.id;
     let mut rounds = 0u64;
     loop {
@@ -286,10 +274,10 @@ async fn initialize_when_all_answer(
         for m in members {
             let info = NodeInfo { api: m.http.clone(), grpc: m.grpc.clone(), region: m.region.clone(), incarnation: 0 };
             if m.id == my_id {
-                infos.insert(m.id, NodeInfo { incarnation: me.incarnation, ..info });
+                infos.insert(m.id, NodeInfo { incarnation: cluster.identity.incarnation(), ..info });
                 continue;
             }
-            match ClusterAdmin::with_peers(&m.grpc, cluster.peers.clone()).node_status().await {
+            match cluster.peers.status(&m.grpc, Duration::from_secs(2)).await {
                 Ok(st) if !st.cluster_id.is_empty() => {
                     let known = st.members.iter().find(|x| x.id == my_id).map(|x| x.incarnation);
                     cluster.identity.refuse(format!(
@@ -322,7 +310,7 @@ async fn initialize_when_all_answer(
             }
         }
         if silent.is_empty() {
-            cluster.identity.adopt(cluster.identity.cluster().unwrap_or_else(new_cluster_id))?;
+            cluster.identity.found_cluster()?;
             tracing::info!(node = my_id, members = infos.len(), "every member answered; initializing a new cluster");
             cluster.raft.initialize(infos).await?;
             return Ok(());

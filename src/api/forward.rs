@@ -23,6 +23,9 @@ pub type HttpClient = Client<HttpConnector, Incoming>;
 pub fn client() -> HttpClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
+    // A down owner is told apart at once from one that is slow to answer
+    // (a finishing PUT waits for fsync and replica copies).
+    connector.set_connect_timeout(Some(std::time::Duration::from_secs(2)));
     Client::builder(TokioExecutor::new()).build(connector)
 }
 

@@ -289,10 +289,7 @@ impl Replicator {
 
     /// Whether the node at `addr` answers a status request within a second.
     pub async fn answers(&self, addr: &str) -> bool {
-        let Ok(mut c) = self.cluster.peers.admin(addr) else { return false };
-        let mut req = tonic::Request::new(crate::cluster::Empty {});
-        req.set_timeout(std::time::Duration::from_secs(1));
-        c.status(req).await.is_ok()
+        self.cluster.peers.status(addr, std::time::Duration::from_secs(1)).await.is_ok()
     }
 
     /// Wait until this node has applied everything the cluster committed

@@ -93,7 +93,7 @@ impl Cluster {
             snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
             purged_index: m.purged.map(|l| l.index).unwrap_or(0),
             members,
-            cluster_id: identity.cluster().map(|c| format!("{c:016x}")).unwrap_or_default(),
+            cluster_id: identity.cluster_label(),
             incarnation: identity.incarnation(),
             problem: identity.problem().unwrap_or_default(),
         }
@@ -114,18 +114,16 @@ impl AdminService {
     /// to no cluster or to this one. Its answer, not the request, gives the
     /// incarnation the membership records for it.
     async fn identify(&self, addr: &str, id: NodeId) -> Result<NodeStatus, Status> {
-        let mut c = self.cluster.peers.admin(addr).map_err(|e| Status::unavailable(e.to_string()))?;
-        let mut req = Request::new(Empty {});
-        req.set_timeout(Duration::from_secs(3));
-        let st = c
-            .status(req)
+        let st = self
+            .cluster
+            .peers
+            .status(addr, Duration::from_secs(3))
             .await
-            .map_err(|e| Status::unavailable(format!("the node at {addr} does not answer: {}", e.message())))?
-            .into_inner();
+            .map_err(|e| Status::unavailable(format!("the node at {addr} does not answer: {}", e.message())))?;
         if st.id != id {
             return Err(Status::invalid_argument(format!("the node at {addr} is node {}, not node {id}", st.id)));
         }
-        let ours = self.cluster.identity.cluster().map(|c| format!("{c:016x}")).unwrap_or_default();
+        let ours = self.cluster.identity.cluster_label();
         if !st.cluster_id.is_empty() && st.cluster_id != ours {
             return Err(Status::failed_precondition(format!(
                 "the node at {addr} belongs to cluster {}, not this one ({ours})",
@@ -149,13 +147,7 @@ impl AdminService {
                 continue;
             }
             let Some(node) = membership.get_node(id) else { continue };
-            let Ok(mut c) = self.cluster.peers.admin(&node.grpc) else {
-                continue;
-            };
-            let mut req = Request::new(Empty {});
-            req.set_timeout(Duration::from_secs(1));
-            if let Ok(st) = c.status(req).await {
-                let st = st.into_inner();
+            if let Ok(st) = self.cluster.peers.status(&node.grpc, Duration::from_secs(1)).await {
                 alive += usize::from(st.problem.is_empty() && st.incarnation == node.incarnation);
             }
         }
@@ -447,10 +439,7 @@ impl ClusterAdmin {
     }
 
     async fn status_at(&self, addr: &str) -> Result<NodeStatus, Status> {
-        let mut c = self.peers.admin(addr).map_err(|e| Status::unavailable(e.to_string()))?;
-        let mut req = Request::new(Empty {});
-        req.set_timeout(Duration::from_secs(2));
-        Ok(c.status(req).await?.into_inner())
+        self.peers.status(addr, Duration::from_secs(2)).await
     }
 
     /// The contacted node's own status.

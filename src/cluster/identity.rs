@@ -68,6 +68,19 @@ impl Identity {
         self.state().stored.cluster
     }
 
+    /// The cluster id as calls carry it and `cluster status` shows it (16
+    /// hex digits), empty if this node belongs to none yet.
+    pub fn cluster_label(&self) -> String {
+        self.cluster().map(|c| format!("{c:016x}")).unwrap_or_default()
+    }
+
+    /// Belong to the cluster this node is about to initialize: a new
+    /// cluster id, or the one recorded by an initialization a crash cut
+    /// short.
+    pub fn found_cluster(&self) -> Result<(), Status> {
+        self.adopt(self.cluster().unwrap_or_else(|| rand::random::<u64>().max(1)))
+    }
+
     /// Why this node refuses to act as its member id, if it does.
     pub fn problem(&self) -> Option<String> {
         self.state().problem.clone()
@@ -148,8 +161,9 @@ pub struct Stamp(pub Identity);
 
 impl tonic::service::Interceptor for Stamp {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(c) = self.0.cluster() {
-            let v = format!("{c:016x}").parse().map_err(|_| Status::internal("cluster id header"))?;
+        let label = self.0.cluster_label();
+        if !label.is_empty() {
+            let v = label.parse().map_err(|_| Status::internal("cluster id header"))?;
             req.metadata_mut().insert(CLUSTER_HEADER, v);
         }
         Ok(req)

@@ -14,24 +14,21 @@ use openraft::EntryPayload;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::identity::{Identity, Stamp};
 use super::pb::{self, raft_rpc_client::RaftRpcClient, RaftRequest};
-use super::peers::PeerChannel;
+use super::peers::{PeerChannel, Peers};
 use super::runtime;
-use super::tls::ClusterTls;
 use crate::{NodeId, NodeInfo, TypeConfig};
 
 /// Creates a [`PeerClient`] for each peer openraft replicates to.
 #[derive(Clone)]
 pub struct Network {
-    identity: Identity,
-    tls: Option<ClusterTls>,
+    peers: Peers,
 }
 
 impl Network {
-    /// Raft's peers, reached over mutual TLS when `tls` is set.
-    pub fn new(identity: Identity, tls: Option<ClusterTls>) -> Network {
-        Network { identity, tls }
+    /// Raft's peers, reached through `peers` (its TLS and cluster id).
+    pub fn new(peers: Peers) -> Network {
+        Network { peers }
     }
 }
 
@@ -43,8 +40,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             addr: node.grpc.clone(),
             incarnation: node.incarnation,
-            stamp: Stamp(self.identity.clone()),
-            tls: self.tls.clone(),
+            peers: self.peers.clone(),
             client: None,
         }
     }
@@ -56,8 +52,7 @@ pub struct PeerClient {
     /// The data dir the membership records for the target: a wiped or
     /// replaced node refuses messages meant for its predecessor.
     incarnation: u64,
-    stamp: Stamp,
-    tls: Option<ClusterTls>,
+    peers: Peers,
     client: Option<RaftRpcClient<PeerChannel>>,
 }
 
@@ -73,12 +68,7 @@ type RpcResult<T, E> = Result<T, RPCError<NodeId, NodeInfo, RaftError<NodeId, E>
 impl PeerClient {
     fn client(&mut self) -> Result<RaftRpcClient<PeerChannel>, Unreachable> {
         if self.client.is_none() {
-            let ep = super::peers::endpoint(&self.addr, self.tls.as_ref()).map_err(|e| Unreachable::new(&e))?;
-            self.client = Some(
-                RaftRpcClient::with_interceptor(ep.connect_lazy(), self.stamp.clone())
-                    .max_decoding_message_size(super::MAX_MESSAGE)
-                    .max_encoding_message_size(super::MAX_MESSAGE),
-            );
+            self.client = Some(self.peers.raft(&self.addr).map_err(|e| Unreachable::new(&e))?);
         }
         Ok(self.client.clone().expect("client set above"))
     }

@@ -11,6 +11,8 @@ use super::identity::{Identity, Stamp};
 use super::pb::admin_client::AdminClient;
 use super::pb::blobs_client::BlobsClient;
 use super::pb::meta_client::MetaClient;
+use super::pb::raft_rpc_client::RaftRpcClient;
+use super::pb::{Empty, NodeStatus};
 use super::tls::ClusterTls;
 
 /// A channel to a peer whose every call carries this node's cluster id.
@@ -23,12 +25,6 @@ pub struct Peers {
     tls: Option<ClusterTls>,
 }
 
-impl Default for Peers {
-    /// Plain-text channels for a client that is not a member.
-    fn default() -> Peers {
-        Peers::new(Identity::outsider(), None)
-    }
-}
 
 /// HTTP/2 flow-control window: the 64 KiB default would cap a blob
 /// transfer at one window per round trip.
@@ -87,6 +83,22 @@ impl Peers {
         Ok(MetaClient::new(self.channel(addr)?)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE))
+    }
+
+    /// A Raft client of `addr` on a connection of its own, so replication
+    /// never queues behind blob streams to the same peer.
+    pub fn raft(&self, addr: &str) -> Result<RaftRpcClient<PeerChannel>, tonic::transport::Error> {
+        let channel = InterceptedService::new(endpoint(addr, self.tls.as_ref())?.connect_lazy(), self.stamp.clone());
+        Ok(RaftRpcClient::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE))
+    }
+
+    /// Ask the node at `addr` who it is and how it sees the cluster, within
+    /// `within`.
+    pub async fn status(&self, addr: &str, within: Duration) -> Result<NodeStatus, tonic::Status> {
+        let mut client = self.admin(addr).map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let mut req = tonic::Request::new(Empty {});
+        req.set_timeout(within);
+        Ok(client.status(req).await?.into_inner())
     }
 
     pub fn admin(&self, addr: &str) -> Result<AdminClient<PeerChannel>, tonic::transport::Error> {
