@@ -80,7 +80,8 @@ if command -v skopeo >/dev/null; then
   b=$(skopeo inspect --tls-verify=false --format '{{.Layers}}' "docker://$REG/e2e/copy:1")
   [ "$a" = "$b" ] || fail "skopeo round trip changed layers"
   step "skopeo copy in and out: ok"
-  # Nodes read blobs from each other by digest at /_berth/; clients may not.
+  # Nodes read blobs from each other on the cluster port; the public port has
+  # no internal route a client could use.
   layer=$(echo "$a" | tr -d '[]' | cut -d' ' -f1)
   code=$(curl -s -o /dev/null -w '%{http_code}' "http://$REG/_berth/blobs/$layer")
   [ "$code" = 404 ] || fail "the load balancer passes /_berth/ to the nodes (HTTP $code for $layer)"

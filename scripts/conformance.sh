@@ -64,7 +64,6 @@ defaults
     timeout server 5m
 frontend registry
     bind 127.0.0.1:5000
-    http-request deny deny_status 404 if { path_beg /_berth/ }
     default_backend berth
 backend berth
     balance roundrobin

@@ -13,12 +13,13 @@ use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
 
 use crate::api::{self, AppState};
-use crate::blob::{repair, BlobStore, Policy, Replicator, Uploads};
+use crate::blob::{repair, BlobStore, Policy, Replicator, Throttle, Transfer, Uploads};
 use crate::cluster::identity::Guard;
+use crate::cluster::listener;
 use crate::cluster::tls::ClusterTls;
 use crate::cluster::{
-    AdminServer, AdminService, BlobService, BlobsServer, Cluster, ClusterAdmin, Identity, JoinRequest, MetaServer,
-    MetaService, Network, Peers, RaftRpcServer, RaftService, Throttle, MAX_MESSAGE,
+    AdminServer, AdminService, BlobsServer, Cluster, ClusterAdmin, Identity, JoinRequest, MetaServer, MetaService,
+    Network, Peers, RaftRpcServer, RaftService, MAX_MESSAGE,
 };
 use crate::config::Config;
 use crate::meta::{self, IdentityStore, LogStore, MetaReader, StateMachine};
@@ -96,23 +97,18 @@ impl RunningNode {
             min_regions: cfg.min_regions,
             cache_on_read: cfg.cache_on_read,
         };
-        let replicator = Replicator::new(cluster.clone(), meta.clone(), uploads.store().clone(), policy);
+        let transfer =
+            Transfer::new(uploads.store().clone(), cluster.peers.clone(), Throttle::new(cfg.transfer.clone()));
+        let replicator = Replicator::new(cluster.clone(), meta.clone(), transfer.clone(), policy);
         let admin_svc =
             AdminServer::new(AdminService { cluster: cluster.clone(), evacuator: Arc::new(replicator.clone()) });
         let admin_svc = InterceptedService::new(admin_svc, guard.clone());
-        let blob_svc = BlobsServer::new(BlobService {
-            store: uploads.store().clone(),
-            peers: cluster.peers.clone(),
-            throttle: Throttle::new(cfg.transfer.clone()),
-        })
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
-        let blob_svc = InterceptedService::new(blob_svc, guard);
+        let blob_svc = InterceptedService::new(BlobsServer::new(transfer.clone()), guard);
         let mut grpc_stop = rx.clone();
-        let mut server = tonic::transport::Server::builder();
-        if let Some(tls) = &tls {
-            server = server.tls_config(tls.server()).context("cluster_tls")?;
-        }
+        let server = tonic::transport::Server::builder();
+        // One cluster port: gRPC and the blob byte stream, both behind the
+        // same mutual TLS.
+        let incoming = listener::serve(grpc, tls.clone(), Arc::new(move |conn| transfer.serve(conn)));
         tasks.push(tokio::spawn(async move {
             let res = server
                 .initial_stream_window_size(crate::cluster::WINDOW)
@@ -121,7 +117,7 @@ impl RunningNode {
                 .add_service(meta_svc)
                 .add_service(admin_svc)
                 .add_service(blob_svc)
-                .serve_with_incoming_shutdown(accept_stream(grpc), async move {
+                .serve_with_incoming_shutdown(incoming, async move {
                     let _ = grpc_stop.changed().await;
                 })
                 .await;
@@ -193,18 +189,6 @@ impl RunningNode {
             t.abort();
         }
     }
-}
-
-fn accept_stream(
-    listener: TcpListener,
-) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send + 'static {
-    futures::stream::unfold(listener, |l| async move {
-        let r = l.accept().await.map(|(s, _)| {
-            let _ = s.set_nodelay(true);
-            s
-        });
-        Some((r, l))
-    })
 }
 
 /// First start of a node: initialize a new cluster, join an existing one,

@@ -629,4 +629,41 @@ async fn without_a_certificate_from_the_cluster_ca_nothing_gets_in() {
     assert!(!out.status.success(), "joined: {}", String::from_utf8_lossy(&out.stdout));
     let members = cl.status(leader).await.unwrap().members;
     assert_eq!(members.len(), 3, "{members:?}");
+
+    // Blob bytes: only on the cluster port, only to the cluster's members.
+    let data: Vec<u8> = (0..2_000_000u32).map(|i| (i % 251) as u8).collect();
+    let d = push_blob(&client(), &cl.base(leader), "guarded", &data).await;
+    let public = client().get(format!("{}/_berth/blobs/{d}", cl.base(leader))).send().await.unwrap();
+    assert_eq!(public.status(), 404, "the public port serves blobs to peers");
+    let cluster_id = u64::from_str_radix(&cl.status(leader).await.unwrap().cluster_id, 16).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let reader = |tls: Option<ClusterTls>, cluster: Option<u64>, dir: &str| {
+        let db = berth::meta::open_db(&scratch.path().join(dir)).unwrap();
+        let store = berth::meta::IdentityStore::new(db);
+        let identity = berth::cluster::Identity::new(store.clone(), store.load_or_create(7).unwrap());
+        if let Some(c) = cluster {
+            identity.adopt(c).unwrap();
+        }
+        let blobs = berth::blob::BlobStore::new(scratch.path().join(format!("{dir}-blobs"))).unwrap();
+        let peers = berth::cluster::Peers::new(identity, tls);
+        berth::blob::Transfer::new(blobs, peers, berth::blob::Throttle::new(Default::default()))
+    };
+    let digest: berth::oci::Digest = d.parse().unwrap();
+    let holder = cl.grpc(leader);
+    let ours = berth::cluster::tls::ClusterTls::load(&TlsFiles::admin_in(common::certs())).ok();
+    if common::admin_tls().is_some() {
+        // Control: a process with the cluster's certificate and id reads it.
+        let member = reader(ours.clone(), Some(cluster_id), "member");
+        assert_eq!(member.copy_from(&digest, std::slice::from_ref(&holder)).await.unwrap(), data.len() as u64);
+        let wrong_ca =
+            reader(Some(ClusterTls::load(&TlsFiles::admin_in(other.path())).unwrap()), Some(cluster_id), "a");
+        assert!(wrong_ca.read(&holder, &digest, 0, false).await.is_err(), "a certificate of another CA read a blob");
+        let plain = reader(None, Some(cluster_id), "b");
+        assert!(plain.read(&holder, &digest, 0, false).await.is_err(), "a plain-text client read a blob");
+    }
+    for (cluster, dir) in [(None, "c"), (Some(cluster_id ^ 1), "d")] {
+        let outsider = reader(ours.clone(), cluster, dir);
+        let r = outsider.read(&holder, &digest, 0, false).await;
+        assert!(matches!(r, Err(berth::blob::TransferError::Refused(_))), "{cluster:?}: {:?}", r.err());
+    }
 }

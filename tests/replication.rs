@@ -436,29 +436,39 @@ async fn a_leave_places_copies_past_a_full_node() {
     }
 }
 
-/// The node-to-node blob route: a peer asking for the `berth-blob` upgrade
-/// gets `101` with the size and then exactly the blob's bytes (sent by
-/// sendfile); a peer that does not ask gets a plain `200` body.
+/// The blob byte stream on the cluster port (plain text here, so the
+/// holder sends the file with sendfile): a member of the node's cluster
+/// gets exactly the blob's bytes, from any offset; an unknown digest is
+/// "not found"; the public port has no such route.
 #[tokio::test]
-async fn the_peer_blob_route_upgrades_to_a_raw_stream() {
+async fn the_cluster_port_streams_blobs_to_members() {
     let node = start_node().await;
     let c = client();
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
     let d = push_blob(&c, &node.base, "peer", &data).await;
-    let url = format!("{}/_berth/blobs/{d}", node.base);
+    let r = c.get(format!("{}/_berth/blobs/{d}", node.base)).send().await.unwrap();
+    assert_eq!(r.status(), 404);
 
-    let r = c.get(&url).header("Connection", "upgrade").header("Upgrade", "berth-blob").send().await.unwrap();
-    assert_eq!(r.status(), 101);
-    assert_eq!(r.headers()["berth-size"], data.len().to_string().as_str());
-    let mut raw = r.upgrade().await.unwrap();
-    let mut got = Vec::new();
-    tokio::io::AsyncReadExt::read_to_end(&mut raw, &mut got).await.unwrap();
-    assert_eq!(got.len(), data.len());
-    assert!(got == data, "upgraded stream carries the blob's bytes");
-
-    let r = c.get(&url).send().await.unwrap();
-    assert_eq!(r.status(), 200);
-    assert!(r.bytes().await.unwrap() == data);
+    let scratch = tempfile::tempdir().unwrap();
+    let store = berth::meta::IdentityStore::new(berth::meta::open_db(&scratch.path().join("db")).unwrap());
+    let identity = berth::cluster::Identity::new(store.clone(), store.load_or_create(9).unwrap());
+    identity.adopt(node.node.cluster.identity.cluster().unwrap()).unwrap();
+    let blobs = berth::blob::BlobStore::new(scratch.path().join("blobs")).unwrap();
+    let peers = berth::cluster::Peers::new(identity, None);
+    let transfer = berth::blob::Transfer::new(blobs, peers, berth::blob::Throttle::new(Default::default()));
+    let addr = node.node.grpc_addr.to_string();
+    let digest: berth::oci::Digest = d.parse().unwrap();
+    for (offset, background) in [(0usize, false), (1_234_567, true)] {
+        let mut stream = transfer.read(&addr, &digest, offset as u64, background).await.unwrap();
+        let mut got = Vec::new();
+        while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
+            got.extend_from_slice(&chunk.unwrap());
+        }
+        assert!(got == data[offset..], "offset {offset}: {} bytes, not the blob's", got.len());
+    }
+    let unknown: berth::oci::Digest = sha256(b"never pushed").parse().unwrap();
+    let r = transfer.read(&addr, &unknown, 0, false).await;
+    assert!(matches!(r, Err(berth::blob::TransferError::NotFound(_))), "{:?}", r.err());
 }
 
 /// SIGSTOP a node: its process stops answering, but the kernel keeps its
@@ -509,7 +519,22 @@ async fn a_frozen_peer_hangs_neither_a_pull_nor_a_push() {
     // Pushes to the leader while a follower is frozen: every one lands.
     let leader = cl.wait_leader_everywhere().await;
     let follower = (0..3).find(|i| *i != leader).unwrap();
+    // An upload session the follower owns, continued through the leader
+    // once the follower froze: the leader answers (the session is
+    // unreachable) instead of waiting on its owner for ever.
+    let r = c.post(format!("{}/v2/frozen/blobs/uploads/", cl.base(follower))).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
+    let path = location.strip_prefix(&cl.base(follower)).unwrap_or(&location).to_owned();
     let _frozen = Frozen::new(&cl, follower);
+    let patch = c
+        .patch(format!("{}{path}", cl.base(leader)))
+        .header("Content-Type", "application/octet-stream")
+        .body(vec![7u8; 1 << 20])
+        .send()
+        .await
+        .expect("a PATCH for a frozen owner's session is answered");
+    assert!(!patch.status().is_success(), "PATCH to a frozen owner: {}", patch.status());
     let pushes: Vec<_> = (0..8u8)
         .map(|k| {
             let (c, base) = (c.clone(), cl.base(leader));

@@ -9,7 +9,7 @@ use hyper::body::Incoming;
 
 use super::response::{blob_error, builder, empty, finish, stream, ApiResult};
 use super::{AppState, Query};
-use crate::blob::{peer, UploadId};
+use crate::blob::UploadId;
 use crate::meta::{Command, Outcome};
 use crate::oci::{Digest, Error, ErrorCode, Name};
 use crate::NodeId;
@@ -123,46 +123,6 @@ pub async fn get(state: &AppState, name: &Name, digest: &Digest, headers: &Heade
     state.replicator.fetch_local(digest).await?;
     let reader = store.open(digest).await?.ok_or_else(|| Error::new(ErrorCode::BlobUnknown, "blob unavailable"))?;
     finish(b, stream(reader.stream(start, end).await?))
-}
-
-/// A peer reading through: this node's copy as it is on disk. The peer
-/// hashes what it receives, so a bad copy here is caught there. A peer that
-/// asks for the `berth-blob` upgrade gets the file by sendfile (see
-/// [`crate::blob::peer`]).
-pub async fn peer_get(state: &AppState, digest: &Digest, mut req: Request<Incoming>) -> ApiResult {
-    let reader = state
-        .replicator
-        .store()
-        .open(digest)
-        .await?
-        .ok_or_else(|| Error::new(ErrorCode::BlobUnknown, "no local copy"))?;
-    let size = reader.size;
-    let wants_upgrade = req.version() == http::Version::HTTP_11
-        && req.headers().get(header::UPGRADE).is_some_and(|v| v.as_bytes() == peer::UPGRADE.as_bytes());
-    if let (true, Some(&peer::ConnFd(fd))) = (wants_upgrade, req.extensions().get::<peer::ConnFd>()) {
-        let upgrade = hyper::upgrade::on(&mut req);
-        let d = digest.clone();
-        tokio::spawn(async move {
-            // Held until the transfer ends: it owns the socket `fd` names.
-            let conn = match upgrade.await {
-                Ok(conn) => conn,
-                Err(e) => return tracing::debug!(digest = %d, error = %e, "peer upgrade failed"),
-            };
-            if let Err(e) = peer::send_file(fd, reader.into_std().await, size).await {
-                tracing::debug!(digest = %d, error = %e, "sending a blob to a peer failed");
-            }
-            drop(conn);
-        });
-        let b = builder(StatusCode::SWITCHING_PROTOCOLS)
-            .header(header::CONNECTION, "upgrade")
-            .header(header::UPGRADE, peer::UPGRADE)
-            .header(peer::SIZE_HEADER, size);
-        return finish(b, empty());
-    }
-    let b = builder(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/octet-stream")
-        .header(header::CONTENT_LENGTH, size);
-    finish(b, stream(reader.stream(0, size).await?))
 }
 
 pub async fn delete(state: &AppState, name: &Name, digest: &Digest) -> ApiResult {

@@ -20,13 +20,27 @@ const FORWARDED: &str = "x-berth-forwarded";
 
 pub type HttpClient = Client<HttpConnector, Incoming>;
 
+/// The client that passes requests to a session's owner. HTTP/2 (the
+/// owner's API port speaks it without TLS when a client starts with its
+/// preface) so every connection carries pings the owner's process must
+/// answer: an owner that is down is told apart at once (connect timeout),
+/// one that froze within seconds (no pong), while one that is merely slow
+/// to answer (a finishing PUT waits for fsync and replica copies) is
+/// waited for.
 pub fn client() -> HttpClient {
+    use std::time::Duration;
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    // A down owner is told apart at once from one that is slow to answer
-    // (a finishing PUT waits for fsync and replica copies).
-    connector.set_connect_timeout(Some(std::time::Duration::from_secs(2)));
-    Client::builder(TokioExecutor::new()).build(connector)
+    connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .http2_keep_alive_interval(crate::cluster::KEEPALIVE)
+        .http2_keep_alive_timeout(crate::cluster::KEEPALIVE_TIMEOUT)
+        .http2_keep_alive_while_idle(true)
+        .http2_initial_stream_window_size(crate::cluster::WINDOW)
+        .http2_initial_connection_window_size(crate::cluster::WINDOW * 2)
+        .build(connector)
 }
 
 fn unknown() -> Error {

@@ -136,7 +136,7 @@ impl Route {
             Route::UploadStart(_) => "upload_start",
             Route::Upload(..) => "upload",
             Route::Referrers(..) => "referrers",
-            Route::PeerBlob(_) => "peer_blob",
+
             Route::Metrics => "metrics",
         }
     }

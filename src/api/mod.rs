@@ -83,11 +83,9 @@ pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: tokio::
         };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
-        let fd = crate::blob::peer::ConnFd(std::os::fd::AsRawFd::as_raw_fd(&stream));
         tokio::spawn(async move {
-            let svc = service_fn(move |mut req: Request<Incoming>| {
+            let svc = service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
-                req.extensions_mut().insert(fd);
                 async move { Ok::<_, Infallible>(handle(&state, req).await) }
             });
             let mut conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -95,7 +93,12 @@ pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: tokio::
             // while it waits: it still gets the answer (hyper would drop the
             // request in flight otherwise).
             conn.http1().half_close(true);
-            if let Err(e) = conn.serve_connection_with_upgrades(TokioIo::new(stream), svc).await {
+            // Uploads a peer passes on to this node (their owner) come over
+            // HTTP/2: a window of one round trip's worth would slow them.
+            conn.http2()
+                .initial_stream_window_size(crate::cluster::WINDOW)
+                .initial_connection_window_size(crate::cluster::WINDOW * 2);
+            if let Err(e) = conn.serve_connection(TokioIo::new(stream), svc).await {
                 tracing::debug!(%peer, error = %e, "connection ended");
             }
         });
@@ -163,7 +166,6 @@ async fn dispatch(state: &AppState, route: Route, req: Request<Incoming>) -> Api
         (Method::GET | Method::HEAD, Route::Blob(name, digest)) => {
             blobs::get(state, &name, &digest, req.headers(), head).await
         }
-        (Method::GET, Route::PeerBlob(digest)) => blobs::peer_get(state, &digest, req).await,
         (Method::DELETE, Route::Blob(name, digest)) => blobs::delete(state, &name, &digest).await,
         (Method::POST, Route::UploadStart(name)) => blobs::start_upload(state, &name, &query, req).await,
         (Method::GET, Route::Upload(name, id)) => blobs::upload_status(state, &name, &id).await,

@@ -22,9 +22,6 @@ pub enum Route {
     Upload(Name, UploadId),
     /// end-12: `/v2/<name>/referrers/<digest>`
     Referrers(Name, Digest),
-    /// `/_berth/blobs/<digest>`: a local copy, for a peer reading through
-    /// (outside `/v2/`: not part of the registry API).
-    PeerBlob(Digest),
     /// `/metrics`: Prometheus text exposition.
     Metrics,
 }
@@ -37,9 +34,6 @@ impl Route {
     pub fn parse(path: &str) -> Result<Route, Error> {
         if path == "/metrics" {
             return Ok(Route::Metrics);
-        }
-        if let Some(d) = path.strip_prefix("/_berth/blobs/") {
-            return Ok(Route::PeerBlob(d.parse()?));
         }
         let rest = path.strip_prefix("/v2").ok_or_else(not_found)?;
         if rest.is_empty() || rest == "/" {

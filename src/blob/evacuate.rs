@@ -24,7 +24,7 @@ impl Evacuate for Replicator {
         for (i, (digest, info)) in held.iter().enumerate() {
             let mut rest: Vec<NodeId> =
                 info.holders.iter().copied().filter(|h| *h != leaver && remaining.iter().any(|m| m.0 == *h)).collect();
-            let new = self.place(digest, &info.holders, &rest, &|n| *n != leaver).await;
+            let new = self.place(digest, info.size, &info.holders, &rest, &|n| *n != leaver).await;
             if !new.is_empty() {
                 copied += new.len();
                 let cmd = Command::AddHolders { digest: digest.clone(), size: info.size, holders: new.clone() };

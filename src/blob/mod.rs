@@ -3,16 +3,19 @@
 //! when their digest matches, so a partial or wrong blob is never visible.
 
 mod evacuate;
-pub mod peer;
 pub mod placement;
 pub mod repair;
 mod replicate;
 mod store;
+mod throttle;
+pub mod transfer;
 mod upload;
 mod write;
 
 pub use replicate::{Policy, ReplicationError, Replicator};
 pub use store::{BlobReader, BlobStore};
+pub use throttle::Throttle;
+pub use transfer::{Transfer, TransferError};
 pub use upload::{UploadId, Uploads};
 
 use crate::oci::{Error as OciError, ErrorCode};

@@ -132,7 +132,7 @@ async fn repair(
         }
         // Where placement wants the blob now (a joining node gets its share,
         // a dead or departed holder is replaced).
-        let new = r.place(&digest, &live, &live, &alive).await;
+        let new = r.place(&digest, info.size, &live, &live, &alive).await;
         if !new.is_empty() {
             r.propose(Command::AddHolders { digest: digest.clone(), size: info.size, holders: new }).await?;
         }

@@ -6,11 +6,12 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::{Stream, TryStreamExt};
+use futures::Stream;
 
 use super::placement::{rank, Candidate};
+use super::transfer::{Transfer, TransferError};
 use super::{BlobError, BlobStore};
-use crate::cluster::{blob_service, Cluster};
+use crate::cluster::Cluster;
 use crate::meta::{Command, MetaReader};
 use crate::oci::{Algorithm, Digest};
 use crate::{NodeId, NodeInfo};
@@ -39,28 +40,19 @@ pub enum ReplicationError {
     Blob(#[from] BlobError),
 }
 
-type PeerHttp = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    http_body_util::Empty<Bytes>,
->;
-
 #[derive(Clone)]
 pub struct Replicator {
     cluster: Cluster,
-    http: PeerHttp,
+    transfer: Transfer,
     pub(super) meta: MetaReader,
     store: BlobStore,
     policy: Arc<Policy>,
 }
 
 impl Replicator {
-    pub fn new(cluster: Cluster, meta: MetaReader, store: BlobStore, policy: Policy) -> Replicator {
-        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-        connector.set_nodelay(true);
-        let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .http1_read_buf_exact_size(READ_BUF)
-            .build(connector);
-        Replicator { cluster, http, meta, store, policy: Arc::new(policy) }
+    pub fn new(cluster: Cluster, meta: MetaReader, transfer: Transfer, policy: Policy) -> Replicator {
+        let store = transfer.store().clone();
+        Replicator { cluster, transfer, meta, store, policy: Arc::new(policy) }
     }
 
     pub fn store(&self) -> &BlobStore {
@@ -140,9 +132,9 @@ impl Replicator {
         let mut launched = 0;
         let mut next = wanted.into_iter();
         let launch = |id: NodeId, addr: String| {
-            let (peers, tx, sources, d) = (self.cluster.peers.clone(), tx.clone(), sources.clone(), digest.clone());
+            let (transfer, tx, sources, d) = (self.transfer.clone(), tx.clone(), sources.clone(), digest.clone());
             tokio::spawn(async move {
-                let res = pull(&peers, &addr, &d, &sources).await;
+                let res = transfer.ask_copy(&addr, &d, size, &sources).await;
                 let _ = tx.send((id, res));
             });
         };
@@ -220,6 +212,7 @@ impl Replicator {
     pub async fn place(
         &self,
         digest: &Digest,
+        size: u64,
         sources: &[NodeId],
         have: &[NodeId],
         eligible: &(dyn Fn(&NodeId) -> bool + Sync),
@@ -238,24 +231,24 @@ impl Replicator {
             // placement (a joined node's share), retried every round.
             tracing::debug!(%digest, have = have.len(), ?targets, "rebalancing copies");
         }
-        let mut new = self.copy_to(digest, sources, &targets).await;
+        let mut new = self.copy_to(digest, size, sources, &targets).await;
         let mut next = fallback.iter().filter(|n| !have.contains(n));
         while have.len() + new.len() < want {
             let Some(n) = next.next() else { break };
-            new.extend(self.copy_to(digest, sources, &[*n]).await);
+            new.extend(self.copy_to(digest, size, sources, &[*n]).await);
         }
         new
     }
 
-    /// Ask each of `targets` to copy `digest` from `holders`; returns those
-    /// that succeeded.
-    pub async fn copy_to(&self, digest: &Digest, holders: &[NodeId], targets: &[NodeId]) -> Vec<NodeId> {
+    /// Ask each of `targets` to copy `digest` (`size` bytes) from
+    /// `holders`; returns those that succeeded.
+    pub async fn copy_to(&self, digest: &Digest, size: u64, holders: &[NodeId], targets: &[NodeId]) -> Vec<NodeId> {
         let members = self.members();
         let addr = |id: &NodeId| members.iter().find(|m| m.0 == *id).map(|m| m.1.grpc.clone());
         let sources: Vec<String> = holders.iter().filter_map(addr).collect();
         let pulls = targets.iter().filter_map(|t| Some((*t, addr(t)?))).map(|(id, a)| {
-            let (peers, sources) = (self.cluster.peers.clone(), sources.clone());
-            async move { (id, pull(&peers, &a, digest, &sources).await) }
+            let sources = sources.clone();
+            async move { (id, self.transfer.ask_copy(&a, digest, size, &sources).await) }
         });
         let mut ok = Vec::new();
         for (id, res) in futures::future::join_all(pulls).await {
@@ -263,7 +256,7 @@ impl Replicator {
                 Ok(()) => ok.push(id),
                 // A full disk refuses every round until space frees up; the
                 // copy goes to the next node in placement order meanwhile.
-                Err(PullError::NoSpace) => tracing::debug!(%digest, node = id, "short of space; not copied there"),
+                Err(TransferError::NoSpace) => tracing::debug!(%digest, node = id, "short of space; not copied there"),
                 Err(e) => tracing::warn!(%digest, node = id, error = %e, "repair copy failed"),
             }
         }
@@ -372,9 +365,10 @@ impl Replicator {
     /// record this node as a holder.
     pub async fn fetch_local(&self, digest: &Digest) -> Result<u64, ReplicationError> {
         let sources = self.remote_holders(digest);
-        let size = blob_service::pull_from(&self.store, &self.cluster.peers, digest, &sources)
-            .await
-            .map_err(|_| ReplicationError::NoHolder)?;
+        let size = self.transfer.copy_from(digest, &sources).await.map_err(|e| {
+            tracing::debug!(%digest, error = %e, "no copy could be made here");
+            ReplicationError::NoHolder
+        })?;
         self.record_local(digest, size).await;
         Ok(size)
     }
@@ -395,10 +389,10 @@ impl Replicator {
         size: u64,
     ) -> Result<impl Stream<Item = std::io::Result<Bytes>> + Send + 'static, ReplicationError> {
         for node in self.remote_holder_nodes(digest) {
-            let stream = match self.fetch_http(&node.api, digest).await {
+            let stream = match self.transfer.read(&node.grpc, digest, 0, false).await {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::debug!(%digest, addr = %node.api, error = %e, "holder unavailable");
+                    tracing::debug!(%digest, addr = %node.grpc, error = %e, "holder unavailable");
                     continue;
                 }
             };
@@ -424,82 +418,6 @@ impl Replicator {
         }
         Err(ReplicationError::NoHolder)
     }
-}
-
-impl Replicator {
-    /// A holder's copy over its HTTP API: HTTP/1.1 upgraded to a raw byte
-    /// stream the holder fills with sendfile (see [`super::peer`]); a plain
-    /// body if the holder does not upgrade. Either moves bytes at well over
-    /// twice the speed of the gRPC stream, which matters when a client is
-    /// waiting. Background copies stay on gRPC, where they are bounded per
-    /// peer.
-    async fn fetch_http(
-        &self,
-        api: &str,
-        digest: &Digest,
-    ) -> Result<impl Stream<Item = std::io::Result<Bytes>> + Send + Unpin + 'static, String> {
-        use futures::future::Either;
-        use http_body_util::BodyExt;
-        use tokio::io::AsyncReadExt;
-        let uri: http::Uri = format!("http://{api}/_berth/blobs/{digest}").parse().map_err(|e| format!("{e}"))?;
-        let req = http::Request::get(uri)
-            .header(http::header::CONNECTION, "upgrade")
-            .header(http::header::UPGRADE, super::peer::UPGRADE)
-            .body(http_body_util::Empty::new())
-            .map_err(|e| e.to_string())?;
-        let mut resp = tokio::time::timeout(super::peer::ANSWER_WITHIN, self.http.request(req))
-            .await
-            .map_err(|_| format!("{api} did not answer within {} s", super::peer::ANSWER_WITHIN.as_secs()))?
-            .map_err(|e| e.to_string())?;
-        match resp.status() {
-            http::StatusCode::OK => Ok(Either::Left(super::peer::idle_limited(
-                resp.into_body().into_data_stream().map_err(std::io::Error::other),
-            ))),
-            http::StatusCode::SWITCHING_PROTOCOLS => {
-                let size: u64 = resp
-                    .headers()
-                    .get(super::peer::SIZE_HEADER)
-                    .and_then(|v| v.to_str().ok()?.parse().ok())
-                    .ok_or("upgrade without a size")?;
-                let conn = hyper::upgrade::on(&mut resp).await.map_err(|e| e.to_string())?;
-                let body = hyper_util::rt::TokioIo::new(conn).take(size);
-                Ok(Either::Right(super::peer::idle_limited(tokio_util::io::ReaderStream::with_capacity(
-                    body, READ_BUF,
-                ))))
-            }
-            other => Err(format!("status {other}")),
-        }
-    }
-}
-
-/// Read size of a peer transfer: large reads, few wakeups.
-const READ_BUF: usize = 1 << 20;
-
-/// Why a node did not take a copy it was asked for.
-#[derive(Debug)]
-enum PullError {
-    /// Its blob disk is below the free-space reserve. Expected while a disk
-    /// is full: placement moves on to the next node.
-    NoSpace,
-    Failed(String),
-}
-
-impl std::fmt::Display for PullError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PullError::NoSpace => f.write_str("blob disk below its free-space reserve"),
-            PullError::Failed(e) => f.write_str(e),
-        }
-    }
-}
-
-async fn pull(peers: &crate::cluster::Peers, addr: &str, digest: &Digest, sources: &[String]) -> Result<(), PullError> {
-    let mut client = peers.blobs(addr).map_err(|e| PullError::Failed(e.to_string()))?;
-    let req = crate::cluster::PullRequest { digest: digest.to_string(), sources: sources.to_vec() };
-    client.pull(req).await.map(|_| ()).map_err(|e| match e.code() {
-        tonic::Code::ResourceExhausted => PullError::NoSpace,
-        _ => PullError::Failed(e.message().to_owned()),
-    })
 }
 
 /// Hashes a stream's chunks on a blocking thread while the stream moves

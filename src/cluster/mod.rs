@@ -5,23 +5,21 @@
 
 mod admin;
 mod batcher;
-pub mod blob_service;
 pub mod drain;
 pub mod identity;
+pub mod listener;
 mod meta_service;
 mod network;
-mod pb;
+pub(crate) mod pb;
 mod peers;
 mod read_index;
 mod runtime;
 mod service;
-mod throttle;
 pub mod tls;
 
 use std::time::{Duration, Instant};
 
 pub use admin::{AdminService, ClusterAdmin, Evacuate, MemberStatus, Progress, DEFAULT_DRAIN};
-pub use blob_service::BlobService;
 pub use drain::Drain;
 pub use identity::Identity;
 pub use meta_service::MetaService;
@@ -31,10 +29,9 @@ pub use pb::blobs_server::BlobsServer;
 pub use pb::meta_server::MetaServer;
 pub use pb::raft_rpc_server::RaftRpcServer;
 pub use pb::{DrainRequest, Empty, JoinRequest, LeaveRequest, Member, NodeStatus, PullRequest, ReplaceRequest};
-pub use peers::{Peers, MAX_MESSAGE, WINDOW};
+pub use peers::{Peers, KEEPALIVE, KEEPALIVE_TIMEOUT, MAX_MESSAGE, WINDOW};
 pub use runtime::BerthRuntime;
 pub use service::RaftService;
-pub use throttle::Throttle;
 
 use crate::config::Consistency;
 use crate::meta::{Command, Outcome, Proposal, RequestIds};

@@ -8,6 +8,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use super::identity::{Identity, Stamp};
+use super::listener::Connector;
 use super::pb::admin_client::AdminClient;
 use super::pb::blobs_client::BlobsClient;
 use super::pb::meta_client::MetaClient;
@@ -25,7 +26,6 @@ pub struct Peers {
     tls: Option<ClusterTls>,
 }
 
-
 /// HTTP/2 flow-control window: the 64 KiB default would cap a blob
 /// transfer at one window per round trip.
 pub const WINDOW: u32 = 8 << 20;
@@ -41,14 +41,11 @@ pub const MAX_MESSAGE: usize = 64 << 20;
 pub const KEEPALIVE: Duration = Duration::from_secs(2);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A peer endpoint with berth's transport settings: mutual TLS with `tls`,
-/// plain text without.
-pub fn endpoint(addr: &str, tls: Option<&ClusterTls>) -> Result<Endpoint, tonic::transport::Error> {
-    let ep = match tls {
-        Some(tls) => Endpoint::from_shared(format!("https://{addr}"))?.tls_config(tls.client())?,
-        None => Endpoint::from_shared(format!("http://{addr}"))?,
-    };
-    Ok(ep
+/// The transport settings of every channel to a peer.
+pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
+    // The connector makes the connection (TCP, then mutual TLS when the
+    // cluster has it): the URI only names the address.
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(Duration::from_secs(1))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(KEEPALIVE)
@@ -65,6 +62,22 @@ impl Peers {
         Peers { channels: Arc::default(), stamp: Stamp(identity), tls }
     }
 
+    /// A channel to `addr` that connects on first use (and again after
+    /// a failure) through the cluster's [`Connector`].
+    fn connect_lazy(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        Ok(endpoint(addr)?.connect_with_connector_lazy(Connector(self.tls.clone())))
+    }
+
+    /// This node's TLS settings for cluster connections (None: plain text).
+    pub fn tls(&self) -> Option<&ClusterTls> {
+        self.tls.as_ref()
+    }
+
+    /// Whose calls these are.
+    pub fn identity(&self) -> &Identity {
+        &self.stamp.0
+    }
+
     fn channel(&self, addr: &str) -> Result<PeerChannel, tonic::transport::Error> {
         Ok(InterceptedService::new(self.raw_channel(addr)?, self.stamp.clone()))
     }
@@ -74,7 +87,7 @@ impl Peers {
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let c = endpoint(addr, self.tls.as_ref())?.connect_lazy();
+        let c = self.connect_lazy(addr)?;
         map.insert(addr.to_owned(), c.clone());
         Ok(c)
     }
@@ -88,7 +101,7 @@ impl Peers {
     /// A Raft client of `addr` on a connection of its own, so replication
     /// never queues behind blob streams to the same peer.
     pub fn raft(&self, addr: &str) -> Result<RaftRpcClient<PeerChannel>, tonic::transport::Error> {
-        let channel = InterceptedService::new(endpoint(addr, self.tls.as_ref())?.connect_lazy(), self.stamp.clone());
+        let channel = InterceptedService::new(self.connect_lazy(addr)?, self.stamp.clone());
         Ok(RaftRpcClient::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE))
     }
 

@@ -10,41 +10,96 @@
 //! node and one for the operator's command line.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 pub use crate::config::TlsFiles;
 
 /// The DNS name every node certificate carries and every client checks.
 pub const SERVER_NAME: &str = "berth-node";
 
-/// Loaded TLS settings for both sides of cluster calls. Cheap to clone.
-#[derive(Clone, Debug)]
+/// Loaded TLS settings for both sides of cluster connections: the gRPC
+/// services and the blob byte stream share them, so there is one trust
+/// root and one place that decides who may connect. TLS 1.3 only. Cheap to
+/// clone.
+#[derive(Clone)]
 pub struct ClusterTls {
-    server: ServerTlsConfig,
-    client: ClientTlsConfig,
+    acceptor: TlsAcceptor,
+    connector: TlsConnector,
 }
 
-fn read(p: &Path) -> std::io::Result<Vec<u8>> {
-    std::fs::read(p).map_err(|e| std::io::Error::new(e.kind(), format!("reading {}: {e}", p.display())))
+impl std::fmt::Debug for ClusterTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterTls")
+    }
+}
+
+fn pem_error(p: &Path, what: &str, e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {what}: {e}", p.display()))
+}
+
+fn certs(p: &Path) -> std::io::Result<Vec<CertificateDer<'static>>> {
+    let found: Vec<_> = CertificateDer::pem_file_iter(p)
+        .map_err(|e| pem_error(p, "reading certificates", e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| pem_error(p, "reading certificates", e))?;
+    if found.is_empty() {
+        return Err(pem_error(p, "reading certificates", "no certificate in the file"));
+    }
+    Ok(found)
 }
 
 impl ClusterTls {
     pub fn load(files: &TlsFiles) -> std::io::Result<ClusterTls> {
-        let ca = Certificate::from_pem(read(&files.ca)?);
-        let me = Identity::from_pem(read(&files.cert)?, read(&files.key)?);
+        let invalid =
+            |what: &str, e: rustls::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{what}: {e}"));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in certs(&files.ca)? {
+            roots.add(ca).map_err(|e| invalid(&format!("{}", files.ca.display()), e))?;
+        }
+        let roots = Arc::new(roots);
+        let chain = certs(&files.cert)?;
+        let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| pem_error(&files.key, "reading the key", e))?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("cluster CA: {e}")))?;
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| invalid("TLS versions", e))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(|e| invalid("node certificate", e))?;
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| invalid("TLS versions", e))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| invalid("node certificate", e))?;
         Ok(ClusterTls {
-            server: ServerTlsConfig::new().identity(me.clone()).client_ca_root(ca.clone()),
-            client: ClientTlsConfig::new().ca_certificate(ca).identity(me).domain_name(SERVER_NAME),
+            acceptor: TlsAcceptor::from(Arc::new(server)),
+            connector: TlsConnector::from(Arc::new(client)),
         })
     }
 
-    pub fn server(&self) -> ServerTlsConfig {
-        self.server.clone()
+    /// Server side: accepts only clients whose certificate the cluster CA
+    /// signed.
+    pub fn acceptor(&self) -> &TlsAcceptor {
+        &self.acceptor
     }
 
-    pub fn client(&self) -> ClientTlsConfig {
-        self.client.clone()
+    /// Client side: presents this node's certificate and accepts only a
+    /// server whose certificate the cluster CA signed for [`SERVER_NAME`].
+    pub fn connector(&self) -> &TlsConnector {
+        &self.connector
+    }
+
+    /// The name every server certificate must carry.
+    pub fn server_name() -> ServerName<'static> {
+        ServerName::try_from(SERVER_NAME).expect("a valid DNS name")
     }
 }
 

@@ -1,4 +1,5 @@
-//! Per-peer bounds on background blob copies served by this node: at most
+//! Per-peer bounds on background blob copies served by this node (see
+//! [`super::transfer`]): at most
 //! `max_per_peer` at once (the rest wait their turn) and, optionally, a
 //! byte rate shared by all of one peer's copies.
 
