@@ -160,6 +160,28 @@ impl Cluster {
         run(Command::new("docker").args(&full)).await
     }
 
+    /// Bring a wiped `node` back with the documented procedure: `berth
+    /// cluster replace`, asked of another member, retried while the
+    /// cluster is busy (an election, the fresh node still starting).
+    pub async fn replace(&self, node: &str) -> anyhow::Result<()> {
+        let id = node.trim_start_matches("node");
+        let via = NODES.iter().copied().find(|n| *n != node).unwrap_or("node1");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let c = self.container(via).await?;
+            let addr = format!("{via}:5001");
+            let r =
+                run(Command::new("docker")
+                    .args(["exec", &c, "berth", "cluster", "replace", "--node", &addr, "--id", id]))
+                .await;
+            match r {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() > deadline => return Err(e.context(format!("replacing {node}"))),
+                Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+            }
+        }
+    }
+
     /// Drop traffic between `a` and `b` in both directions (inside each
     /// container's network namespace; clients still reach both).
     pub async fn cut(&self, a: &str, b: &str) -> anyhow::Result<()> {

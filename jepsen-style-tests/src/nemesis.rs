@@ -32,6 +32,9 @@ pub enum Kind {
     Membership,
     /// Node 3's blob disk filled to the last byte.
     DiskFull,
+    /// A random node killed, its data dir and blobs wiped (a lost disk),
+    /// started again empty; healed by `berth cluster replace`.
+    Wipe,
 }
 
 impl Kind {
@@ -46,10 +49,11 @@ impl Kind {
             Kind::Restart => "restart",
             Kind::Membership => "membership",
             Kind::DiskFull => "disk-full",
+            Kind::Wipe => "wipe",
         }
     }
 
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Kill,
         Kind::KillLeader,
         Kind::Pause,
@@ -59,6 +63,7 @@ impl Kind {
         Kind::Restart,
         Kind::Membership,
         Kind::DiskFull,
+        Kind::Wipe,
     ];
 }
 
@@ -69,6 +74,8 @@ enum Undo {
     Network,
     Leave,
     Unfill,
+    /// `berth cluster replace` of the wiped node.
+    Replace(String),
     Nothing,
 }
 
@@ -152,6 +159,27 @@ impl Nemesis<'_> {
                 .await?;
                 ("node4 joins, then leaves".to_owned(), Undo::Leave)
             }
+            Kind::Wipe => {
+                let container = c.container(target).await?;
+                c.docker(&["kill", "-s", "KILL", &container]).await?;
+                // A helper container with the node's volumes empties them.
+                c.docker(&[
+                    "run",
+                    "--rm",
+                    "--user",
+                    "0",
+                    "--volumes-from",
+                    &container,
+                    "--entrypoint",
+                    "sh",
+                    &c.image,
+                    "-c",
+                    "rm -rf /data/* /blobdata/* 2>/dev/null; true",
+                ])
+                .await?;
+                c.docker(&["start", &container]).await?;
+                (format!("{target} wiped"), Undo::Replace(target.to_owned()))
+            }
             Kind::DiskFull => {
                 let node3 = c.container("node3").await?;
                 // Fill all but nothing: the blob disk (a tmpfs) is then full.
@@ -179,6 +207,7 @@ impl Nemesis<'_> {
             Undo::Unfill => {
                 c.docker(&["exec", &c.container("node3").await?, "rm", "-f", "/blobdata/ballast"]).await?;
             }
+            Undo::Replace(node) => c.replace(&node).await?,
             Undo::Nothing => {}
         }
         Ok(FaultWindow { kind: kind.name().to_owned(), detail, start_ms, end_ms: self.clock.ms() })
