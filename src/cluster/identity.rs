@@ -111,7 +111,14 @@ impl Identity {
     /// Whether a Raft message naming `to_incarnation` for this node, from
     /// cluster `from`, may be handled. A node with a newer data dir than the
     /// sender expects refuses, and says what the operator does next.
-    pub fn admit_raft(&self, from: Option<u64>, to_incarnation: u64) -> Result<(), Status> {
+    ///
+    /// `member_here`: this node's own Raft state already lists it under its
+    /// current incarnation (it was initialized with it, or replaced and
+    /// caught up). Such a node is the member; a message naming another
+    /// incarnation is then only stale (a lagging peer's view from before a
+    /// replace) and is refused without marking this node as refusing:
+    /// otherwise one stray vote request would stop a healthy leader serving.
+    pub fn admit_raft(&self, from: Option<u64>, to_incarnation: u64, member_here: bool) -> Result<(), Status> {
         let Some(from) = from else {
             return Err(Status::permission_denied("a Raft message without a cluster id"));
         };
@@ -119,6 +126,12 @@ impl Identity {
             let st = self.state();
             (st.stored.node, st.stored.incarnation)
         };
+        if to_incarnation != mine && member_here {
+            return Err(Status::failed_precondition(format!(
+                "a message for an earlier data dir of node {node} (incarnation {to_incarnation:016x}; this one is \
+                 {mine:016x}, as the membership here records)"
+            )));
+        }
         if to_incarnation != mine {
             let why = format!(
                 "node {node}'s data dir is not the one cluster {from:016x} knows as node {node} \
@@ -178,5 +191,34 @@ impl tonic::service::Interceptor for Guard {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
         check_cluster(&self.0, req.metadata())?;
         Ok(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(dir: &std::path::Path) -> Identity {
+        let store = IdentityStore::new(crate::meta::open_db(&dir.join("db")).unwrap());
+        let stored = store.load_or_create(3).unwrap();
+        Identity::new(store, stored)
+    }
+
+    /// A stale message (naming the data dir a replace retired) is refused
+    /// either way, but marks the node as refusing only if its own Raft
+    /// state does not list it as the member: a healthy leader must not
+    /// stop serving because a lagging peer asked it for a vote.
+    #[test]
+    fn a_stale_message_never_stops_a_member_that_knows_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = identity(dir.path());
+        let old = me.incarnation() ^ 1;
+        assert!(me.admit_raft(Some(7), me.incarnation(), true).is_ok());
+        assert!(me.admit_raft(Some(7), old, true).is_err());
+        assert_eq!(me.problem(), None, "a member marked itself refusing for a stale message");
+        assert!(me.admit_raft(Some(7), old, false).is_err());
+        assert!(me.problem().is_some(), "a wiped node did not say why it refuses");
+        assert!(me.admit_raft(Some(7), me.incarnation(), false).is_ok());
+        assert_eq!(me.problem(), None);
     }
 }

@@ -14,7 +14,14 @@ pub struct RaftService {
 impl RaftService {
     /// Only messages from this node's cluster, meant for this data dir.
     fn admit(&self, req: &Request<RaftRequest>) -> Result<(), Status> {
-        self.identity.admit_raft(identity::cluster_of(req.metadata())?, req.get_ref().to_incarnation)
+        let me = self.identity.node();
+        let incarnation = self.identity.incarnation();
+        let member_here = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            m.membership_config.membership().get_node(&me).is_some_and(|n| n.incarnation == incarnation)
+        };
+        self.identity.admit_raft(identity::cluster_of(req.metadata())?, req.get_ref().to_incarnation, member_here)
     }
 }
 
