@@ -165,7 +165,7 @@ impl Transfer {
     /// address). The answer must start within [`ANSWER_WITHIN`]; the stream
     /// then fails if it stalls for [`IDLE_LIMIT`]. `background` reads are
     /// paced by the holder; a client's read is not.
-    #[tracing::instrument(level = "debug", skip(self), fields(%digest))]
+    #[tracing::instrument(level = "debug", skip(self, digest), fields(%digest))]
     pub async fn read(
         &self,
         addr: &str,
