@@ -53,7 +53,12 @@ impl Kind {
         }
     }
 
-    pub const ALL: [Kind; 10] = [
+    /// The default set. `Wipe` is not in it: node 3's blob disk is a tmpfs
+    /// lost on every kill or restart of node 3, so a wipe of another node
+    /// makes two disk losses within one repair round likely, and a blob
+    /// with `min_copies = 2` is promised to survive one. Ask for it with
+    /// `--faults`.
+    pub const ALL: [Kind; 9] = [
         Kind::Kill,
         Kind::KillLeader,
         Kind::Pause,
@@ -63,7 +68,6 @@ impl Kind {
         Kind::Restart,
         Kind::Membership,
         Kind::DiskFull,
-        Kind::Wipe,
     ];
 }
 
