@@ -522,12 +522,16 @@ async fn a_frozen_peer_hangs_neither_a_pull_nor_a_push() {
     // An upload session the follower owns, continued through the leader
     // once the follower froze: the leader answers (the session is
     // unreachable) instead of waiting on its owner for ever.
-    let r = c.post(format!("{}/v2/frozen/blobs/uploads/", cl.base(follower))).send().await.unwrap();
+    // A client of its own: the leader may close the connection after
+    // answering without reading the body, and the pushes below must not
+    // draw that connection from a shared pool.
+    let lone = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let r = lone.post(format!("{}/v2/frozen/blobs/uploads/", cl.base(follower))).send().await.unwrap();
     assert_eq!(r.status(), 202);
     let location = r.headers()["location"].to_str().unwrap().to_owned();
     let path = location.strip_prefix(&cl.base(follower)).unwrap_or(&location).to_owned();
     let _frozen = Frozen::new(&cl, follower);
-    let patch = c
+    let patch = lone
         .patch(format!("{}{path}", cl.base(leader)))
         .header("Content-Type", "application/octet-stream")
         .body(vec![7u8; 1 << 20])
