@@ -45,18 +45,16 @@ pub struct Replicator {
     cluster: Cluster,
     transfer: Transfer,
     pub(super) meta: MetaReader,
-    store: BlobStore,
     policy: Arc<Policy>,
 }
 
 impl Replicator {
     pub fn new(cluster: Cluster, meta: MetaReader, transfer: Transfer, policy: Policy) -> Replicator {
-        let store = transfer.store().clone();
-        Replicator { cluster, transfer, meta, store, policy: Arc::new(policy) }
+        Replicator { cluster, transfer, meta, policy: Arc::new(policy) }
     }
 
     pub fn store(&self) -> &BlobStore {
-        &self.store
+        self.transfer.store()
     }
 
     /// Every member (voters and learners) with its address and region.
@@ -316,14 +314,14 @@ impl Replicator {
     ) -> std::io::Result<impl Stream<Item = std::io::Result<Bytes>> + Send + 'static> {
         let size = reader.size;
         let inner = Box::pin(reader.stream(0, size).await?);
-        if self.store.is_verified(digest) {
+        if self.store().is_verified(digest) {
             return Ok(futures::future::Either::Left(inner));
         }
         let me = self.clone();
         let d = digest.clone();
         let done = move |good: bool| {
             if good {
-                me.store.mark_verified(&d);
+                me.store().mark_verified(&d);
             } else {
                 tokio::spawn(async move { me.drop_corrupt(&d).await });
             }
@@ -334,7 +332,7 @@ impl Replicator {
     /// Remove a local copy found corrupt and forget it in the index.
     pub async fn drop_corrupt(&self, digest: &Digest) {
         tracing::error!(%digest, "local copy is corrupt; removing it");
-        if let Err(e) = self.store.remove(digest).await {
+        if let Err(e) = self.store().remove(digest).await {
             tracing::warn!(%digest, error = %e, "removing corrupt copy");
         }
         let cmd = Command::RemoveHolders { digest: digest.clone(), holders: vec![self.cluster.id] };
@@ -396,7 +394,7 @@ impl Replicator {
                     continue;
                 }
             };
-            if !self.policy.cache_on_read || self.store.short_of_space() {
+            if !self.policy.cache_on_read || self.store().short_of_space() {
                 return Ok(verified(stream, digest.clone(), size, None, None));
             }
             // The copy kept here is written as the bytes pass and kept only
@@ -406,7 +404,7 @@ impl Replicator {
             let (me, d) = (self.clone(), digest.clone());
             tokio::spawn(async move {
                 let body = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) });
-                match me.store.ingest_vouched(&d, Box::pin(body), verdict).await {
+                match me.store().ingest_vouched(&d, Box::pin(body), verdict).await {
                     Ok(size) => me.record_local(&d, size).await,
                     Err(e) => tracing::debug!(digest = %d, error = %e, "read-through copy not kept"),
                 }

@@ -238,16 +238,16 @@ impl Transfer {
             .blobs(target)
             .map_err(|e| TransferError::Unreachable { addr: target.into(), source: io::Error::other(e) })?;
         let mut req = Request::new(PullRequest { digest: digest.to_string(), sources: sources.to_vec() });
-        req.set_timeout(ANSWER_WITHIN + Duration::from_secs(size / SLOWEST_COPY));
+        let within = ANSWER_WITHIN + Duration::from_secs(size / SLOWEST_COPY);
+        req.set_timeout(within);
         match client.pull(req).await {
             Ok(_) => Ok(()),
             Err(s) => Err(match s.code() {
                 tonic::Code::ResourceExhausted => TransferError::NoSpace,
                 tonic::Code::PermissionDenied => TransferError::Refused(s.message().to_owned()),
-                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => TransferError::TimedOut {
-                    addr: target.into(),
-                    secs: (ANSWER_WITHIN.as_secs() + size / SLOWEST_COPY),
-                },
+                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+                    TransferError::TimedOut { addr: target.into(), secs: within.as_secs() }
+                }
                 _ => TransferError::Remote(s.message().to_owned()),
             }),
         }
