@@ -22,7 +22,7 @@ use crate::cluster::{
     Network, Peers, RaftRpcServer, RaftService, MAX_MESSAGE,
 };
 use crate::config::Config;
-use crate::meta::{self, IdentityStore, LogStore, MetaReader, StateMachine};
+use crate::meta::{self, IdentityStore, LogStore, StateMachine};
 use crate::{NodeInfo, Raft};
 
 /// A started node. Dropping it without [`RunningNode::shutdown`] leaves its
@@ -65,6 +65,7 @@ impl RunningNode {
         let identity_store = IdentityStore::new(db.clone());
         let identity = Identity::new(identity_store.clone(), identity_store.load_or_create(cfg.node_id)?);
         let sm = StateMachine::new(db.clone(), cfg.data_dir.join("snapshots"))?;
+        let meta = sm.reader();
         let log = LogStore::new(db.clone());
         let committed = log.commit_index();
         let tls = cfg.cluster_tls.as_ref().map(ClusterTls::load).transpose().context("loading cluster_tls")?;
@@ -90,7 +91,6 @@ impl RunningNode {
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
         let meta_svc = InterceptedService::new(meta_svc, guard.clone());
-        let meta = MetaReader::new(db.clone());
         let policy = Policy {
             replicas: cfg.replicas,
             min_copies: cfg.min_copies,
@@ -149,9 +149,17 @@ impl RunningNode {
             scrub_every: Duration::from_secs(cfg.scrub_interval_secs.max(1)),
             dead_after: Duration::from_secs(cfg.dead_after_secs.max(1)),
         };
-        tasks.push(tokio::spawn(repair::run(replicator.clone(), meta.clone(), repair, rx.clone())));
+        let repair_report = Arc::new(repair::RepairReport::default());
+        tasks.push(tokio::spawn(repair::run(
+            replicator.clone(),
+            meta.clone(),
+            repair,
+            repair_report.clone(),
+            rx.clone(),
+        )));
         let state = AppState {
             meta,
+            repair: repair_report,
             replicator,
             cluster: cluster.clone(),
             uploads: uploads.clone(),

@@ -128,6 +128,44 @@ impl Cluster {
         seen.map(|id| format!("node{id}"))
     }
 
+    /// Wait until the leader's repair has restored every copy: two of its
+    /// repair rounds completed (so one began after this call) and the last
+    /// found no blob below its copy target (`berth_blobs_below_target` on
+    /// its `/metrics`). A new leader starts the count again.
+    pub async fn wait_repaired(&self, timeout: Duration) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
+        let gauge = |text: &str, name: &str| -> Option<i64> {
+            text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        };
+        let mut first: Option<(String, i64)> = None;
+        loop {
+            if let Some(leader) = self.leader().await {
+                let ip = self.ip(&leader).await?;
+                let text = match http.get(format!("http://{ip}:5000/metrics")).send().await {
+                    Ok(r) => r.text().await.unwrap_or_default(),
+                    Err(_) => String::new(),
+                };
+                if let (Some(rounds), Some(below)) =
+                    (gauge(&text, "berth_repair_rounds"), gauge(&text, "berth_blobs_below_target"))
+                {
+                    match &first {
+                        Some((l, r0)) if *l == leader => {
+                            if rounds >= r0 + 2 && below == 0 {
+                                return Ok(start.elapsed());
+                            }
+                        }
+                        _ => first = Some((leader, rounds)),
+                    }
+                }
+            }
+            if start.elapsed() > timeout {
+                bail!("copies not all restored after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
     /// Wait until nodes 1-3 answer and agree on a leader, and the load
     /// balancer answers; returns how long that took.
     pub async fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<Duration> {

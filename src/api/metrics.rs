@@ -10,6 +10,7 @@ use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, 
 
 use super::response::{builder, finish, full, ApiResult};
 use super::Route;
+use crate::blob::repair::RepairReport;
 use crate::cluster::Cluster;
 
 /// The registry and the instruments the request path updates.
@@ -18,6 +19,12 @@ pub struct Metrics {
     requests: IntCounterVec,
     latency: HistogramVec,
     raft: RaftGauges,
+    repair: RepairGauges,
+}
+
+struct RepairGauges {
+    rounds: IntGauge,
+    below_target: IntGauge,
 }
 
 struct RaftGauges {
@@ -71,7 +78,15 @@ impl Default for Metrics {
             voters: g("berth_raft_voters", "Voters in the membership this node knows."),
             learners: g("berth_raft_learners", "Learners in the membership this node knows."),
         };
-        Metrics { registry, requests, latency, raft }
+        let repair = RepairGauges {
+            rounds: g("berth_repair_rounds", "Leader repair rounds this node completed since it started."),
+            below_target: g(
+                "berth_blobs_below_target",
+                "Blobs with fewer copies on live members than their target after this node's last repair round; \
+                 -1 unless this node leads repair.",
+            ),
+        };
+        Metrics { registry, requests, latency, raft, repair }
     }
 }
 
@@ -84,7 +99,7 @@ impl Metrics {
     }
 
     /// The text exposition of every metric, Raft's read now.
-    pub fn render(&self, cluster: &Cluster) -> ApiResult {
+    pub fn render(&self, cluster: &Cluster, repair: &RepairReport) -> ApiResult {
         let s = cluster.status();
         let r = &self.raft;
         let voters = s.members.iter().filter(|m| m.voter).count();
@@ -102,6 +117,8 @@ impl Metrics {
         ] {
             gauge.set(value as i64);
         }
+        self.repair.rounds.set(repair.rounds() as i64);
+        self.repair.below_target.set(repair.below_target().map_or(-1, |b| b as i64));
         let encoder = TextEncoder::new();
         let mut out = Vec::new();
         encoder.encode(&self.registry.gather(), &mut out).map_err(super::response::internal)?;

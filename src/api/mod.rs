@@ -25,6 +25,7 @@ pub use metrics::Metrics;
 pub use response::Body;
 pub use route::Route;
 
+use crate::blob::repair::RepairReport;
 use crate::blob::{Replicator, Uploads};
 use crate::cluster::Cluster;
 use crate::meta::MetaReader;
@@ -38,6 +39,8 @@ pub struct AppState {
     pub cluster: Cluster,
     pub uploads: Uploads,
     pub replicator: Replicator,
+    /// What this node's repair rounds found (for `/metrics`).
+    pub repair: Arc<RepairReport>,
     pub max_manifest_bytes: usize,
     /// For streaming upload requests to the node that owns the session.
     pub http: forward::HttpClient,
@@ -156,7 +159,7 @@ async fn dispatch(state: &AppState, route: Route, req: Request<Incoming>) -> Api
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(if head { response::empty() } else { full("{}") })
             .expect("static response")),
-        (Method::GET, Route::Metrics) => state.metrics.render(&state.cluster),
+        (Method::GET, Route::Metrics) => state.metrics.render(&state.cluster, &state.repair),
         (Method::GET, Route::Catalog) => lists::catalog(state, &query).await,
         (Method::GET, Route::Tags(name)) => lists::tags(state, &name, &query).await,
         (Method::GET, Route::Referrers(name, digest)) => lists::referrers(state, &name, &digest, &query).await,

@@ -8,7 +8,7 @@ use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full, StreamBod
 
 use crate::blob::{BlobError, ReplicationError};
 use crate::cluster::ClusterError;
-use crate::meta::Rejection;
+use crate::meta::{ReadError, Rejection};
 use crate::oci::{Error, ErrorCode};
 
 pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
@@ -67,6 +67,15 @@ impl From<ClusterError> for Error {
 impl From<rocksdb::Error> for Error {
     fn from(e: rocksdb::Error) -> Error {
         internal(e)
+    }
+}
+
+impl From<ReadError> for Error {
+    fn from(e: ReadError) -> Error {
+        match e {
+            ReadError::Db(db) => internal(db),
+            ReadError::Installing(i) => Error::new(ErrorCode::Unavailable, i.to_string()),
+        }
     }
 }
 

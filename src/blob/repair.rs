@@ -5,13 +5,23 @@
 //! from a surviving holder to new placements, recording holders through Raft.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::{StreamExt, TryStreamExt};
 use tokio::sync::watch;
 
 use super::Replicator;
 use crate::meta::{Command, MetaReader};
 use crate::NodeId;
+
+/// Blobs checked or repaired at once. A replaced disk or a lost node leaves
+/// every blob it held to restore, and each restore waits on a copy and a
+/// Raft write; one at a time, a few thousand blobs take longer than the
+/// next failure may. Serving nodes still bound what they send to one peer
+/// (`transfer.max_per_peer`), and concurrent Raft writes share entries.
+const CONCURRENCY: usize = 16;
 
 #[derive(Debug, Clone)]
 pub struct RepairSettings {
@@ -20,7 +30,42 @@ pub struct RepairSettings {
     pub dead_after: Duration,
 }
 
-pub async fn run(r: Replicator, meta: MetaReader, s: RepairSettings, mut stop: watch::Receiver<bool>) {
+/// What the repair rounds of this node found, for `/metrics`: how an
+/// operator (or a fault test) tells that copies lost with a node or a disk
+/// are all restored.
+#[derive(Debug)]
+pub struct RepairReport {
+    rounds: AtomicU64,
+    below_target: AtomicI64,
+}
+
+impl Default for RepairReport {
+    fn default() -> Self {
+        RepairReport { rounds: AtomicU64::new(0), below_target: AtomicI64::new(-1) }
+    }
+}
+
+impl RepairReport {
+    /// Leader repair rounds completed by this node since it started.
+    pub fn rounds(&self) -> u64 {
+        self.rounds.load(Ordering::Relaxed)
+    }
+
+    /// Blobs that had fewer copies on live members than their target
+    /// (`replicas`, or every live member if fewer) at the end of this
+    /// node's last repair round; None unless this node leads repair.
+    pub fn below_target(&self) -> Option<u64> {
+        u64::try_from(self.below_target.load(Ordering::Relaxed)).ok()
+    }
+}
+
+pub async fn run(
+    r: Replicator,
+    meta: MetaReader,
+    s: RepairSettings,
+    report: Arc<RepairReport>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut last_seen: HashMap<NodeId, Instant> = HashMap::new();
     let mut last_scrub = Instant::now();
     let started = Instant::now();
@@ -65,9 +110,15 @@ pub async fn run(r: Replicator, meta: MetaReader, s: RepairSettings, mut stop: w
             probe(&r, &mut last_seen).await;
             // Right after start every peer looks unseen: give them time.
             let grace = started.elapsed() < s.dead_after;
-            if let Err(e) = repair(&r, &meta, &last_seen, s.dead_after, grace).await {
-                tracing::warn!(error = %e, "repair round");
+            match repair(&r, &meta, &last_seen, s.dead_after, grace).await {
+                Ok(below) => {
+                    report.below_target.store(below as i64, Ordering::Relaxed);
+                    report.rounds.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => tracing::warn!(error = %e, "repair round"),
             }
+        } else {
+            report.below_target.store(-1, Ordering::Relaxed);
         }
     }
 }
@@ -84,21 +135,24 @@ struct LocalCheck {
 /// hash correctly); a missing or corrupt one is dropped from the index, so
 /// the leader's repair restores it from another holder.
 async fn check_local(r: &Replicator, meta: &MetaReader, scrub: bool) -> anyhow::Result<LocalCheck> {
-    let mut c = LocalCheck::default();
-    for (digest, info) in meta.all_blobs()? {
-        if !info.holders.contains(&r.node_id()) {
-            continue;
-        }
-        c.held += 1;
-        let present = r.store().contains(&digest).await;
-        let ok = present && (!scrub || r.store().check(&digest).await?);
-        if !ok {
-            if present {
-                c.corrupt += 1;
-            } else {
-                c.missing += 1;
+    let held: Vec<_> = meta.all_blobs()?.into_iter().filter(|(_, info)| info.holders.contains(&r.node_id())).collect();
+    let mut c = LocalCheck { held: held.len(), ..LocalCheck::default() };
+    let mut checks = futures::stream::iter(held)
+        .map(|(digest, _)| async move {
+            let present = r.store().contains(&digest).await;
+            let ok = present && (!scrub || r.store().check(&digest).await?);
+            if !ok {
+                r.drop_corrupt(&digest).await;
             }
-            r.drop_corrupt(&digest).await;
+            anyhow::Ok((ok, present))
+        })
+        // Hashing is CPU and disk bound: a scrub takes two at a time.
+        .buffer_unordered(if scrub { 2 } else { CONCURRENCY });
+    while let Some(checked) = checks.next().await {
+        match checked? {
+            (true, _) => {}
+            (false, true) => c.corrupt += 1,
+            (false, false) => c.missing += 1,
         }
     }
     Ok(c)
@@ -118,24 +172,35 @@ async fn repair(
     last_seen: &HashMap<NodeId, Instant>,
     dead_after: Duration,
     grace: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<usize> {
     let members: Vec<NodeId> = r.member_addrs().into_iter().map(|m| m.0).collect();
     let alive = |id: &NodeId| grace || last_seen.get(id).is_some_and(|t| t.elapsed() < dead_after);
-    for (digest, info) in meta.all_blobs()? {
-        let gone: Vec<NodeId> = info.holders.iter().copied().filter(|h| !members.contains(h)).collect();
-        if !gone.is_empty() {
-            r.propose(Command::RemoveHolders { digest: digest.clone(), holders: gone }).await?;
-        }
-        let live: Vec<NodeId> = info.holders.iter().copied().filter(|h| members.contains(h) && alive(h)).collect();
-        if live.is_empty() {
-            continue;
-        }
-        // Where placement wants the blob now (a joining node gets its share,
-        // a dead or departed holder is replaced).
-        let new = r.place(&digest, info.size, &live, &live, &alive).await;
-        if !new.is_empty() {
-            r.propose(Command::AddHolders { digest: digest.clone(), size: info.size, holders: new }).await?;
-        }
-    }
-    Ok(())
+    let alive = &alive;
+    let members = &members;
+    let want = r.replicas().min(members.iter().filter(|m| alive(m)).count());
+    let below = &AtomicUsize::new(0);
+    futures::stream::iter(meta.all_blobs()?.into_iter().map(anyhow::Ok))
+        .try_for_each_concurrent(CONCURRENCY, |(digest, info)| async move {
+            let gone: Vec<NodeId> = info.holders.iter().copied().filter(|h| !members.contains(h)).collect();
+            if !gone.is_empty() {
+                r.propose(Command::RemoveHolders { digest: digest.clone(), holders: gone }).await?;
+            }
+            let live: Vec<NodeId> = info.holders.iter().copied().filter(|h| members.contains(h) && alive(h)).collect();
+            if live.is_empty() {
+                below.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            // Where placement wants the blob now (a joining node gets its
+            // share, a dead or departed holder is replaced).
+            let new = r.place(&digest, info.size, &live, &live, alive).await;
+            if live.len() + new.len() < want {
+                below.fetch_add(1, Ordering::Relaxed);
+            }
+            if !new.is_empty() {
+                r.propose(Command::AddHolders { digest: digest.clone(), size: info.size, holders: new }).await?;
+            }
+            Ok(())
+        })
+        .await?;
+    Ok(below.load(Ordering::Relaxed))
 }

@@ -3,6 +3,7 @@
 //! over the applied state. Knows nothing of HTTP or gRPC.
 
 mod command;
+mod fence;
 mod identity;
 mod log;
 mod state;
@@ -14,6 +15,7 @@ use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, DB};
 use serde::{Deserialize, Serialize};
 
 pub use command::{Batch, Command, Outcome, Outcomes, Proposal, Rejection, RequestId, RequestIds};
+pub use fence::{InstallFence, Installing};
 pub use identity::{IdentityError, IdentityStore, StoredIdentity};
 pub use log::{CommitIndex, LogStore};
 pub use state::StateMachine;
@@ -104,11 +106,27 @@ pub fn open_db(path: &Path) -> Result<Arc<DB>, rocksdb::Error> {
     Ok(Arc::new(DB::open_cf_descriptors(&opts, path, cfs)?))
 }
 
+/// Why the applied state could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Db(#[from] rocksdb::Error),
+    /// A snapshot install replaced the state during the read; the caller
+    /// answers "try again" (the install ends within seconds).
+    #[error(transparent)]
+    Installing(#[from] Installing),
+}
+
+type ReadResult<T> = Result<T, ReadError>;
+
 /// Read-only queries over the locally applied state. Cheap to clone. Callers
-/// decide how fresh the state must be (see `cluster::Node::read_barrier`).
+/// decide how fresh the state must be (see `cluster::Node::read_barrier`);
+/// every query is fenced against a snapshot install (see [`InstallFence`]),
+/// so what it returns comes from one state.
 #[derive(Clone)]
 pub struct MetaReader {
     db: Arc<DB>,
+    fence: Arc<InstallFence>,
 }
 
 /// One page of a sorted listing, and whether more follow.
@@ -118,8 +136,18 @@ pub struct Page {
 }
 
 impl MetaReader {
-    pub fn new(db: Arc<DB>) -> MetaReader {
-        MetaReader { db }
+    /// A reader of `db`; `fence` is the state machine's (see
+    /// [`StateMachine::reader`]).
+    pub(crate) fn new(db: Arc<DB>, fence: Arc<InstallFence>) -> MetaReader {
+        MetaReader { db, fence }
+    }
+
+    /// Run `read` inside the install fence.
+    fn fenced<T>(&self, read: impl FnOnce() -> Result<T, rocksdb::Error>) -> ReadResult<T> {
+        let entered = self.fence.enter()?;
+        let value = read()?;
+        self.fence.check(entered)?;
+        Ok(value)
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
@@ -130,31 +158,39 @@ impl MetaReader {
         self.db.get_cf(self.cf(cf), key)
     }
 
-    pub fn manifest(&self, repo: &Name, digest: &Digest) -> Result<Option<ManifestRecord>, rocksdb::Error> {
-        Ok(self
-            .get(CF_MANIFESTS, &keys::repo_item(repo, &digest.to_string()))?
-            .and_then(|v| bincode::deserialize(&v).ok()))
+    pub fn manifest(&self, repo: &Name, digest: &Digest) -> ReadResult<Option<ManifestRecord>> {
+        self.fenced(|| {
+            Ok(self
+                .get(CF_MANIFESTS, &keys::repo_item(repo, &digest.to_string()))?
+                .and_then(|v| bincode::deserialize(&v).ok()))
+        })
     }
 
-    pub fn tag(&self, repo: &Name, tag: &Tag) -> Result<Option<Digest>, rocksdb::Error> {
-        Ok(self
-            .get(CF_TAGS, &keys::repo_item(repo, tag.as_str()))?
-            .and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok()))
+    pub fn tag(&self, repo: &Name, tag: &Tag) -> ReadResult<Option<Digest>> {
+        self.fenced(|| {
+            Ok(self
+                .get(CF_TAGS, &keys::repo_item(repo, tag.as_str()))?
+                .and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok()))
+        })
     }
 
     /// Size of `digest` if it is linked into `repo`.
-    pub fn blob_link(&self, repo: &Name, digest: &Digest) -> Result<Option<u64>, rocksdb::Error> {
-        Ok(self
-            .get(CF_LINKS, &keys::repo_item(repo, &digest.to_string()))?
-            .and_then(|v| Some(u64::from_be_bytes(v.as_slice().try_into().ok()?))))
+    pub fn blob_link(&self, repo: &Name, digest: &Digest) -> ReadResult<Option<u64>> {
+        self.fenced(|| {
+            Ok(self
+                .get(CF_LINKS, &keys::repo_item(repo, &digest.to_string()))?
+                .and_then(|v| Some(u64::from_be_bytes(v.as_slice().try_into().ok()?))))
+        })
     }
 
-    pub fn blob(&self, digest: &Digest) -> Result<Option<BlobInfo>, rocksdb::Error> {
-        Ok(self.get(CF_BLOBS, digest.to_string().as_bytes())?.and_then(|v| bincode::deserialize(&v).ok()))
+    pub fn blob(&self, digest: &Digest) -> ReadResult<Option<BlobInfo>> {
+        self.fenced(|| {
+            Ok(self.get(CF_BLOBS, digest.to_string().as_bytes())?.and_then(|v| bincode::deserialize(&v).ok()))
+        })
     }
 
-    pub fn repo_exists(&self, repo: &Name) -> Result<bool, rocksdb::Error> {
-        Ok(self.db.get_pinned_cf(self.cf(CF_REPOS), repo.as_str())?.is_some())
+    pub fn repo_exists(&self, repo: &Name) -> ReadResult<bool> {
+        self.fenced(|| Ok(self.db.get_pinned_cf(self.cf(CF_REPOS), repo.as_str())?.is_some()))
     }
 
     /// Keys under `prefix` in `cf`, with the prefix stripped, sorted, after
@@ -183,41 +219,45 @@ impl MetaReader {
         Ok(Page { items, more })
     }
 
-    pub fn tags(&self, repo: &Name, last: Option<&str>, n: Option<usize>) -> Result<Page, rocksdb::Error> {
-        self.list(CF_TAGS, &keys::repo_prefix(repo), last, n)
+    pub fn tags(&self, repo: &Name, last: Option<&str>, n: Option<usize>) -> ReadResult<Page> {
+        self.fenced(|| self.list(CF_TAGS, &keys::repo_prefix(repo), last, n))
     }
 
     /// Every blob in the index, in digest order (for repair and scrub).
-    pub fn all_blobs(&self) -> Result<Vec<(Digest, BlobInfo)>, rocksdb::Error> {
-        let mut out = Vec::new();
-        for item in self.db.iterator_cf(self.cf(CF_BLOBS), IteratorMode::Start) {
-            let (k, v) = item?;
-            let Some(d) = std::str::from_utf8(&k).ok().and_then(|s| s.parse().ok()) else { continue };
-            if let Ok(info) = bincode::deserialize(&v) {
-                out.push((d, info));
+    pub fn all_blobs(&self) -> ReadResult<Vec<(Digest, BlobInfo)>> {
+        self.fenced(|| {
+            let mut out = Vec::new();
+            for item in self.db.iterator_cf(self.cf(CF_BLOBS), IteratorMode::Start) {
+                let (k, v) = item?;
+                let Some(d) = std::str::from_utf8(&k).ok().and_then(|s| s.parse().ok()) else { continue };
+                if let Ok(info) = bincode::deserialize(&v) {
+                    out.push((d, info));
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
-    pub fn catalog(&self, last: Option<&str>, n: Option<usize>) -> Result<Page, rocksdb::Error> {
-        self.list(CF_REPOS, b"", last, n)
+    pub fn catalog(&self, last: Option<&str>, n: Option<usize>) -> ReadResult<Page> {
+        self.fenced(|| self.list(CF_REPOS, b"", last, n))
     }
 
     /// Descriptors of the manifests in `repo` whose subject is `subject`.
-    pub fn referrers(&self, repo: &Name, subject: &Digest) -> Result<Vec<Descriptor>, rocksdb::Error> {
+    pub fn referrers(&self, repo: &Name, subject: &Digest) -> ReadResult<Vec<Descriptor>> {
         let mut prefix = keys::repo_item(repo, &subject.to_string());
         prefix.push(0);
-        let mut out = Vec::new();
-        for item in self.db.prefix_iterator_cf(self.cf(CF_REFERRERS), &prefix) {
-            let (k, v) = item?;
-            if !k.starts_with(&prefix) {
-                break;
+        self.fenced(|| {
+            let mut out = Vec::new();
+            for item in self.db.prefix_iterator_cf(self.cf(CF_REFERRERS), &prefix) {
+                let (k, v) = item?;
+                if !k.starts_with(&prefix) {
+                    break;
+                }
+                if let Ok(d) = serde_json::from_slice(&v) {
+                    out.push(d);
+                }
             }
-            if let Ok(d) = serde_json::from_slice(&v) {
-                out.push(d);
-            }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 }
