@@ -892,6 +892,48 @@ mod tests {
         assert!(err.to_string().contains("corrupt snapshot"), "{err}");
     }
 
+    /// Peak memory of installing a large snapshot, for the record (run by
+    /// hand: `cargo test --release --lib -- --ignored --nocapture
+    /// install_memory`). The whole state used to be one write batch.
+    #[tokio::test]
+    #[ignore]
+    async fn install_memory() {
+        let records: u64 = std::env::var("RECORDS").ok().and_then(|n| n.parse().ok()).unwrap_or(200_000);
+        let leader_dir = tempfile::tempdir().unwrap();
+        let (leader_db, mut leader) = machine(leader_dir.path());
+        let value = vec![b'm'; 2000];
+        for i in 0..records {
+            leader_db.put_cf(cf(&leader_db, CF_MANIFESTS), format!("r\0sha256:{i:064}"), &value).unwrap();
+        }
+        leader.apply([entry(1, vec![put_tag(1, "t", "v")])]).await.unwrap();
+        let snap = leader.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let size = snap.snapshot.metadata().await.unwrap().len();
+
+        let dir = tempfile::tempdir().unwrap();
+        let (db, mut sm) = machine(dir.path());
+        let hwm = || {
+            let s = std::fs::read_to_string("/proc/self/status").unwrap();
+            let l = s.lines().find(|l| l.starts_with("VmHWM:")).unwrap().to_owned();
+            l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() / 1024
+        };
+        let rss = || {
+            let s = std::fs::read_to_string("/proc/self/status").unwrap();
+            let l = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap().to_owned();
+            l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() / 1024
+        };
+        std::fs::write("/proc/self/clear_refs", "5").unwrap();
+        let before = rss();
+        let t = std::time::Instant::now();
+        install(&mut sm, snap).await;
+        println!(
+            "installed a {} MiB snapshot ({records} records) in {:.1} s: RSS {before} MiB before, peak {} MiB",
+            size >> 20,
+            t.elapsed().as_secs_f64(),
+            hwm()
+        );
+        assert_eq!(tag_value(&db), "v");
+    }
+
     /// A write that reaches the log twice (a forward whose answer was lost,
     /// retried after a newer write to the same tag) must not bring the old
     /// value back, on this replica or on one restored from a snapshot.
