@@ -56,7 +56,12 @@ impl ClusterTls {
     pub fn load(files: &TlsFiles) -> std::io::Result<ClusterTls> {
         let invalid =
             |what: &str, e: rustls::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{what}: {e}"));
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        // AES-128-GCM first: blob bytes between members are encrypted once
+        // per copy, and it costs less CPU per byte than AES-256 (ten rounds,
+        // not fourteen) at a strength TLS 1.3 requires every peer to offer.
+        let mut provider = rustls::crypto::ring::default_provider();
+        provider.cipher_suites.sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+        let provider = Arc::new(provider);
         let mut roots = rustls::RootCertStore::empty();
         for ca in certs(&files.ca)? {
             roots.add(ca).map_err(|e| invalid(&format!("{}", files.ca.display()), e))?;
