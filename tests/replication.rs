@@ -180,6 +180,28 @@ async fn copies_follow_membership_changes() {
         async move { ok }
     })
     .await;
+
+    // The leader's metrics say so too; other nodes do not lead repair.
+    let gauge = |text: &str, name: &str| -> Option<i64> {
+        text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    };
+    let metrics = |i: usize| {
+        let c = c.clone();
+        let url = format!("{}/metrics", cl.base(i));
+        async move { c.get(url).send().await.unwrap().text().await.unwrap() }
+    };
+    let first = gauge(&metrics(leader).await, "berth_repair_rounds").expect("berth_repair_rounds");
+    wait_for("a repair round after the copies, with nothing below target", Duration::from_secs(30), || {
+        let m = metrics(leader);
+        async move {
+            let text = m.await;
+            gauge(&text, "berth_repair_rounds").is_some_and(|r| r > first)
+                && gauge(&text, "berth_blobs_below_target") == Some(0)
+        }
+    })
+    .await;
+    let follower = (0..4).find(|i| *i != leader && *i != leaver).unwrap();
+    assert_eq!(gauge(&metrics(follower).await, "berth_blobs_below_target"), Some(-1));
 }
 
 #[tokio::test]

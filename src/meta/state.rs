@@ -398,12 +398,11 @@ fn load_snapshot(
     file: std::fs::File,
     meta: &SnapshotMeta<NodeId, NodeInfo>,
 ) -> std::io::Result<()> {
-    let ssts = write_ssts(files, file);
-    let result = ssts.and_then(|ssts| replace_state(db, &ssts, meta).map(|()| ssts));
+    let result = write_ssts(files, file).and_then(|ssts| replace_state(db, &ssts, meta));
     // Ingestion moves the files into the database; whatever is left (a
     // failure midway) is scratch.
     files.remove_where(|n| n.starts_with(SST_SCRATCH));
-    result.map(drop)
+    result
 }
 
 fn replace_state(db: &DB, ssts: &[Option<PathBuf>], meta: &SnapshotMeta<NodeId, NodeInfo>) -> std::io::Result<()> {
