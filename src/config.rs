@@ -61,6 +61,54 @@ impl Default for TransferSettings {
     }
 }
 
+/// Bounds on what clients of the API may hold, so slow or hostile ones
+/// cannot stall the node for everyone else. Each is per node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitSettings {
+    /// Open API connections at most; more are closed as they are accepted.
+    pub max_connections: usize,
+    /// Open API connections at most from one client address. Behind a load
+    /// balancer every client shares its address: set its own per-client
+    /// limits there (the bundled haproxy config does).
+    pub max_connections_per_client: usize,
+    /// A connection waiting for a request head (a new one, or one kept
+    /// alive between requests) is closed after this many seconds.
+    pub header_timeout_secs: u64,
+    /// A response the client stops reading is cut after this many seconds
+    /// without progress.
+    pub send_timeout_secs: u64,
+    /// A request body must bring at least this many bytes per second,
+    /// averaged over `body_window_secs`, or it is cut (an upload keeps the
+    /// bytes that arrived and can be resumed). 0 turns the check off.
+    pub body_min_bytes_per_sec: u64,
+    pub body_window_secs: u64,
+    /// Open upload sessions at most in one repository, and for one client.
+    pub max_uploads_per_repo: usize,
+    pub max_uploads_per_client: usize,
+    /// Entries in a catalog or tag list page when the client gives no `n`,
+    /// and the most it may ask for.
+    pub default_page: usize,
+    pub max_page: usize,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        LimitSettings {
+            max_connections: 8192,
+            max_connections_per_client: 1024,
+            header_timeout_secs: 20,
+            send_timeout_secs: 60,
+            body_min_bytes_per_sec: 1024,
+            body_window_secs: 20,
+            max_uploads_per_repo: 1000,
+            max_uploads_per_client: 500,
+            default_page: 1000,
+            max_page: 10_000,
+        }
+    }
+}
+
 /// Paths of a CA certificate and of one certificate and its key, PEM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -87,6 +135,75 @@ impl TlsFiles {
             key: dir.join(format!("node{id}.key")),
         }
     }
+}
+
+/// The registry API's certificate chain and key, PEM. Either file may be
+/// replaced while the node runs: the new pair is served to new connections.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiTlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Who may use the API. Without `[auth]` the registry is open: anyone who
+/// reaches it may pull, push and delete (a warning at every start).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    /// An htpasswd file of `user:bcrypt-hash` lines (`htpasswd -B`), as
+    /// Distribution reads them: `docker login` with these users. Re-read
+    /// when it changes.
+    pub htpasswd: Option<PathBuf>,
+    /// The realm a Basic challenge names.
+    pub realm: String,
+    /// Groups of users the access rules may name as `group:<name>`.
+    pub groups: std::collections::BTreeMap<String, Vec<String>>,
+    /// Docker token authentication: clients get a JWT from an existing
+    /// token service, berth verifies it and honours its scopes.
+    pub token: Option<TokenSettings>,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        AuthSettings { htpasswd: None, realm: "berth".into(), groups: Default::default(), token: None }
+    }
+}
+
+/// The token service berth trusts (Docker's token authentication spec).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenSettings {
+    /// Where clients get tokens: the challenge's `realm`.
+    pub realm: String,
+    /// This registry's name at the token service: the challenge's
+    /// `service`, and the audience a token must carry.
+    pub service: String,
+    /// The issuer a token must name.
+    pub issuer: String,
+    /// PEM public keys (`BEGIN PUBLIC KEY`) a token may be signed with.
+    pub public_keys: Vec<PathBuf>,
+}
+
+/// One access rule: repositories matching `repos`, and who may do what
+/// there. The first rule whose pattern matches a repository decides; a
+/// repository no rule matches is refused to everyone. With `[auth]` and no
+/// rules at all, every authenticated user may do everything (as an
+/// htpasswd-only Distribution allows).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessRule {
+    /// `*` matches within one path component, `**` across components:
+    /// `team-a/**`, `*/base`, `**`.
+    pub repos: String,
+    /// Users, `group:<name>`, `authenticated` (any user who logged in) or
+    /// `anonymous` (anyone, logged in or not).
+    #[serde(default)]
+    pub pull: Vec<String>,
+    #[serde(default)]
+    pub push: Vec<String>,
+    #[serde(default)]
+    pub delete: Vec<String>,
 }
 
 /// A member of the initial cluster, as named in every node's config.
@@ -139,6 +256,7 @@ pub struct Config {
     pub min_free_mib: u64,
     pub raft: RaftSettings,
     pub transfer: TransferSettings,
+    pub limits: LimitSettings,
     /// Target copies of each blob (capped at the cluster size).
     pub replicas: usize,
     /// Copies fsynced before a push is acknowledged (default: min(2, voters)).
@@ -153,6 +271,13 @@ pub struct Config {
     pub scrub_interval_secs: u64,
     /// A member unanswering this long no longer counts as holding copies.
     pub dead_after_secs: u64,
+    /// Authentication (htpasswd users, token service).
+    pub auth: Option<AuthSettings>,
+    /// Per-repository access rules, in order (`[[access]]` tables).
+    pub access: Vec<AccessRule>,
+    /// TLS on the registry API. Without it the API speaks plain HTTP (for
+    /// a node behind a load balancer that terminates TLS).
+    pub tls: Option<ApiTlsFiles>,
     /// Mutual TLS on the cluster listener and on every call to a peer.
     /// Required for a node with peers, unless `insecure_cluster`.
     pub cluster_tls: Option<TlsFiles>,
@@ -182,6 +307,7 @@ impl Default for Config {
             min_free_mib: 256,
             raft: RaftSettings::default(),
             transfer: TransferSettings::default(),
+            limits: LimitSettings::default(),
             replicas: 3,
             min_copies: None,
             min_regions: 1,
@@ -189,6 +315,9 @@ impl Default for Config {
             repair_interval_secs: 10,
             scrub_interval_secs: 24 * 3600,
             dead_after_secs: 60,
+            auth: None,
+            access: Vec::new(),
+            tls: None,
             cluster_tls: None,
             insecure_cluster: false,
         }
@@ -243,6 +372,26 @@ impl Config {
         if self.transfer.max_per_peer == 0 {
             return Err(ConfigError::Invalid("transfer.max_per_peer must be at least 1".into()));
         }
+        let l = &self.limits;
+        for (key, v) in [
+            ("limits.max_connections", l.max_connections),
+            ("limits.max_connections_per_client", l.max_connections_per_client),
+            ("limits.max_uploads_per_repo", l.max_uploads_per_repo),
+            ("limits.max_uploads_per_client", l.max_uploads_per_client),
+            ("limits.default_page", l.default_page),
+            ("limits.header_timeout_secs", l.header_timeout_secs as usize),
+            ("limits.send_timeout_secs", l.send_timeout_secs as usize),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Invalid(format!("{key} must be at least 1")));
+            }
+        }
+        if l.default_page > l.max_page {
+            return Err(ConfigError::Invalid("limits.default_page must not exceed limits.max_page".into()));
+        }
+        if l.body_min_bytes_per_sec > 0 && l.body_window_secs == 0 {
+            return Err(ConfigError::Invalid("limits.body_window_secs must be at least 1".into()));
+        }
         if self.cluster_tls.is_some() && self.insecure_cluster {
             return Err(ConfigError::Invalid("cluster_tls and insecure_cluster = true exclude each other".into()));
         }
@@ -253,6 +402,7 @@ impl Config {
                     .into(),
             ));
         }
+        crate::api::auth::Access::validate(self.auth.as_ref(), &self.access).map_err(ConfigError::Invalid)?;
         if self.max_manifest_bytes == 0 {
             return Err(ConfigError::Invalid("max_manifest_bytes must be positive".into()));
         }

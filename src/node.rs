@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
 
 use crate::api::{self, AppState};
-use crate::blob::{repair, BlobStore, Policy, Replicator, Throttle, Transfer, Uploads};
+use crate::blob::{repair, BlobStore, Policy, Replicator, SessionLimits, Throttle, Transfer, Uploads};
 use crate::cluster::identity::Guard;
 use crate::cluster::listener;
 use crate::cluster::tls::ClusterTls;
@@ -55,7 +55,12 @@ impl RunningNode {
         let db = meta::open_db(&cfg.data_dir.join("meta")).context("opening metadata database")?;
         let content = cfg.blob_dir.as_ref().unwrap_or(&cfg.data_dir);
         let store = BlobStore::new(content.join("blobs"))?.with_reserve(cfg.min_free_mib.saturating_mul(1 << 20));
-        let uploads = Uploads::new(cfg.node_id, content.join("uploads"), store)?;
+        let uploads = Uploads::new(
+            cfg.node_id,
+            content.join("uploads"),
+            store,
+            SessionLimits { per_repo: cfg.limits.max_uploads_per_repo, per_client: cfg.limits.max_uploads_per_client },
+        )?;
 
         let http = TcpListener::bind(&cfg.http).await.with_context(|| format!("binding {}", cfg.http))?;
         let grpc = TcpListener::bind(&cfg.grpc).await.with_context(|| format!("binding {}", cfg.grpc))?;
@@ -108,7 +113,19 @@ impl RunningNode {
         let server = tonic::transport::Server::builder();
         // One cluster port: gRPC and the blob byte stream, both behind the
         // same mutual TLS.
-        let incoming = listener::serve(grpc, tls.clone(), Arc::new(move |conn| transfer.serve(conn)));
+        // API requests members pass on (upload requests for sessions this
+        // node owns) are served once the API state exists; until then a
+        // forwarded connection is closed and the member answers its client
+        // that the upload is unknown.
+        let api_state: Arc<std::sync::OnceLock<Arc<AppState>>> = Default::default();
+        let on_forward = {
+            let api_state = api_state.clone();
+            Arc::new(move |conn| match api_state.get() {
+                Some(state) => api::serve_peer(state.clone(), conn),
+                None => drop(conn),
+            })
+        };
+        let incoming = listener::serve(grpc, tls.clone(), Arc::new(move |conn| transfer.serve(conn)), on_forward);
         tasks.push(tokio::spawn(async move {
             let res = server
                 .initial_stream_window_size(crate::cluster::WINDOW)
@@ -164,10 +181,19 @@ impl RunningNode {
             cluster: cluster.clone(),
             uploads: uploads.clone(),
             max_manifest_bytes: cfg.max_manifest_bytes,
-            http: AppState::http_client(),
+            http: AppState::http_client(tls.clone()),
             metrics: Default::default(),
+            limits: Arc::new(api::ApiLimits::new(&cfg.limits)),
+            auth: api::auth::Auth::load(cfg.auth.as_ref(), &cfg.access).map_err(|e| anyhow::anyhow!(e))?,
         };
-        tasks.push(tokio::spawn(api::serve(http, state, rx.clone())));
+        tasks.push(tokio::spawn(state.auth.clone().watch(rx.clone())));
+        let state = Arc::new(state);
+        let _ = api_state.set(state.clone());
+        let api_tls = cfg.tls.as_ref().map(api::tls::ApiTls::load).transpose().context("loading [tls]")?;
+        if let Some(t) = &api_tls {
+            tasks.push(tokio::spawn(t.clone().watch(rx.clone())));
+        }
+        tasks.push(tokio::spawn(api::serve(http, api_tls, state, rx.clone())));
         tasks.push(tokio::spawn(expire_uploads(uploads, Duration::from_secs(cfg.upload_expiry_secs), rx)));
         tracing::info!(node = cfg.node_id, %http_addr, %grpc_addr, "berth node serving");
         Ok(RunningNode { http_addr, grpc_addr, cluster, shutdown, tasks })

@@ -14,8 +14,11 @@ use crate::meta::{Command, Outcome};
 use crate::oci::{Digest, Error, ErrorCode, Name};
 use crate::NodeId;
 
-fn body_stream(req: Request<Incoming>) -> impl Stream<Item = std::io::Result<Bytes>> + Send + Unpin {
-    req.into_body().into_data_stream().map_err(std::io::Error::other)
+/// A request body as a stream of bytes, cut when it falls below the
+/// minimum rate (`[limits]`).
+fn body_stream(state: &AppState, req: Request<Incoming>) -> impl Stream<Item = std::io::Result<Bytes>> + Send + Unpin {
+    let body = req.into_body().into_data_stream().map_err(std::io::Error::other);
+    super::limits::RateChecked::new(body, state.limits.body_rate)
 }
 
 fn upload_location(name: &Name, id: &UploadId) -> String {
@@ -160,29 +163,39 @@ async fn mountable(state: &AppState, digest: &Digest, from: Option<&Name>) -> Re
     Ok(size.filter(|_| held))
 }
 
-pub async fn start_upload(state: &AppState, name: &Name, query: &Query, req: Request<Incoming>) -> ApiResult {
+pub async fn start_upload(
+    state: &AppState,
+    name: &Name,
+    query: &Query,
+    req: Request<Incoming>,
+    caller: &super::Caller,
+) -> ApiResult {
     if let Some(m) = query.get("mount") {
         // A malformed mount is a bad request, not a reason to open a session.
         let digest: Digest = m.parse()?;
         let from = query.get("from").map(str::parse::<Name>).transpose()?;
-        if let Some(size) = mountable(state, &digest, from.as_ref()).await? {
+        // Without `from`, a mount would look in every repository: only an
+        // open registry may, or a blob in a repository the caller cannot
+        // read could be taken by its digest.
+        let allowed = from.is_some() || state.auth.mount_anywhere();
+        if let Some(size) = if allowed { mountable(state, &digest, from.as_ref()).await? } else { None } {
             link(state, name, &digest, size, Vec::new()).await?;
             return blob_created(name, &digest);
         }
         // Not mountable: fall back to a normal upload session, as the spec says.
     }
-    if !super::forward::is_forwarded(&req) && state.replicator.store().short_of_space() {
+    if !caller.via_peer && state.replicator.store().short_of_space() {
         if let Some(other) = super::forward::another_node(state) {
             tracing::info!(node = %other, "blob disk nearly full; starting the upload on another node");
-            return super::forward::to_node(state, &other, req).await.map_err(|()| {
+            return super::forward::to_node(state, &other, req, caller).await.map_err(|()| {
                 Error::new(ErrorCode::Unavailable, "this node's blob disk is full and no other node answered")
             });
         }
     }
     if let Some(d) = query.get("digest") {
         let digest: Digest = d.parse()?;
-        let id = state.uploads.start(name).await.map_err(blob_error)?;
-        let size = match state.uploads.finish(&id, name, &digest, body_stream(req)).await {
+        let id = state.uploads.start(name, &caller.key()).await.map_err(blob_error)?;
+        let size = match state.uploads.finish(&id, name, &digest, body_stream(state, req)).await {
             Ok(size) => size,
             Err(e) => {
                 let _ = state.uploads.cancel(&id, name).await;
@@ -192,7 +205,7 @@ pub async fn start_upload(state: &AppState, name: &Name, query: &Query, req: Req
         replicate_and_link(state, name, &digest, size).await?;
         return blob_created(name, &digest);
     }
-    let id = state.uploads.start(name).await.map_err(blob_error)?;
+    let id = state.uploads.start(name, &caller.key()).await.map_err(blob_error)?;
     upload_accepted(StatusCode::ACCEPTED, name, &id, 0)
 }
 
@@ -230,7 +243,7 @@ pub async fn patch_upload(state: &AppState, name: &Name, id: &UploadId, req: Req
         }
     }
     let offset = range.map(|(a, _)| a);
-    match state.uploads.append(id, name, offset, body_stream(req)).await {
+    match state.uploads.append(id, name, offset, body_stream(state, req)).await {
         Ok(size) => upload_accepted(StatusCode::ACCEPTED, name, id, size),
         Err(crate::blob::BlobError::OutOfOrder { expected, .. }) => {
             let e = Error::new(ErrorCode::RangeInvalid, "chunk out of order");
@@ -261,7 +274,7 @@ pub async fn finish_upload(
             return Err(Error::new(ErrorCode::RangeInvalid, "chunk out of order"));
         }
     }
-    let size = state.uploads.finish(id, name, &digest, body_stream(req)).await.map_err(blob_error)?;
+    let size = state.uploads.finish(id, name, &digest, body_stream(state, req)).await.map_err(blob_error)?;
     replicate_and_link(state, name, &digest, size).await?;
     blob_created(name, &digest)
 }

@@ -1,37 +1,48 @@
 //! Upload sessions live on the node that started them: a request for
 //! another node's session is streamed to that node and its answer streamed
 //! back, so a client behind a round-robin load balancer can PATCH and PUT
-//! through whichever node it reaches.
+//! through whichever node it reaches. Requests travel over the owner's
+//! cluster port, behind the cluster's mutual TLS (`cluster::listener`), so
+//! the owner knows a member sent them: it trusts the client key the member
+//! names, and never forwards them again.
 
 use http::{header, Request, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use super::response::{ApiResult, Body};
-use super::AppState;
+use super::{AppState, Caller};
 use crate::blob::UploadId;
+use crate::cluster::listener::ForwardConnector;
+use crate::cluster::tls::ClusterTls;
 use crate::oci::{Error, ErrorCode};
 
-/// Marks a request already forwarded once, so a stale view of the
-/// membership can never bounce a request between nodes.
-const FORWARDED: &str = "x-berth-forwarded";
+/// The client a forwarded request is on behalf of (its session-limit key),
+/// trusted only from a member.
+pub const CLIENT: &str = "x-berth-client";
 
-pub type HttpClient = Client<HttpConnector, Incoming>;
+/// The forwarding member's cluster id: a certificate from the same CA is
+/// not enough, the member must belong to this cluster.
+const CLUSTER: &str = "x-berth-cluster";
 
-/// The client that passes requests to a session's owner. HTTP/2 (the
-/// owner's API port speaks it without TLS when a client starts with its
-/// preface) so every connection carries pings the owner's process must
-/// answer: an owner that is down is told apart at once (connect timeout),
-/// one that froze within seconds (no pong), while one that is merely slow
-/// to answer (a finishing PUT waits for fsync and replica copies) is
-/// waited for.
-pub fn client() -> HttpClient {
+/// Whether a request a member passed on comes from this node's cluster.
+pub fn from_this_cluster<B>(state: &AppState, req: &Request<B>) -> bool {
+    let mine = state.cluster.identity.cluster_label();
+    !mine.is_empty() && req.headers().get(CLUSTER).is_some_and(|v| v.as_bytes() == mine.as_bytes())
+}
+
+pub type HttpClient = Client<ForwardConnector, Incoming>;
+
+/// The client that passes requests to a session's owner. HTTP/2, so every
+/// connection carries pings the owner's process must answer: an owner that
+/// is down is told apart at once (connect timeout), one that froze within
+/// seconds (no pong), while one that is merely slow to answer (a finishing
+/// PUT waits for fsync and replica copies) is waited for.
+pub fn client(tls: Option<ClusterTls>) -> HttpClient {
     use std::time::Duration;
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    let connector = ForwardConnector { tls, timeout: Duration::from_secs(2) };
     Client::builder(TokioExecutor::new())
         .http2_only(true)
         .timer(hyper_util::rt::TokioTimer::new())
@@ -52,21 +63,17 @@ pub fn is_foreign(state: &AppState, id: &UploadId) -> bool {
     id.node != state.cluster.id
 }
 
-pub async fn to_owner(state: &AppState, id: &UploadId, req: Request<Incoming>) -> ApiResult {
-    if is_forwarded(&req) {
+pub async fn to_owner(state: &AppState, id: &UploadId, req: Request<Incoming>, caller: &Caller) -> ApiResult {
+    // A stale view of the membership must never bounce a request on.
+    if caller.via_peer {
         return Err(unknown());
     }
     let owner = {
         let m = state.cluster.raft.metrics().borrow().membership_config.clone();
-        m.membership().get_node(&id.node).map(|n| n.api.clone())
+        m.membership().get_node(&id.node).map(|n| n.grpc.clone())
     };
     let owner = owner.filter(|a| !a.is_empty()).ok_or_else(unknown)?;
-    to_node(state, &owner, req).await.map_err(|()| unknown())
-}
-
-/// Whether another node already sent this request here.
-pub fn is_forwarded<B>(req: &Request<B>) -> bool {
-    req.headers().contains_key(FORWARDED)
+    to_node(state, &owner, req, caller).await.map_err(|()| unknown())
 }
 
 /// Another member to start an upload on, when this node's blob disk is
@@ -77,19 +84,28 @@ pub fn another_node(state: &AppState) -> Option<String> {
     let others: Vec<String> = m
         .membership()
         .nodes()
-        .filter(|(id, n)| **id != state.cluster.id && !n.api.is_empty())
-        .map(|(_, n)| n.api.clone())
+        .filter(|(id, n)| **id != state.cluster.id && !n.grpc.is_empty())
+        .map(|(_, n)| n.grpc.clone())
         .collect();
     others.choose(&mut rand::thread_rng()).cloned()
 }
 
-/// Stream `req` to the node serving the API at `addr` and its answer back.
-pub async fn to_node(state: &AppState, addr: &str, req: Request<Incoming>) -> Result<http::Response<Body>, ()> {
+/// Stream `req` to the member whose cluster port is `addr` and its answer
+/// back.
+pub async fn to_node(
+    state: &AppState,
+    addr: &str,
+    req: Request<Incoming>,
+    caller: &Caller,
+) -> Result<http::Response<Body>, ()> {
     let (mut parts, body) = req.into_parts();
     let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     parts.uri = Uri::try_from(format!("http://{addr}{pq}")).map_err(|_| ())?;
     parts.headers.remove(header::HOST);
-    parts.headers.insert(FORWARDED, http::HeaderValue::from_static("1"));
+    parts.headers.insert(CLIENT, http::HeaderValue::from_str(&caller.key()).map_err(|_| ())?);
+    parts
+        .headers
+        .insert(CLUSTER, http::HeaderValue::from_str(&state.cluster.identity.cluster_label()).map_err(|_| ())?);
     let resp = state.http.request(Request::from_parts(parts, body)).await.map_err(|e| {
         tracing::debug!(error = %e, %addr, "forwarding upload request failed");
     })?;

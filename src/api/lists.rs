@@ -3,21 +3,24 @@
 use http::{header, StatusCode};
 use serde::Serialize;
 
+use super::auth::Principal;
 use super::manifests::INDEX;
 use super::response::{builder, finish, full, ApiResult};
 use super::{AppState, Query};
 use crate::meta::Page;
 use crate::oci::{Descriptor, Digest, Error, ErrorCode, Name};
 
-/// `n` and `last` of a paginated listing. A missing `n` lists everything.
-fn pagination(query: &Query) -> Result<(Option<usize>, Option<&str>), Error> {
+/// `n` and `last` of a paginated listing. Every listing is paginated: a
+/// missing `n` means `[limits] default_page`, and a larger one than
+/// `max_page` is cut to it; the `Link` header leads to the rest.
+fn pagination<'q>(state: &AppState, query: &'q Query) -> Result<(Option<usize>, Option<&'q str>), Error> {
     let n = match query.get("n") {
-        None | Some("") => None,
-        Some(v) => Some(v.parse::<usize>().map_err(|_| {
+        None | Some("") => state.limits.default_page,
+        Some(v) => v.parse::<usize>().map_err(|_| {
             Error::new(ErrorCode::Unsupported, "n must be a non-negative integer").with_status(StatusCode::BAD_REQUEST)
-        })?),
+        })?,
     };
-    Ok((n, query.get("last").filter(|l| !l.is_empty())))
+    Ok((Some(n.min(state.limits.max_page)), query.get("last").filter(|l| !l.is_empty())))
 }
 
 fn page_response<T: Serialize>(body: &T, page: &Page, n: Option<usize>, base: &str) -> ApiResult {
@@ -33,7 +36,7 @@ fn page_response<T: Serialize>(body: &T, page: &Page, n: Option<usize>, base: &s
 }
 
 pub async fn tags(state: &AppState, name: &Name, query: &Query) -> ApiResult {
-    let (n, last) = pagination(query)?;
+    let (n, last) = pagination(state, query)?;
     state.cluster.read_barrier().await?;
     if !state.meta.repo_exists(name)? {
         return Err(Error::new(ErrorCode::NameUnknown, format!("repository {name} is not known")));
@@ -47,10 +50,27 @@ pub async fn tags(state: &AppState, name: &Name, query: &Query) -> ApiResult {
     page_response(&TagList { name: name.as_str(), tags: &page.items }, &page, n, &format!("/v2/{name}/tags/list"))
 }
 
-pub async fn catalog(state: &AppState, query: &Query) -> ApiResult {
-    let (n, last) = pagination(query)?;
+/// The repositories the caller may pull from, a page at a time.
+pub async fn catalog(state: &AppState, query: &Query, caller: &Principal) -> ApiResult {
+    let (n, last) = pagination(state, query)?;
     state.cluster.read_barrier().await?;
-    let page = state.meta.catalog(last, n)?;
+    let mut page = state.meta.catalog(last, n)?;
+    if state.auth.enabled() {
+        // Fill the page from further pages where repositories are hidden.
+        let want = n.unwrap_or(usize::MAX);
+        let mut kept: Vec<String> = Vec::new();
+        loop {
+            let scanned_last = page.items.last().cloned();
+            kept.extend(page.items.drain(..).filter(|r| state.auth.may_pull(caller, r)));
+            if kept.len() >= want || !page.more {
+                let more = page.more || kept.len() > want;
+                kept.truncate(want);
+                page = Page { items: kept, more };
+                break;
+            }
+            page = state.meta.catalog(scanned_last.as_deref(), Some(want - kept.len()))?;
+        }
+    }
     #[derive(Serialize)]
     struct Catalog<'a> {
         repositories: &'a [String],

@@ -3,21 +3,22 @@
 //! touches RocksDB or blob files directly: it goes through `meta`, `blob`
 //! and `cluster`.
 
+pub mod auth;
 mod blobs;
+mod conn;
 mod forward;
+pub mod limits;
 mod lists;
 mod manifests;
 mod metrics;
 mod response;
 mod route;
+pub mod tls;
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
@@ -45,11 +46,72 @@ pub struct AppState {
     /// For streaming upload requests to the node that owns the session.
     pub http: forward::HttpClient,
     pub metrics: Arc<Metrics>,
+    pub limits: Arc<ApiLimits>,
+    pub auth: auth::Auth,
+}
+
+/// The client bounds the API enforces (see [`limits`]), from `[limits]`.
+pub struct ApiLimits {
+    pub conns: limits::ConnLimiter,
+    pub body_rate: Option<limits::MinRate>,
+    pub header_timeout: std::time::Duration,
+    pub send_timeout: std::time::Duration,
+    pub default_page: usize,
+    pub max_page: usize,
+}
+
+impl ApiLimits {
+    pub fn new(l: &crate::config::LimitSettings) -> ApiLimits {
+        use std::time::Duration;
+        ApiLimits {
+            conns: limits::ConnLimiter::new(l),
+            body_rate: limits::MinRate::from_settings(l),
+            header_timeout: Duration::from_secs(l.header_timeout_secs),
+            send_timeout: Duration::from_secs(l.send_timeout_secs),
+            default_page: l.default_page,
+            max_page: l.max_page,
+        }
+    }
+}
+
+/// Who sent a request, as far as the limits on open sessions care.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub addr: std::net::SocketAddr,
+    /// A member passed the request on (it came over the cluster port).
+    pub via_peer: bool,
+    /// The client a member passed the request on for, or the user this
+    /// request authenticated as.
+    pub on_behalf_of: Option<String>,
+}
+
+impl Caller {
+    /// A client of the API port.
+    pub fn client(addr: std::net::SocketAddr) -> Caller {
+        Caller { addr, via_peer: false, on_behalf_of: None }
+    }
+
+    /// This request's caller: a member's word for whom it forwards is
+    /// taken, a client's never.
+    fn for_request<B>(&self, req: &Request<B>) -> Caller {
+        let mut c = self.clone();
+        if self.via_peer {
+            c.on_behalf_of = req.headers().get(forward::CLIENT).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        }
+        c
+    }
+
+    /// The key open upload sessions are counted under.
+    pub fn key(&self) -> String {
+        self.on_behalf_of.clone().unwrap_or_else(|| self.addr.ip().to_string())
+    }
 }
 
 impl AppState {
-    pub fn http_client() -> forward::HttpClient {
-        forward::client()
+    /// The client for passing upload requests to other members, over
+    /// their cluster port with the cluster's TLS.
+    pub fn http_client(tls: Option<crate::cluster::tls::ClusterTls>) -> forward::HttpClient {
+        forward::client(tls)
     }
 }
 
@@ -70,52 +132,69 @@ impl Query {
     }
 }
 
-/// Accept connections until `shutdown` fires.
-pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-    let state = Arc::new(state);
+/// Serve API requests a member passes on over the cluster port.
+pub fn serve_peer(state: Arc<AppState>, conn: crate::cluster::listener::Conn) {
+    let caller = Caller { addr: conn.remote(), via_peer: true, on_behalf_of: None };
+    tokio::spawn(conn::serve(state, conn, caller));
+}
+
+/// Accept connections until `shutdown` fires. Each connection must first
+/// get a place under the connection caps; a full node closes new ones at
+/// once rather than letting them queue.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<tls::ApiTls>,
+    state: Arc<AppState>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
+                    // Out of descriptors, say: wait, not spin.
                     tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             },
             _ = shutdown.changed() => return,
         };
+        let permit = match state.limits.conns.admit(peer.ip()) {
+            Ok(p) => p,
+            Err(why) => {
+                tracing::debug!(%peer, ?why, "connection refused: at the connection limit");
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
-        let state = state.clone();
+        let (state, tls) = (state.clone(), tls.clone());
         tokio::spawn(async move {
-            let svc = service_fn(move |req: Request<Incoming>| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, req).await) }
-            });
-            let mut conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            // A client may send its whole request, then shut its write side
-            // while it waits: it still gets the answer (hyper would drop the
-            // request in flight otherwise).
-            conn.http1().half_close(true);
-            // Uploads a peer passes on to this node (their owner) come over
-            // HTTP/2: a window of one round trip's worth would slow them.
-            conn.http2()
-                .initial_stream_window_size(crate::cluster::WINDOW)
-                .initial_connection_window_size(crate::cluster::WINDOW * 2);
-            if let Err(e) = conn.serve_connection(TokioIo::new(stream), svc).await {
-                tracing::debug!(%peer, error = %e, "connection ended");
+            let _permit = permit;
+            let caller = Caller::client(peer);
+            let Some(tls) = tls else {
+                return conn::serve(state, stream, caller).await;
+            };
+            match tokio::time::timeout(state.limits.header_timeout, tls.acceptor().accept(stream)).await {
+                Ok(Ok(stream)) => conn::serve(state, stream, caller).await,
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake not finished in time"),
             }
         });
     }
 }
 
-async fn handle(state: &AppState, req: Request<Incoming>) -> Response<Body> {
+async fn handle(state: &AppState, req: Request<Incoming>, caller: &Caller) -> Response<Body> {
     let span = tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), status = tracing::field::Empty);
     async move {
         let started = std::time::Instant::now();
         let method = req.method().clone();
         let head = method == Method::HEAD;
         let (label, result) = match Route::parse(req.uri().path()) {
-            Ok(route) => (route.label(), dispatch(state, route, req).await),
+            Ok(route) => {
+                let caller = caller.for_request(&req);
+                (route.label(), dispatch(state, route, req, &caller).await)
+            }
             Err(e) => ("invalid", Err(e)),
         };
         let resp = match result {
@@ -137,15 +216,53 @@ async fn handle(state: &AppState, req: Request<Incoming>) -> Response<Body> {
     .await
 }
 
-async fn dispatch(state: &AppState, route: Route, req: Request<Incoming>) -> ApiResult {
+/// What an endpoint needs of its caller: the one table of who may do what.
+fn needs(method: &Method, route: &Route, query: &Query) -> auth::Needs {
+    use auth::{Action, Needs};
+    let one = |n: &crate::oci::Name, a| Needs::Repo(vec![(n.clone(), a)]);
+    match (method, route) {
+        (_, Route::Metrics) => Needs::Nothing,
+        (_, Route::Base) => Needs::Login,
+        (_, Route::Catalog) => Needs::Catalog,
+        (&Method::DELETE, Route::Manifest(n, _) | Route::Blob(n, _)) => one(n, Action::Delete),
+        (&Method::GET | &Method::HEAD, Route::Manifest(n, _)) => one(n, Action::Pull),
+        (_, Route::Manifest(n, _) | Route::UploadStart(n) | Route::Upload(n, _)) => {
+            let mut list = vec![(n.clone(), Action::Push)];
+            // A mount reads the source repository.
+            if let (Route::UploadStart(_), Some(_), Some(Ok(from))) =
+                (route, query.get("mount"), query.get("from").map(str::parse))
+            {
+                list.push((from, Action::Pull));
+            }
+            Needs::Repo(list)
+        }
+        (_, Route::Tags(n) | Route::Referrers(n, _) | Route::Blob(n, _)) => one(n, Action::Pull),
+    }
+}
+
+async fn dispatch(state: &AppState, route: Route, req: Request<Incoming>, caller: &Caller) -> ApiResult {
     let query = Query::parse(req.uri());
     let method = req.method().clone();
     let head = method == Method::HEAD;
+    // Before anything is read, stored or passed on. A member passing a
+    // request on has authorized it already.
+    let principal = if caller.via_peer {
+        auth::Principal::Anonymous
+    } else {
+        state.auth.authorize(req.headers(), &needs(&method, &route, &query)).await?
+    };
+    let caller = &match principal.name() {
+        Some(name) => Caller { on_behalf_of: Some(format!("user:{name}")), ..caller.clone() },
+        None => caller.clone(),
+    };
     // A drain waits for client work, not for load-balancer health checks.
     let _active = (!matches!(route, Route::Base | Route::Metrics)).then(|| state.cluster.drain.track());
+    if caller.via_peer && !forward::from_this_cluster(state, &req) {
+        return Err(Error::new(ErrorCode::Denied, "a request passed on by a member of another cluster"));
+    }
     if let Route::Upload(_, id) = &route {
         if forward::is_foreign(state, id) {
-            return forward::to_owner(state, id, req).await;
+            return forward::to_owner(state, id, req, caller).await;
         }
     }
     match (method, route) {
@@ -160,7 +277,7 @@ async fn dispatch(state: &AppState, route: Route, req: Request<Incoming>) -> Api
             .body(if head { response::empty() } else { full("{}") })
             .expect("static response")),
         (Method::GET, Route::Metrics) => state.metrics.render(&state.cluster, &state.repair),
-        (Method::GET, Route::Catalog) => lists::catalog(state, &query).await,
+        (Method::GET, Route::Catalog) => lists::catalog(state, &query, &principal).await,
         (Method::GET, Route::Tags(name)) => lists::tags(state, &name, &query).await,
         (Method::GET, Route::Referrers(name, digest)) => lists::referrers(state, &name, &digest, &query).await,
         (Method::GET | Method::HEAD, Route::Manifest(name, r)) => manifests::get(state, &name, &r, &req, head).await,
@@ -170,7 +287,7 @@ async fn dispatch(state: &AppState, route: Route, req: Request<Incoming>) -> Api
             blobs::get(state, &name, &digest, req.headers(), head).await
         }
         (Method::DELETE, Route::Blob(name, digest)) => blobs::delete(state, &name, &digest).await,
-        (Method::POST, Route::UploadStart(name)) => blobs::start_upload(state, &name, &query, req).await,
+        (Method::POST, Route::UploadStart(name)) => blobs::start_upload(state, &name, &query, req, caller).await,
         (Method::GET, Route::Upload(name, id)) => blobs::upload_status(state, &name, &id).await,
         (Method::PATCH, Route::Upload(name, id)) => blobs::patch_upload(state, &name, &id, req).await,
         (Method::PUT, Route::Upload(name, id)) => blobs::finish_upload(state, &name, &id, &query, req).await,

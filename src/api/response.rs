@@ -41,6 +41,10 @@ pub fn error_response(e: &Error, head: bool) -> Response<Body> {
     let b =
         builder(e.status()).header(header::CONTENT_TYPE, "application/json").header(header::CONTENT_LENGTH, body.len());
     let b = if e.status() == StatusCode::SERVICE_UNAVAILABLE { b.header(header::RETRY_AFTER, "1") } else { b };
+    let b = match &e.challenge {
+        Some(c) => b.header(header::WWW_AUTHENTICATE, c.as_str()),
+        None => b,
+    };
     b.body(if head { empty() } else { full(body) }).expect("valid error response")
 }
 

@@ -16,7 +16,7 @@ pub use replicate::{Policy, ReplicationError, Replicator};
 pub use store::{BlobReader, BlobStore};
 pub use throttle::Throttle;
 pub use transfer::{Transfer, TransferError};
-pub use upload::{UploadId, Uploads};
+pub use upload::{SessionLimits, UploadId, Uploads};
 
 use crate::oci::{Error as OciError, ErrorCode};
 
@@ -33,6 +33,8 @@ pub enum BlobError {
     SizeMismatch(String),
     #[error("request body: {0}")]
     Body(std::io::Error),
+    #[error("{0}")]
+    TooManyUploads(String),
     #[error("storage: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -45,6 +47,7 @@ impl From<BlobError> for OciError {
             BlobError::DigestMismatch { .. } => ErrorCode::DigestInvalid,
             BlobError::SizeMismatch(_) => ErrorCode::SizeInvalid,
             BlobError::Body(_) => ErrorCode::BlobUploadInvalid,
+            BlobError::TooManyUploads(_) => ErrorCode::TooManyRequests,
             BlobError::Io(_) => ErrorCode::Unknown,
         };
         OciError::new(code, e.to_string())

@@ -128,7 +128,11 @@ impl BlobStore {
         tokio::fs::File::create(&tmp).await?;
         let result = async {
             let hasher = matches!(check, Check::Hash).then(|| expected.algorithm().hasher());
-            let (size, hasher) = append_stream(&tmp, 0, hasher, body).await?;
+            let done = append_stream(&tmp, 0, hasher, body).await?;
+            if let Some(e) = done.cut {
+                return Err(BlobError::Body(e));
+            }
+            let (size, hasher) = (done.bytes, done.hasher);
             match (hasher, check) {
                 (Some(h), _) => {
                     let computed = h.finish();

@@ -56,13 +56,38 @@ struct Session {
     hasher: Option<Hasher>,
 }
 
+/// Who a session belongs to, for the limits on open sessions.
+struct Owner {
+    repo: String,
+    /// The user or address that opened it; empty when not known (a session
+    /// found on disk after a restart).
+    client: String,
+}
+
+/// Bounds on open sessions, so one repository or one client cannot fill
+/// the node's disk and memory with sessions it never finishes.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    pub per_repo: usize,
+    pub per_client: usize,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        SessionLimits { per_repo: usize::MAX, per_client: usize::MAX }
+    }
+}
+
+type SessionMap = HashMap<String, (Owner, Arc<AsyncMutex<Session>>)>;
+
 /// The upload sessions of this node.
 #[derive(Clone)]
 pub struct Uploads {
     node: NodeId,
     dir: PathBuf,
     store: BlobStore,
-    sessions: Arc<Mutex<HashMap<String, Arc<AsyncMutex<Session>>>>>,
+    limits: SessionLimits,
+    sessions: Arc<Mutex<SessionMap>>,
 }
 
 fn data_path(dir: &std::path::Path) -> PathBuf {
@@ -84,52 +109,91 @@ fn rehash(path: &std::path::Path, alg: Algorithm) -> std::io::Result<Hasher> {
 }
 
 impl Uploads {
-    pub fn new(node: NodeId, dir: PathBuf, store: BlobStore) -> std::io::Result<Uploads> {
+    /// The sessions under `dir`, including those left by an earlier run
+    /// (they count against the limits until finished or expired).
+    pub fn new(node: NodeId, dir: PathBuf, store: BlobStore, limits: SessionLimits) -> std::io::Result<Uploads> {
         std::fs::create_dir_all(&dir)?;
-        Ok(Uploads { node, dir, store, sessions: Default::default() })
+        let mut sessions = SessionMap::new();
+        for e in std::fs::read_dir(&dir)? {
+            let e = e?;
+            let (Ok(repo), Ok(meta)) =
+                (std::fs::read_to_string(e.path().join("repo")), std::fs::metadata(data_path(&e.path())))
+            else {
+                continue;
+            };
+            let s = Session { dir: e.path(), size: meta.len(), hasher: None };
+            let owner = Owner { repo, client: String::new() };
+            sessions.insert(e.file_name().to_string_lossy().into_owned(), (owner, Arc::new(AsyncMutex::new(s))));
+        }
+        Ok(Uploads { node, dir, store, limits, sessions: Arc::new(Mutex::new(sessions)) })
     }
 
     pub fn store(&self) -> &BlobStore {
         &self.store
     }
 
-    /// Start a session for `repo`.
-    pub async fn start(&self, repo: &Name) -> Result<UploadId, BlobError> {
+    /// Start a session for `repo`, opened by `client` (a user name or an
+    /// address), unless either already has as many open as allowed.
+    pub async fn start(&self, repo: &Name, client: &str) -> Result<UploadId, BlobError> {
         let id = UploadId { node: self.node, token: format!("{:032x}", rand::random::<u128>()) };
         let dir = self.dir.join(id.to_string());
-        tokio::fs::create_dir_all(&dir).await?;
-        tokio::fs::write(dir.join("repo"), repo.as_str()).await?;
-        tokio::fs::File::create(data_path(&dir)).await?;
-        let s = Session { dir, size: 0, hasher: Some(Algorithm::Sha256.hasher()) };
-        self.sessions.lock().unwrap().insert(id.to_string(), Arc::new(AsyncMutex::new(s)));
+        let s = Session { dir: dir.clone(), size: 0, hasher: Some(Algorithm::Sha256.hasher()) };
+        {
+            // Counted and reserved under one lock, so racing starts cannot
+            // overshoot the limits.
+            let mut sessions = self.sessions.lock().unwrap();
+            let (mut in_repo, mut of_client) = (0, 0);
+            for (owner, _) in sessions.values() {
+                in_repo += usize::from(owner.repo == repo.as_str());
+                of_client += usize::from(!client.is_empty() && owner.client == client);
+            }
+            if in_repo >= self.limits.per_repo {
+                return Err(BlobError::TooManyUploads(format!(
+                    "repository {repo} has {in_repo} open upload sessions, the most allowed; finish or cancel some"
+                )));
+            }
+            if of_client >= self.limits.per_client {
+                return Err(BlobError::TooManyUploads(format!(
+                    "you have {of_client} open upload sessions on this node, the most allowed; finish or cancel some"
+                )));
+            }
+            let owner = Owner { repo: repo.as_str().to_owned(), client: client.to_owned() };
+            sessions.insert(id.to_string(), (owner, Arc::new(AsyncMutex::new(s))));
+        }
+        let made = async {
+            tokio::fs::create_dir_all(&dir).await?;
+            tokio::fs::write(dir.join("repo"), repo.as_str()).await?;
+            tokio::fs::File::create(data_path(&dir)).await?;
+            Ok::<_, std::io::Error>(())
+        }
+        .await;
+        if let Err(e) = made {
+            self.sessions.lock().unwrap().remove(&id.to_string());
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+            return Err(e.into());
+        }
         Ok(id)
     }
 
-    /// Find a session of `repo`, loading it from disk if this process has
-    /// not seen it yet (it was started before a restart).
+    /// Open sessions on this node.
+    pub fn open_sessions(&self) -> usize {
+        self.sessions.lock().unwrap().len()
+    }
+
+    /// Find a session of `repo`.
     async fn session(&self, id: &UploadId, repo: &Name) -> Result<Arc<AsyncMutex<Session>>, BlobError> {
         if id.node != self.node {
             return Err(BlobError::UploadUnknown);
         }
         let key = id.to_string();
-        let dir = self.dir.join(&key);
-        let existing = self.sessions.lock().unwrap().get(&key).cloned();
-        let s = match existing {
-            Some(s) => s,
-            None => {
-                let size = match tokio::fs::metadata(data_path(&dir)).await {
-                    Ok(m) => m.len(),
-                    Err(_) => return Err(BlobError::UploadUnknown),
-                };
-                let s = Arc::new(AsyncMutex::new(Session { dir: dir.clone(), size, hasher: None }));
-                self.sessions.lock().unwrap().entry(key).or_insert(s).clone()
-            }
-        };
-        let owner = tokio::fs::read_to_string(dir.join("repo")).await.map_err(|_| BlobError::UploadUnknown)?;
-        if owner != repo.as_str() {
-            return Err(BlobError::UploadUnknown);
+        let existing = self.sessions.lock().unwrap().get(&key).map(|(o, s)| (o.repo == repo.as_str(), s.clone()));
+        match existing {
+            Some((true, s)) => Ok(s),
+            Some((false, _)) => Err(BlobError::UploadUnknown),
+            // Every session on disk was loaded at start; one missing from
+            // the map is finished, cancelled or expired.
+            None => Err(BlobError::UploadUnknown),
         }
-        Ok(s)
     }
 
     /// Bytes received so far.
@@ -143,7 +207,8 @@ impl Uploads {
     }
 
     /// Append a chunk. `offset`, when given (Content-Range), must equal the
-    /// current size. A chunk that fails midway is rolled back entirely.
+    /// current size. A chunk that breaks midway is rolled back entirely; one
+    /// cut for being too slow keeps what arrived.
     pub async fn append<S>(&self, id: &UploadId, repo: &Name, offset: Option<u64>, body: S) -> Result<u64, BlobError>
     where
         S: Stream<Item = std::io::Result<Bytes>> + Send + Unpin,
@@ -219,7 +284,7 @@ impl Uploads {
             };
             if SystemTime::now().duration_since(touched).unwrap_or_default() > max_age {
                 let key = e.file_name().to_string_lossy().into_owned();
-                let s = self.sessions.lock().unwrap().remove(&key);
+                let s = self.sessions.lock().unwrap().remove(&key).map(|(_, s)| s);
                 let _guard = match &s {
                     Some(s) => Some(s.lock().await),
                     None => None,
@@ -232,18 +297,23 @@ impl Uploads {
     }
 }
 
-/// Append `body` to the session's data file; a failed chunk leaves the
-/// session exactly as it was (the running hash must then be recomputed).
+/// Append `body` to the session's data file. A body cut for being too slow
+/// keeps what arrived, so the client can ask for the upload's status and
+/// resume; a broken body or a failed disk write leaves the session exactly
+/// as it was (the running hash must then be recomputed).
 async fn append_locked<S>(s: &mut Session, body: S) -> Result<(), BlobError>
 where
     S: Stream<Item = std::io::Result<Bytes>> + Send + Unpin,
 {
     let start = s.size;
     match append_stream(&data_path(&s.dir), start, s.hasher.take(), body).await {
-        Ok((n, hasher)) => {
-            s.size = start + n;
-            s.hasher = hasher;
-            Ok(())
+        Ok(done) => {
+            s.size = start + done.bytes;
+            s.hasher = done.hasher;
+            match done.cut {
+                None => Ok(()),
+                Some(e) => Err(BlobError::Body(e)),
+            }
         }
         Err(e) => {
             s.hasher = (start == 0).then(|| Algorithm::Sha256.hasher());

@@ -1,77 +1,146 @@
-//! Streaming bytes onto the end of a file: hashed on a blocking thread while
-//! the next chunk arrives, with disk writeback started as the data flows.
+//! Streaming bytes onto the end of a file. Bytes are gathered from the body
+//! on the async side and written and hashed a batch at a time on a blocking
+//! thread, one batch in flight while the next arrives: a blocking thread is
+//! held only while there is a batch to write, never while waiting for a
+//! client, so a thousand slow uploads cost buffers, not threads. Disk
+//! writeback is started as the data flows.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
+use tokio::task::JoinHandle;
 
 use super::BlobError;
 use crate::oci::Hasher;
 
-/// Bytes buffered before each write on the blocking side.
+/// Bytes gathered before each write on the blocking side.
 const WRITE_CHUNK: usize = 1 << 20;
 
+/// What an append did.
+pub(super) struct Appended {
+    /// Bytes appended (and fsync-able) to the file.
+    pub bytes: u64,
+    /// The hasher, fed with exactly those bytes.
+    pub hasher: Option<Hasher>,
+    /// Why the body was cut early: the bytes that arrived before are kept.
+    pub cut: Option<std::io::Error>,
+}
+
+/// The file side of an append, moved to a blocking thread for each batch.
+struct Sink {
+    w: std::io::BufWriter<std::fs::File>,
+    hasher: Option<Hasher>,
+    writeback: Writeback,
+    end: u64,
+}
+
+impl Sink {
+    fn write(mut self, batch: Vec<Bytes>) -> std::io::Result<Sink> {
+        for chunk in batch {
+            if let Some(h) = self.hasher.as_mut() {
+                h.update(&chunk);
+            }
+            self.w.write_all(&chunk)?;
+            self.end += chunk.len() as u64;
+        }
+        self.writeback.advance(&mut self.w, self.end)?;
+        Ok(self)
+    }
+}
+
+fn joined<T>(r: Result<std::io::Result<T>, tokio::task::JoinError>) -> std::io::Result<T> {
+    r.map_err(std::io::Error::other)?
+}
+
 /// Append `body` to the file at `path`, which is `start` bytes long, feeding
-/// `hasher` (if any) as bytes pass. Returns the bytes appended and the
-/// hasher. On any error the file is truncated back to `start`.
+/// `hasher` (if any) as bytes pass. When the body is cut for being too slow
+/// the bytes that arrived are kept and the error is returned in
+/// [`Appended::cut`]. When it breaks otherwise, or the disk fails, the file
+/// is truncated back to `start`.
 pub(super) async fn append_stream<S>(
     path: &Path,
     start: u64,
     hasher: Option<Hasher>,
     mut body: S,
-) -> Result<(u64, Option<Hasher>), BlobError>
+) -> Result<Appended, BlobError>
 where
     S: Stream<Item = std::io::Result<Bytes>> + Send + Unpin,
 {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(8);
-    let writer_path = path.to_path_buf();
-    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<(u64, Option<Hasher>)> {
-        let mut hasher = hasher;
-        let f = std::fs::OpenOptions::new().append(true).open(&writer_path)?;
-        let mut w = std::io::BufWriter::with_capacity(WRITE_CHUNK, f);
-        let mut n = 0u64;
-        let mut writeback = Writeback::new(start);
-        while let Some(chunk) = rx.blocking_recv() {
-            if let Some(h) = hasher.as_mut() {
-                h.update(&chunk);
-            }
-            w.write_all(&chunk)?;
-            n += chunk.len() as u64;
-            writeback.advance(&mut w, start + n)?;
-        }
-        w.flush()?;
-        Ok((n, hasher))
-    });
-    let mut body_err = None;
-    while let Some(item) = body.next().await {
-        match item {
-            Ok(b) if b.is_empty() => {}
-            Ok(b) => {
-                if tx.send(b).await.is_err() {
-                    break;
+    let writer_path: PathBuf = path.to_path_buf();
+    let opened = tokio::task::spawn_blocking(move || std::fs::OpenOptions::new().append(true).open(writer_path)).await;
+    let file = joined(opened)?;
+    let sink = Sink {
+        w: std::io::BufWriter::with_capacity(WRITE_CHUNK, file),
+        hasher,
+        writeback: Writeback::new(start),
+        end: start,
+    };
+    let mut in_flight: JoinHandle<std::io::Result<Sink>> = tokio::task::spawn_blocking(move || Ok(sink));
+    let mut batch = Vec::new();
+    let mut gathered = 0usize;
+    let mut cut = None;
+    loop {
+        let item = body.next().await;
+        let last = match item {
+            Some(Ok(b)) => {
+                gathered += b.len();
+                if !b.is_empty() {
+                    batch.push(b);
                 }
+                false
             }
-            Err(e) => {
-                body_err = Some(e);
-                break;
+            Some(Err(e)) => {
+                cut = Some(e);
+                true
             }
+            None => true,
+        };
+        if gathered >= WRITE_CHUNK || (last && !batch.is_empty()) {
+            let sink = match joined(in_flight.await) {
+                Ok(s) => s,
+                Err(e) => return Err(roll_back(path, start, e)),
+            };
+            let next = std::mem::take(&mut batch);
+            gathered = 0;
+            in_flight = tokio::task::spawn_blocking(move || sink.write(next));
+        }
+        if last {
+            break;
         }
     }
-    drop(tx);
-    let written = writer.await.map_err(|e| BlobError::Io(std::io::Error::other(e)))?;
-    match (written, body_err) {
-        (Ok(done), None) => Ok(done),
-        (res, err) => {
-            let f = std::fs::OpenOptions::new().write(true).open(path)?;
-            f.set_len(start)?;
-            match err {
-                Some(e) => Err(BlobError::Body(e)),
-                None => Err(BlobError::Io(res.err().unwrap_or_else(|| std::io::Error::other("write failed")))),
-            }
+    let finished = joined(in_flight.await).and_then(|mut sink| {
+        sink.w.flush()?;
+        Ok(sink)
+    });
+    match (finished, cut) {
+        (Ok(sink), None) => Ok(Appended { bytes: sink.end - start, hasher: sink.hasher, cut: None }),
+        (Ok(sink), Some(e)) if keeps_partial(&e) => {
+            Ok(Appended { bytes: sink.end - start, hasher: sink.hasher, cut: Some(e) })
         }
+        (Ok(_), Some(e)) => {
+            roll_back(path, start, std::io::Error::other("body broken"));
+            Err(BlobError::Body(e))
+        }
+        (Err(e), _) => Err(roll_back(path, start, e)),
     }
+}
+
+/// Whether the bytes of a body that ended with `e` are kept. A body cut
+/// for being too slow (`TimedOut`, see `api::limits`) keeps what arrived:
+/// its client is alive and may resume from there. A body that broke
+/// (truncated, reset) is rolled back whole: it was sent as one piece.
+fn keeps_partial(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::TimedOut
+}
+
+/// A failed disk write: put the file back as it was before the append.
+fn roll_back(path: &Path, start: u64, e: std::io::Error) -> BlobError {
+    if let Err(t) = std::fs::OpenOptions::new().write(true).open(path).and_then(|f| f.set_len(start)) {
+        tracing::warn!(path = %path.display(), error = %t, "could not roll back a failed append");
+    }
+    BlobError::Io(e)
 }
 
 /// Starts disk writeback of an upload as it streams in, so the fsync at the

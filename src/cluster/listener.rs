@@ -2,10 +2,12 @@
 //! other. Each connection is authenticated first (mutual TLS against the
 //! cluster CA, unless the cluster runs `insecure_cluster`), then told apart
 //! by its first bytes: an HTTP/2 preface goes to the gRPC services (Raft,
-//! write forwarding, read index, admin, blob copy requests), anything else
-//! to the byte-stream handler that the blob transfer owns (see
-//! `blob::transfer`). So no internal traffic uses the public API port, and
-//! a process without a certificate from the cluster CA reaches neither.
+//! write forwarding, read index, admin, blob copy requests), the
+//! [`FORWARD_PREFACE`] to the API (an upload request a member passes on to
+//! the session's owner, see `api::forward`), anything else to the
+//! byte-stream handler that the blob transfer owns (see `blob::transfer`).
+//! So no internal traffic uses the public API port, and a process without a
+//! certificate from the cluster CA reaches none of them.
 //!
 //! Every step before a connection is handed on has a deadline and the
 //! number of connections in those steps is bounded: a peer that opens
@@ -33,6 +35,9 @@ pub const HANDSHAKE_WITHIN: Duration = Duration::from_secs(5);
 pub const MAX_HANDSHAKES: usize = 256;
 /// The HTTP/2 client preface: a gRPC connection starts with it.
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// What a connection carrying client API requests between members starts
+/// with (HTTP/2 follows).
+pub const FORWARD_PREFACE: &[u8; 24] = b"BERTH-FORWARD-HTTP/2\r\n\r\n";
 
 type ServerIo = Either<TcpStream, Box<tokio_rustls::server::TlsStream<TcpStream>>>;
 type ClientIo = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
@@ -105,17 +110,20 @@ impl tonic::transport::server::Connected for Conn {
     }
 }
 
-/// Handles a connection that is not gRPC (the blob byte stream).
+/// Handles a connection that is not gRPC (the blob byte stream, or
+/// forwarded API requests).
 pub type StreamHandler = Arc<dyn Fn(Conn) + Send + Sync>;
 
 /// Accept on `listener` until the returned stream is dropped: gRPC
 /// connections come out of the stream (give it to tonic's
-/// `serve_with_incoming`), every other authenticated connection goes to
+/// `serve_with_incoming`), forwarded API connections go to `on_forward`
+/// (their preface consumed), every other authenticated connection goes to
 /// `on_stream`.
 pub fn serve(
     listener: TcpListener,
     tls: Option<ClusterTls>,
     on_stream: StreamHandler,
+    on_forward: StreamHandler,
 ) -> impl Stream<Item = io::Result<Conn>> + Send + 'static {
     let (tx, rx) = mpsc::channel::<io::Result<Conn>>(64);
     tokio::spawn(async move {
@@ -138,7 +146,7 @@ pub fn serve(
                 tracing::warn!(%remote, "too many cluster connections in their handshake; closing one");
                 continue;
             };
-            let (tx, tls, on_stream) = (tx.clone(), tls.clone(), on_stream.clone());
+            let (tx, tls, on_stream, on_forward) = (tx.clone(), tls.clone(), on_stream.clone(), on_forward.clone());
             tokio::spawn(async move {
                 let opened = tokio::time::timeout(HANDSHAKE_WITHIN, open(sock, remote, tls.as_ref())).await;
                 drop(permit);
@@ -149,6 +157,10 @@ pub fn serve(
                 };
                 if &conn.first == H2_PREFACE {
                     let _ = tx.send(Ok(conn)).await;
+                } else if &conn.first == FORWARD_PREFACE {
+                    let mut conn = conn;
+                    conn.replayed = conn.first.len();
+                    on_forward(conn);
                 } else {
                     on_stream(conn);
                 }
@@ -179,6 +191,84 @@ pub async fn connect(addr: &str, tls: Option<&ClusterTls>) -> io::Result<ClientI
         Some(tls) => Either::Right(Box::new(tls.connector().connect(ClusterTls::server_name(), sock).await?)),
         None => Either::Left(sock),
     })
+}
+
+/// A connection to a member's cluster port that carries API requests
+/// (HTTP/2) to it: [`connect`], then the [`FORWARD_PREFACE`].
+pub async fn connect_forward(addr: &str, tls: Option<&ClusterTls>) -> io::Result<ForwardIo> {
+    use tokio::io::AsyncWriteExt;
+    let mut io = connect(addr, tls).await?;
+    io.write_all(FORWARD_PREFACE).await?;
+    Ok(ForwardIo(io))
+}
+
+/// A client connection that carries forwarded API requests.
+pub struct ForwardIo(ClientIo);
+
+impl AsyncRead for ForwardIo {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ForwardIo {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+}
+
+impl hyper_util::client::legacy::connect::Connection for ForwardIo {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        hyper_util::client::legacy::connect::Connected::new()
+    }
+}
+
+/// hyper's connector for forwarded API requests: [`connect_forward`] to
+/// the URI's address, within `timeout`.
+#[derive(Clone)]
+pub struct ForwardConnector {
+    pub tls: Option<ClusterTls>,
+    pub timeout: Duration,
+}
+
+impl tower_service::Service<http::Uri> for ForwardConnector {
+    type Response = hyper_util::rt::TokioIo<ForwardIo>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn std::future::Future<Output = io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let (tls, timeout) = (self.tls.clone(), self.timeout);
+        Box::pin(async move {
+            let addr = uri
+                .authority()
+                .map(|a| a.to_string())
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("no address in {uri}")))?;
+            let io = tokio::time::timeout(timeout, connect_forward(&addr, tls.as_ref()))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("connecting to {addr}")))??;
+            Ok(hyper_util::rt::TokioIo::new(io))
+        })
+    }
 }
 
 /// tonic's connector for channels to members: [`connect`] for the

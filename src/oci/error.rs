@@ -77,11 +77,18 @@ pub struct Error {
     pub code: ErrorCode,
     pub message: String,
     pub status: Option<StatusCode>,
+    /// The `WWW-Authenticate` challenge a 401 carries: how to authenticate.
+    pub challenge: Option<String>,
 }
 
 impl Error {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Error {
-        Error { code, message: message.into(), status: None }
+        Error { code, message: message.into(), status: None, challenge: None }
+    }
+
+    /// An UNAUTHORIZED (401) error telling the client how to authenticate.
+    pub fn unauthorized(message: impl Into<String>, challenge: String) -> Error {
+        Error { code: ErrorCode::Unauthorized, message: message.into(), status: None, challenge: Some(challenge) }
     }
 
     pub fn with_status(mut self, status: StatusCode) -> Error {

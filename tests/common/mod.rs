@@ -223,7 +223,7 @@ pub async fn tag(c: &reqwest::Client, base: &str, repo: &str, tag: &str, m: &[u8
 /// A `berth serve` child process, killed (SIGKILL) when dropped. Its log
 /// goes to a file, and if the test is failing when the node is dropped,
 /// the node's last warnings and errors are printed with the failure.
-pub struct Proc(pub std::process::Child, Option<std::path::PathBuf>);
+pub struct Proc(pub std::process::Child, pub Option<std::path::PathBuf>);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -301,3 +301,40 @@ pub async fn spawn_serve(args: &[String], http: u16) -> Proc {
 }
 pub mod cluster;
 pub mod gate;
+
+/// A CA and a server certificate for `localhost` and 127.0.0.1, signed by
+/// it, written into `dir` as `ca.pem`, `api.pem`, `api.key`.
+pub fn api_certs(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
+    std::fs::create_dir_all(dir).unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "berth test API CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let mut p = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    p.subject_alt_names.push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    let key = KeyPair::generate().unwrap();
+    let cert = p.signed_by(&key, &ca, &ca_key).unwrap();
+    let (c, a, k) = (dir.join("ca.pem"), dir.join("api.pem"), dir.join("api.key"));
+    std::fs::write(&c, ca.pem()).unwrap();
+    // Written under other names and renamed, so a node reloading them
+    // never reads half a file.
+    std::fs::write(dir.join(".api.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join(".api.key"), key.serialize_pem()).unwrap();
+    std::fs::rename(dir.join(".api.key"), &k).unwrap();
+    std::fs::rename(dir.join(".api.pem"), &a).unwrap();
+    (c, a, k)
+}
+
+/// An HTTP client that trusts only the CA at `ca`.
+pub fn tls_client(ca: &Path) -> reqwest::Client {
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap();
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca)
+        .use_rustls_tls()
+        .build()
+        .unwrap()
+}
