@@ -1,7 +1,10 @@
 //! Manifest operations of one registry: PUT by tag (each a distinct manifest)
 //! and GET by tag, at concurrency 1 and 64.
 //!
-//! `cargo bench --bench manifests -- [--registry HOST:PORT]`
+//! `cargo bench --bench manifests -- [--registry HOST:PORT] [--secure]`
+//!
+//! `--secure`: the node serves TLS with htpasswd auth and every request
+//! carries credentials (see `support/secure.rs`).
 //!
 //! Without `--registry` it starts a one-node `berth serve` on a temporary data
 //! dir. With it, it measures any other registry the same way (CNCF
@@ -12,12 +15,14 @@
 mod common;
 #[path = "support/load.rs"]
 mod load;
+#[path = "support/secure.rs"]
+mod secure;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{free_port, image_manifest, sha256, spawn_serve, wait_for, OCI_MANIFEST};
+use common::{free_port, image_manifest, sha256, wait_for, OCI_MANIFEST};
 use load::run;
 
 const REPO: &str = "bench/manifests";
@@ -46,20 +51,28 @@ async fn main() {
     let arg = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
     let dir = tempfile::tempdir().unwrap();
     // A berth started here is killed when `_node` drops, at the end.
-    let (registry, _node) = match arg("--registry") {
-        Some(r) => (r, None),
+    let secure = args.iter().any(|a| a == "--secure");
+    let builder = || reqwest::Client::builder().pool_max_idle_per_host(128);
+    // A berth started here is killed when `_node` drops, at the end.
+    let (base, c, _node) = match arg("--registry") {
+        Some(r) => (format!("http://{r}"), builder().build().unwrap(), None),
         None => {
             let (http, grpc) = (free_port(), free_port());
-            let args: Vec<String> = ["--http", &format!("127.0.0.1:{http}"), "--grpc", &format!("127.0.0.1:{grpc}")]
-                .iter()
-                .map(|s| s.to_string())
-                .chain(["--data-dir".to_owned(), dir.path().display().to_string()])
-                .collect();
-            (format!("127.0.0.1:{http}"), Some(spawn_serve(&args, http).await))
+            let (rest, ca) =
+                if secure { secure::node_settings(dir.path()) } else { (String::new(), Default::default()) };
+            let args =
+                common::write_config(&dir.path().join("berth.toml"), 1, http, grpc, &dir.path().join("data"), &rest);
+            let node = common::Proc(
+                common::berth().arg("serve").args(&args).stderr(std::process::Stdio::null()).spawn().unwrap(),
+                None,
+            );
+            if secure {
+                (format!("https://localhost:{http}"), secure::client(&ca, builder()), Some(node))
+            } else {
+                (format!("http://127.0.0.1:{http}"), builder().build().unwrap(), Some(node))
+            }
         }
     };
-    let base = format!("http://{registry}");
-    let c = reqwest::Client::builder().pool_max_idle_per_host(128).build().unwrap();
     wait_for("the registry to answer", Duration::from_secs(60), || {
         let (c, url) = (c.clone(), format!("{base}/v2/"));
         async move { c.get(url).send().await.is_ok_and(|r| r.status().is_success()) }

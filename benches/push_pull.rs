@@ -1,11 +1,19 @@
 //! Blob push and pull throughput of one node, and the node's peak memory.
 //!
-//! `cargo bench --bench push_pull -- [--size-mib N] [--registry HOST:PORT]`
+//! `cargo bench --bench push_pull -- [--size-mib N] [--registry HOST:PORT] [--secure]`
+//!
+//! `--secure`: the node serves TLS with htpasswd auth and every request
+//! carries credentials (see `support/secure.rs`).
 //!
 //! Without `--registry` it starts `berth serve` on a temporary data dir and
 //! reports the process's peak RSS (VmHWM) after the push and pull. With
 //! `--registry` it measures any other registry the same way (for example
 //! Debian's docker-registry, CNCF Distribution) for a same-session ratio.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+#[path = "support/secure.rs"]
+mod secure;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -44,23 +52,29 @@ async fn main() {
     let size_mib: u64 = arg("--size-mib").map(|s| s.parse().expect("--size-mib N")).unwrap_or(1024);
 
     let dir = tempfile::tempdir().unwrap();
-    let (registry, mut child) = match arg("--registry") {
-        Some(r) => (r, None),
+    let secure = args.iter().any(|a| a == "--secure");
+    let (base, client, mut child) = match arg("--registry") {
+        Some(r) => (format!("http://{r}"), reqwest::Client::new(), None),
         None => {
-            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            let grpc = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let port = common::free_port();
+            let grpc = common::free_port();
+            let (rest, ca) =
+                if secure { secure::node_settings(dir.path()) } else { (String::new(), Default::default()) };
+            let args =
+                common::write_config(&dir.path().join("berth.toml"), 1, port, grpc, &dir.path().join("data"), &rest);
             let c = Command::new(env!("CARGO_BIN_EXE_berth"))
-                .args(["serve", "--http", &format!("127.0.0.1:{port}"), "--grpc", &format!("127.0.0.1:{grpc}")])
-                .arg("--data-dir")
-                .arg(dir.path())
+                .arg("serve")
+                .args(&args)
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap();
-            (format!("127.0.0.1:{port}"), Some(c))
+            if secure {
+                (format!("https://localhost:{port}"), secure::client(&ca, reqwest::Client::builder()), Some(c))
+            } else {
+                (format!("http://127.0.0.1:{port}"), reqwest::Client::new(), Some(c))
+            }
         }
     };
-    let base = format!("http://{registry}");
-    let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while client.get(format!("{base}/v2/")).send().await.is_err() {
         assert!(Instant::now() < deadline, "registry did not answer");

@@ -168,3 +168,146 @@ async fn oras_artifact_with_a_referrer() {
     let out = run("python3", &[script, &addr, &work.path().display().to_string()]);
     assert!(String::from_utf8_lossy(&out.stdout).contains(": ok"));
 }
+
+/// Removes a directory (the Docker engine's trust of a test CA) on drop.
+struct RemoveDir(std::path::PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `docker login`, push and pull on a TLS node with htpasswd users, the
+/// engine trusting the test's own CA; skopeo with credentials and the CA.
+#[tokio::test]
+async fn docker_login_and_skopeo_with_credentials_over_tls() {
+    let docker = available("docker", &["info"]);
+    let skopeo = available("skopeo", &["--version"]);
+    if !docker && !skopeo {
+        eprintln!("SKIPPED: docker login and skopeo over TLS: neither docker nor skopeo is here");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = api_certs(&dir.path().join("tls"));
+    let htpasswd = dir.path().join("htpasswd");
+    std::fs::write(&htpasswd, format!("alice:{}\n", bcrypt::hash("alice-pw", 6).unwrap())).unwrap();
+    let (http, grpc) = (free_port(), free_port());
+    let rest = format!(
+        "[tls]\ncert = \"{}\"\nkey = \"{}\"\n[auth]\nhtpasswd = \"{}\"\n[[access]]\nrepos = \"**\"\n\
+         pull = [\"alice\"]\npush = [\"alice\"]\n",
+        cert.display(),
+        key.display(),
+        htpasswd.display()
+    );
+    let args = write_config(&dir.path().join("berth.toml"), 1, http, grpc, &dir.path().join("data"), &rest);
+    let child = berth().arg("serve").args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let _node = Proc(child, None);
+    let addr = format!("localhost:{http}");
+    let c = tls_client(&ca);
+    wait_for("the TLS node", std::time::Duration::from_secs(60), || {
+        let (c, url) = (c.clone(), format!("https://{addr}/v2/"));
+        async move { c.get(url).send().await.is_ok() }
+    })
+    .await;
+    let unique = format!("{:x}", rand::random::<u32>());
+    let image = format!("{addr}/secure/app:{unique}");
+
+    if docker {
+        // The engine trusts the CA for this registry only; logins go to a
+        // config dir of the test's own.
+        let certs_d = std::path::PathBuf::from(format!("/etc/docker/certs.d/{addr}"));
+        std::fs::create_dir_all(&certs_d).unwrap();
+        let _trust = RemoveDir(certs_d.clone());
+        std::fs::copy(&ca, certs_d.join("ca.crt")).unwrap();
+        let config = tempfile::tempdir().unwrap();
+        let docker_cmd = |args: &[&str]| {
+            let mut c = Command::new("docker");
+            c.env("DOCKER_CONFIG", config.path()).args(args);
+            c
+        };
+        let _cleanup = DockerImages(vec![image.clone()]);
+        let ctx = tempfile::tempdir().unwrap();
+        std::fs::write(ctx.path().join("f"), format!("secure {unique}")).unwrap();
+        std::fs::write(ctx.path().join("Dockerfile"), "FROM scratch\nCOPY f /f\n").unwrap();
+        let out = docker_cmd(&["build", "-q", "-t", &image]).env("DOCKER_BUILDKIT", "0").arg(ctx.path()).output();
+        assert!(out.unwrap().status.success(), "docker build");
+        // Without a login the push is refused.
+        let out = docker_cmd(&["push", &image]).output().unwrap();
+        assert!(!out.status.success(), "push without login must fail");
+        // A wrong password is refused by `docker login`.
+        let mut wrong =
+            docker_cmd(&["login", &addr, "-u", "alice", "--password-stdin"]).stdin(Stdio::piped()).spawn().unwrap();
+        use std::io::Write;
+        wrong.stdin.take().unwrap().write_all(b"not-the-password").unwrap();
+        assert!(!wrong.wait().unwrap().success(), "login with a wrong password must fail");
+        let mut login = docker_cmd(&["login", &addr, "-u", "alice", "--password-stdin"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        login.stdin.take().unwrap().write_all(b"alice-pw").unwrap();
+        let out = login.wait_with_output().unwrap();
+        assert!(out.status.success(), "docker login: {}", String::from_utf8_lossy(&out.stderr));
+        let id_before = docker_cmd(&["inspect", "--format", "{{.Id}}", &image]).output().unwrap().stdout;
+        let out = docker_cmd(&["push", &image]).output().unwrap();
+        assert!(out.status.success(), "docker push: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(docker_cmd(&["rmi", "-f", &image]).output().unwrap().status.success());
+        let out = docker_cmd(&["pull", &image]).output().unwrap();
+        assert!(out.status.success(), "docker pull: {}", String::from_utf8_lossy(&out.stderr));
+        let id_after = docker_cmd(&["inspect", "--format", "{{.Id}}", &image]).output().unwrap().stdout;
+        assert_eq!(id_before, id_after);
+    } else {
+        eprintln!("SKIPPED: docker login: no Docker engine answers `docker info` here");
+        push_image_as(&c, &format!("https://{addr}"), "secure/app", &unique).await;
+    }
+
+    if skopeo {
+        let cert_dir = tempfile::tempdir().unwrap();
+        std::fs::copy(&ca, cert_dir.path().join("ca.crt")).unwrap();
+        let cd = cert_dir.path().display().to_string();
+        let layout = tempfile::tempdir().unwrap();
+        let oci = format!("oci:{}:copy", layout.path().display());
+        let src = format!("docker://{image}");
+        // No credentials: refused.
+        let out = Command::new("skopeo").args(["copy", "--src-cert-dir", &cd, &src, &oci]).output().unwrap();
+        assert!(!out.status.success(), "skopeo without credentials must be refused");
+        run("skopeo", &["copy", "--src-cert-dir", &cd, "--src-creds", "alice:alice-pw", &src, &oci]);
+        let back = format!("docker://{addr}/secure/copied:{unique}");
+        run("skopeo", &["copy", "--dest-cert-dir", &cd, "--dest-creds", "alice:alice-pw", &oci, &back]);
+        let raw = run("skopeo", &["inspect", "--raw", "--cert-dir", &cd, "--creds", "alice:alice-pw", &back]).stdout;
+        assert!(!raw.is_empty());
+    } else {
+        eprintln!("SKIPPED: skopeo with credentials: skopeo is not installed");
+    }
+}
+
+/// Push a one-layer image as alice over `base` (https).
+async fn push_image_as(c: &reqwest::Client, base: &str, repo: &str, tag: &str) {
+    let layer = format!("layer {tag}").into_bytes();
+    let config = b"{}".to_vec();
+    let mut ds = Vec::new();
+    for data in [&layer, &config] {
+        let d = sha256(data);
+        let r = c
+            .post(format!("{base}/v2/{repo}/blobs/uploads/?digest={d}"))
+            .basic_auth("alice", Some("alice-pw"))
+            .body(data.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        ds.push(d);
+    }
+    let m = image_manifest((&ds[1], config.len()), &[(&ds[0], layer.len())], "");
+    let r = c
+        .put(format!("{base}/v2/{repo}/manifests/{tag}"))
+        .basic_auth("alice", Some("alice-pw"))
+        .header("Content-Type", OCI_MANIFEST)
+        .body(m)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+}

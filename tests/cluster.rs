@@ -30,9 +30,20 @@ async fn digest_of(c: &reqwest::Client, base: &str, repo: &str, tag: &str) -> Op
 }
 
 /// How many tags `repo` has, as the node at `base` lists them.
+/// Tags in `repo`, every page of the listing followed.
 async fn tag_count(c: &reqwest::Client, base: &str, repo: &str) -> usize {
-    let v: serde_json::Value = c.get(format!("{base}/v2/{repo}/tags/list")).send().await.unwrap().json().await.unwrap();
-    v["tags"].as_array().map_or(0, Vec::len)
+    let mut url = format!("{base}/v2/{repo}/tags/list");
+    let mut n = 0;
+    loop {
+        let r = c.get(&url).send().await.unwrap();
+        let next = r.headers().get("link").map(|l| l.to_str().unwrap().to_string());
+        let v: serde_json::Value = r.json().await.unwrap();
+        n += v["tags"].as_array().map_or(0, Vec::len);
+        match next.as_deref().and_then(|l| l.strip_prefix('<')).and_then(|l| l.split_once('>')) {
+            Some((path, _)) => url = format!("{base}{path}"),
+            None => return n,
+        }
+    }
 }
 
 fn followers(c: &TestCluster, leader: usize) -> Vec<usize> {

@@ -255,14 +255,21 @@ async fn list_sets(http: &reqwest::Client, targets: &Targets) -> anyhow::Result<
     let mut listed = BTreeMap::new();
     for node in NODES {
         let url = targets.url(node).context("no address")?;
+        // Every page: the listing is paginated (Link: rel="next").
         let tags = retrying("listing tags", || async {
-            let r = http.get(format!("{url}/v2/{}/tags/list", workload::SET_REPO)).send().await?;
-            anyhow::ensure!(r.status() == 200, "status {}", r.status());
-            let v: serde_json::Value = r.json().await?;
-            Ok(v["tags"]
-                .as_array()
-                .map(|a| a.iter().filter_map(|t| t.as_str().map(String::from)).collect())
-                .unwrap_or_default())
+            let mut tags: Vec<String> = Vec::new();
+            let mut next = format!("{url}/v2/{}/tags/list", workload::SET_REPO);
+            loop {
+                let r = http.get(&next).send().await?;
+                anyhow::ensure!(r.status() == 200, "status {}", r.status());
+                let link = r.headers().get("link").and_then(|l| l.to_str().ok()).map(str::to_owned);
+                let v: serde_json::Value = r.json().await?;
+                tags.extend(v["tags"].as_array().into_iter().flatten().filter_map(|t| t.as_str().map(String::from)));
+                match link.as_deref().and_then(|l| l.strip_prefix('<')).and_then(|l| l.split_once('>')) {
+                    Some((path, _)) => next = format!("{url}{path}"),
+                    None => return Ok(tags),
+                }
+            }
         })
         .await?;
         listed.insert(node.to_owned(), tags);
