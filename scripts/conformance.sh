@@ -4,6 +4,8 @@
 #   scripts/conformance.sh single CONFORMANCE_BIN   # one node
 #   scripts/conformance.sh lb CONFORMANCE_BIN       # cluster-config/local's three nodes
 #                                                   # behind haproxy, round robin, no stickiness
+#   scripts/conformance.sh secure CONFORMANCE_BIN   # one node serving TLS (a CA made here) with
+#                                                   # an htpasswd user, whom the suite logs in as
 #
 # CONFORMANCE_BIN is the suite built from opencontainers/distribution-spec
 # (`conformance/`, e.g. `go test -c`); it is not part of this repository.
@@ -26,9 +28,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
+scheme=http
+curl_opts=()
 wait_http() {
   for _ in $(seq 1 300); do
-    if [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$1/v2/")" = 200 ]; then return 0; fi
+    code=$(curl -s "${curl_opts[@]}" -o /dev/null -w '%{http_code}' "$scheme://$1/v2/")
+    if [ "$code" = 200 ] || [ "$code" = 401 ]; then return 0; fi
     sleep 0.2
   done
   echo "no answer from $1" >&2
@@ -75,12 +80,45 @@ EOF
     pids+=($!)
     wait_http 127.0.0.1:5000
     ;;
-  *) echo "mode: single or lb" >&2; exit 2 ;;
+  secure)
+    # A CA and a certificate for localhost, made with openssl; one user.
+    mkdir -p "$work/tls"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=conformance-ca \
+      -keyout "$work/tls/ca.key" -out "$work/tls/ca.pem" 2>/dev/null
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost \
+      -keyout "$work/tls/api.key" -out "$work/tls/api.csr" 2>/dev/null
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' >"$work/tls/ext"
+    openssl x509 -req -in "$work/tls/api.csr" -CA "$work/tls/ca.pem" -CAkey "$work/tls/ca.key" -CAcreateserial \
+      -days 2 -extfile "$work/tls/ext" -out "$work/tls/api.pem" 2>/dev/null
+    password=$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')
+    "$berth" htpasswd conformance "$password" >"$work/htpasswd"
+    cat >"$work/secure.toml" <<EOF
+http = "127.0.0.1:5000"
+grpc = "127.0.0.1:5100"
+data_dir = "$work/data/secure"
+[tls]
+cert = "$work/tls/api.pem"
+key = "$work/tls/api.key"
+[auth]
+htpasswd = "$work/htpasswd"
+EOF
+    "$berth" serve --config "$work/secure.toml" 2>"$work/node.log" &
+    pids+=($!)
+    scheme=https
+    curl_opts=(--cacert "$work/tls/ca.pem")
+    wait_http localhost:5000
+    export OCI_USERNAME=conformance OCI_PASSWORD=$password SSL_CERT_FILE="$work/tls/ca.pem"
+    # On a registry with users, a mount names its source (`from`): one
+    # without it is answered with an upload session, as the spec allows.
+    export OCI_API_BLOBS_MOUNT_ANONYMOUS=false
+    ;;
+  *) echo "mode: single, lb or secure" >&2; exit 2 ;;
 esac
 
+if [ "$mode" = secure ]; then registry=localhost:5000 tls=enabled; else registry=127.0.0.1:5000 tls=disabled; fi
 cd "$out"
 set +e
-OCI_REGISTRY=127.0.0.1:5000 OCI_TLS=disabled OCI_RESULTS_DIR="$out" \
+OCI_REGISTRY=$registry OCI_TLS=$tls OCI_RESULTS_DIR="$out" \
   OCI_API_BLOBS_UPLOAD_CANCEL=true OCI_API_MANIFESTS_TAG_PARAM=true \
   "$suite" >"$out/suite.log" 2>&1
 rc=$?

@@ -65,6 +65,15 @@ enum Cmd {
     },
     /// Make a development CA and certificates for mutual TLS between nodes: ca.pem/ca.key,
     /// node<N>.pem/.key for each node, admin.pem/.key for `berth cluster` (keys are 0600).
+    /// Print an htpasswd line (bcrypt) for `[auth] htpasswd`. The password
+    /// is read from standard input when not given.
+    Htpasswd {
+        user: String,
+        password: Option<String>,
+        /// bcrypt cost (4 to 31).
+        #[arg(long, default_value_t = bcrypt::DEFAULT_COST)]
+        cost: u32,
+    },
     Certs {
         /// Directory to write to (existing files are never overwritten).
         #[arg(long)]
@@ -192,6 +201,18 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Ping { http } => rt.block_on(ping(&http)),
+        Cmd::Htpasswd { user, password, cost } => {
+            let password = match password {
+                Some(p) => p,
+                None => {
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line)?;
+                    line.trim_end_matches(['\r', '\n']).to_owned()
+                }
+            };
+            println!("{user}:{}", bcrypt::hash(password, cost)?);
+            Ok(())
+        }
     }
 }
 
