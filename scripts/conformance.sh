@@ -32,7 +32,7 @@ scheme=http
 curl_opts=()
 wait_http() {
   for _ in $(seq 1 300); do
-    code=$(curl -s "${curl_opts[@]}" -o /dev/null -w '%{http_code}' "$scheme://$1/v2/")
+    code=$(curl -s "${curl_opts[@]}" -o /dev/null -w '%{http_code}' "$scheme://$1/v2/" || true)
     if [ "$code" = 200 ] || [ "$code" = 401 ]; then return 0; fi
     sleep 0.2
   done
