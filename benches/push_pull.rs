@@ -15,7 +15,7 @@ mod common;
 #[path = "support/secure.rs"]
 mod secure;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -62,12 +62,8 @@ async fn main() {
                 if secure { secure::node_settings(dir.path()) } else { (String::new(), Default::default()) };
             let args =
                 common::write_config(&dir.path().join("berth.toml"), 1, port, grpc, &dir.path().join("data"), &rest);
-            let c = Command::new(env!("CARGO_BIN_EXE_berth"))
-                .arg("serve")
-                .args(&args)
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
+            // This build's berth, or BERTH_BIN (a reference build).
+            let c = common::berth().arg("serve").args(&args).stderr(Stdio::null()).spawn().unwrap();
             if secure {
                 (format!("https://localhost:{port}"), secure::client(&ca, reqwest::Client::builder()), Some(c))
             } else {

@@ -73,7 +73,20 @@ impl ResolvesServerCert for Current {
 impl ApiTls {
     /// Load the pair; an error names the file and what is wrong with it.
     pub fn load(files: &ApiTlsFiles) -> std::io::Result<ApiTls> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        // AES-128-GCM first, and the server's order over the client's: a
+        // layer is encrypted once per pull, and AES-128 costs less CPU per
+        // byte than AES-256 (ten rounds, not fourteen) at a strength every
+        // TLS 1.3 client must offer.
+        let mut provider = rustls::crypto::ring::default_provider();
+        provider.cipher_suites.sort_by_key(|s| {
+            !matches!(
+                s.suite(),
+                rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+                    | rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+                    | rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+            )
+        });
+        let provider = Arc::new(provider);
         let before = stamp(files);
         let pair = load_pair(files, &provider)?;
         let current =
@@ -84,6 +97,7 @@ impl ApiTls {
             .with_no_client_auth()
             .with_cert_resolver(current.clone());
         server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        server.ignore_client_order = true;
         Ok(ApiTls { acceptor: TlsAcceptor::from(Arc::new(server)), current })
     }
 
