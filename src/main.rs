@@ -49,7 +49,8 @@ enum Cmd {
         #[arg(long, env = "BERTH_INSECURE_CLUSTER")]
         insecure_cluster: bool,
     },
-    /// Exit 0 if the node's HTTP API answers `GET /v2/` with 200 (for health checks).
+    /// Exit 0 if the node's HTTP API answers `GET /v2/` with 200, or 401 when it needs
+    /// credentials (for health checks).
     Ping {
         #[arg(long, default_value = "127.0.0.1:5000")]
         http: String,
@@ -226,7 +227,11 @@ async fn ping(addr: &str) -> anyhow::Result<()> {
         anyhow::Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
     };
     let line = tokio::time::timeout(std::time::Duration::from_secs(2), attempt).await??;
-    anyhow::ensure!(line.starts_with("HTTP/1.0 200") || line.starts_with("HTTP/1.1 200"), "unhealthy: {line:?}");
+    // 401: a serving node whose API needs credentials.
+    let healthy = ["200", "401"]
+        .iter()
+        .any(|c| line.starts_with(&format!("HTTP/1.0 {c}")) || line.starts_with(&format!("HTTP/1.1 {c}")));
+    anyhow::ensure!(healthy, "unhealthy: {line:?}");
     Ok(())
 }
 

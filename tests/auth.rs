@@ -370,3 +370,32 @@ async fn a_replaced_certificate_is_served_without_a_restart() {
     let r = new.get(format!("{}/v2/", node.base)).send().await.unwrap();
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
 }
+
+/// Load balancers health-check `/v2/` without credentials: a serving node
+/// with users answers 401 (healthy to `berth ping` and the bundled
+/// haproxy), and one that is not serving answers 503 before asking who
+/// calls, so a draining node still looks down.
+#[tokio::test]
+async fn health_checks_tell_serving_from_not_serving_without_credentials() {
+    let pre = tempfile::tempdir().unwrap();
+    let h = htpasswd(pre.path(), &[("carol", "carol-pw")]);
+    let auth = format!("[auth]\nhtpasswd = \"{}\"\n", h.display());
+    let start = |extra: String| async move {
+        let dir = tempfile::tempdir().unwrap();
+        let (http, grpc) = (free_port(), free_port());
+        let args = write_config(&dir.path().join("berth.toml"), 1, http, grpc, &dir.path().join("data"), &extra);
+        (spawn_serve(&args, http).await, http, dir)
+    };
+    let (_serving, http, _d1) = start(auth.clone()).await;
+    let r = client().get(format!("http://127.0.0.1:{http}/v2/")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let ping = berth().args(["ping", "--http", &format!("127.0.0.1:{http}")]).output().unwrap();
+    assert!(ping.status.success(), "berth ping: {}", String::from_utf8_lossy(&ping.stderr));
+
+    // On standby (no cluster yet), the node does not serve.
+    let (_standby, http, _d2) = start(format!("standby = true\n{auth}")).await;
+    let r = client().get(format!("http://127.0.0.1:{http}/v2/")).send().await.unwrap();
+    assert_eq!(r.status(), 503, "not serving is said before credentials are asked for");
+    let ping = berth().args(["ping", "--http", &format!("127.0.0.1:{http}")]).output().unwrap();
+    assert!(!ping.status.success());
+}

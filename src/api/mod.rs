@@ -244,6 +244,17 @@ async fn dispatch(state: &AppState, route: Route, req: Request<Incoming>, caller
     let query = Query::parse(req.uri());
     let method = req.method().clone();
     let head = method == Method::HEAD;
+    // A node that is not serving says so to anyone first: load balancers
+    // health-check `/v2/` without credentials, and must see a draining
+    // node's 503, not the 401 every serving node gives them.
+    if matches!(route, Route::Base) && !state.cluster.serving() {
+        return Err(Error::new(
+            ErrorCode::Unavailable,
+            state.cluster.identity.problem().unwrap_or_else(|| {
+                "this node is not serving: it has no leader, is not a cluster member, or is leaving".into()
+            }),
+        ));
+    }
     // Before anything is read, stored or passed on. A member passing a
     // request on has authorized it already.
     let principal = if caller.via_peer {
@@ -266,12 +277,6 @@ async fn dispatch(state: &AppState, route: Route, req: Request<Incoming>, caller
         }
     }
     match (method, route) {
-        (Method::GET | Method::HEAD, Route::Base) if !state.cluster.serving() => Err(Error::new(
-            ErrorCode::Unavailable,
-            state.cluster.identity.problem().unwrap_or_else(|| {
-                "this node is not serving: it has no leader, is not a cluster member, or is leaving".into()
-            }),
-        )),
         (Method::GET | Method::HEAD, Route::Base) => Ok(builder(StatusCode::OK)
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(if head { response::empty() } else { full("{}") })
