@@ -4,7 +4,7 @@
 //! `cargo bench --bench manifests -- [--registry HOST:PORT] [--secure]`
 //!
 //! `--secure`: the node serves TLS with htpasswd auth and every request
-//! carries credentials (see `support/secure.rs`).
+//! carries credentials (`tests/common`: `tls_auth_settings`).
 //!
 //! Without `--registry` it starts a one-node `berth serve` on a temporary data
 //! dir. With it, it measures any other registry the same way (CNCF
@@ -15,8 +15,6 @@
 mod common;
 #[path = "support/load.rs"]
 mod load;
-#[path = "support/secure.rs"]
-mod secure;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -58,8 +56,11 @@ async fn main() {
         Some(r) => (format!("http://{r}"), builder().build().unwrap(), None),
         None => {
             let (http, grpc) = (free_port(), free_port());
-            let (rest, ca) =
-                if secure { secure::node_settings(dir.path()) } else { (String::new(), Default::default()) };
+            let (rest, ca) = if secure {
+                common::tls_auth_settings(dir.path(), "bench", "bench-pw")
+            } else {
+                (String::new(), Default::default())
+            };
             let args =
                 common::write_config(&dir.path().join("berth.toml"), 1, http, grpc, &dir.path().join("data"), &rest);
             let node = common::Proc(
@@ -67,7 +68,11 @@ async fn main() {
                 None,
             );
             if secure {
-                (format!("https://localhost:{http}"), secure::client(&ca, builder()), Some(node))
+                (
+                    format!("https://localhost:{http}"),
+                    common::tls_client_as(&ca, "bench", "bench-pw", builder()),
+                    Some(node),
+                )
             } else {
                 (format!("http://127.0.0.1:{http}"), builder().build().unwrap(), Some(node))
             }

@@ -3,7 +3,7 @@
 //! `cargo bench --bench push_pull -- [--size-mib N] [--registry HOST:PORT] [--secure]`
 //!
 //! `--secure`: the node serves TLS with htpasswd auth and every request
-//! carries credentials (see `support/secure.rs`).
+//! carries credentials (`tests/common`: `tls_auth_settings`).
 //!
 //! Without `--registry` it starts `berth serve` on a temporary data dir and
 //! reports the process's peak RSS (VmHWM) after the push and pull. With
@@ -12,8 +12,6 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
-#[path = "support/secure.rs"]
-mod secure;
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -58,14 +56,21 @@ async fn main() {
         None => {
             let port = common::free_port();
             let grpc = common::free_port();
-            let (rest, ca) =
-                if secure { secure::node_settings(dir.path()) } else { (String::new(), Default::default()) };
+            let (rest, ca) = if secure {
+                common::tls_auth_settings(dir.path(), "bench", "bench-pw")
+            } else {
+                (String::new(), Default::default())
+            };
             let args =
                 common::write_config(&dir.path().join("berth.toml"), 1, port, grpc, &dir.path().join("data"), &rest);
             // This build's berth, or BERTH_BIN (a reference build).
             let c = common::berth().arg("serve").args(&args).stderr(Stdio::null()).spawn().unwrap();
             if secure {
-                (format!("https://localhost:{port}"), secure::client(&ca, reqwest::Client::builder()), Some(c))
+                (
+                    format!("https://localhost:{port}"),
+                    common::tls_client_as(&ca, "bench", "bench-pw", reqwest::Client::builder()),
+                    Some(c),
+                )
             } else {
                 (format!("http://127.0.0.1:{port}"), reqwest::Client::new(), Some(c))
             }

@@ -16,6 +16,7 @@ pub mod config;
 pub mod meta;
 pub mod node;
 pub mod oci;
+pub mod rewind;
 
 use std::fmt;
 
@@ -26,7 +27,8 @@ pub type NodeId = u64;
 /// What the cluster knows about a member: where to reach it and where it is.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInfo {
-    /// HTTP API address (for forwarding and for operators).
+    /// HTTP API address (for operators and clients; members reach each
+    /// other, forwarded uploads included, on `grpc`).
     pub api: String,
     /// gRPC address for Raft and blob transfer.
     pub grpc: String,

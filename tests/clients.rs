@@ -189,17 +189,8 @@ async fn docker_login_and_skopeo_with_credentials_over_tls() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = api_certs(&dir.path().join("tls"));
-    let htpasswd = dir.path().join("htpasswd");
-    std::fs::write(&htpasswd, format!("alice:{}\n", bcrypt::hash("alice-pw", 6).unwrap())).unwrap();
+    let (rest, ca) = tls_auth_settings(dir.path(), "alice", "alice-pw");
     let (http, grpc) = (free_port(), free_port());
-    let rest = format!(
-        "[tls]\ncert = \"{}\"\nkey = \"{}\"\n[auth]\nhtpasswd = \"{}\"\n[[access]]\nrepos = \"**\"\n\
-         pull = [\"alice\"]\npush = [\"alice\"]\n",
-        cert.display(),
-        key.display(),
-        htpasswd.display()
-    );
     let args = write_config(&dir.path().join("berth.toml"), 1, http, grpc, &dir.path().join("data"), &rest);
     let child = berth().arg("serve").args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let _node = Proc(child, None);
@@ -260,7 +251,8 @@ async fn docker_login_and_skopeo_with_credentials_over_tls() {
         assert_eq!(id_before, id_after);
     } else {
         eprintln!("SKIPPED: docker login: no Docker engine answers `docker info` here");
-        push_image_as(&c, &format!("https://{addr}"), "secure/app", &unique).await;
+        let alice = tls_client_as(&ca, "alice", "alice-pw", reqwest::Client::builder());
+        push_image(&alice, &format!("https://{addr}"), "secure/app", &unique, "no-docker").await;
     }
 
     if skopeo {
@@ -281,33 +273,4 @@ async fn docker_login_and_skopeo_with_credentials_over_tls() {
     } else {
         eprintln!("SKIPPED: skopeo with credentials: skopeo is not installed");
     }
-}
-
-/// Push a one-layer image as alice over `base` (https).
-async fn push_image_as(c: &reqwest::Client, base: &str, repo: &str, tag: &str) {
-    let layer = format!("layer {tag}").into_bytes();
-    let config = b"{}".to_vec();
-    let mut ds = Vec::new();
-    for data in [&layer, &config] {
-        let d = sha256(data);
-        let r = c
-            .post(format!("{base}/v2/{repo}/blobs/uploads/?digest={d}"))
-            .basic_auth("alice", Some("alice-pw"))
-            .body(data.clone())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 201);
-        ds.push(d);
-    }
-    let m = image_manifest((&ds[1], config.len()), &[(&ds[0], layer.len())], "");
-    let r = c
-        .put(format!("{base}/v2/{repo}/manifests/{tag}"))
-        .basic_auth("alice", Some("alice-pw"))
-        .header("Content-Type", OCI_MANIFEST)
-        .body(m)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
 }

@@ -266,3 +266,21 @@ async fn metrics_stay_the_same_size_under_made_up_methods() {
     // Counter values grow by a few digits; label sets must not.
     assert!(after < before + 200, "metrics grew from {before} to {after} bytes");
 }
+
+#[tokio::test]
+async fn a_trickling_manifest_body_is_cut_and_stores_nothing() {
+    let (_p, base, _dir) = node("body_window_secs = 3\nbody_min_bytes_per_sec = 64").await;
+    let mut s = TcpStream::connect(addr(&base)).await.unwrap();
+    let head = format!(
+        "PUT /v2/slow/manifest/manifests/v1 HTTP/1.1\r\nHost: x\r\nContent-Type: {OCI_MANIFEST}\r\n\
+         Content-Length: 1000\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let began = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(30), until_closed(s, b"{  ", Duration::from_secs(1)))
+        .await
+        .expect("a trickling manifest body is cut");
+    assert!(closed.duration_since(began) >= Duration::from_secs(2), "cut by the rate check, not at once");
+    let r = client().get(format!("{base}/v2/slow/manifest/tags/list")).send().await.unwrap();
+    assert_eq!(r.status(), 404, "nothing stored");
+}

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use http::HeaderMap;
@@ -26,6 +26,7 @@ use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::sync::Semaphore;
 
+use super::tls::{file_stamp, FileStamp};
 use crate::config::{AccessRule, AuthSettings, TokenSettings};
 use crate::oci::{Error, ErrorCode, Name};
 
@@ -259,18 +260,11 @@ impl Access {
     }
 }
 
-/// Modification time and length of a file, to see it changed.
-type Stamp = (Option<SystemTime>, u64);
-
-fn stamp(p: &Path) -> Stamp {
-    std::fs::metadata(p).map(|m| (m.modified().ok(), m.len())).unwrap_or((None, 0))
-}
-
 /// The users of an htpasswd file.
 #[derive(Debug)]
 struct Htpasswd {
     path: PathBuf,
-    users: Mutex<(HashMap<String, String>, Stamp)>,
+    users: Mutex<(HashMap<String, String>, FileStamp)>,
 }
 
 /// Parse htpasswd text: `user:hash` lines, bcrypt hashes only (as
@@ -298,7 +292,7 @@ pub fn parse_htpasswd(text: &str) -> Result<HashMap<String, String>, String> {
 
 impl Htpasswd {
     fn load(path: &Path) -> Result<Htpasswd, String> {
-        let st = stamp(path);
+        let st = file_stamp(path);
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let users = parse_htpasswd(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(Htpasswd { path: path.to_owned(), users: Mutex::new((users, st)) })
@@ -306,7 +300,7 @@ impl Htpasswd {
 
     /// Read the file again if it changed. Returns whether it did.
     fn reload_if_changed(&self) -> bool {
-        let now = stamp(&self.path);
+        let now = file_stamp(&self.path);
         if self.users.lock().unwrap().1 == now {
             return false;
         }

@@ -1,10 +1,7 @@
 //! Blob and upload endpoints (end-2, end-4a/b, end-5, end-6, end-10, end-11,
 //! end-13).
 
-use bytes::Bytes;
-use futures::{Stream, TryStreamExt};
 use http::{header, HeaderMap, Request, StatusCode};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::response::{blob_error, builder, empty, finish, stream, ApiResult};
@@ -13,13 +10,6 @@ use crate::blob::UploadId;
 use crate::meta::{Command, Outcome};
 use crate::oci::{Digest, Error, ErrorCode, Name};
 use crate::NodeId;
-
-/// A request body as a stream of bytes, cut when it falls below the
-/// minimum rate (`[limits]`).
-fn body_stream(state: &AppState, req: Request<Incoming>) -> impl Stream<Item = std::io::Result<Bytes>> + Send + Unpin {
-    let body = req.into_body().into_data_stream().map_err(std::io::Error::other);
-    super::limits::RateChecked::new(body, state.limits.body_rate)
-}
 
 fn upload_location(name: &Name, id: &UploadId) -> String {
     format!("/v2/{name}/blobs/uploads/{id}")
@@ -195,7 +185,7 @@ pub async fn start_upload(
     if let Some(d) = query.get("digest") {
         let digest: Digest = d.parse()?;
         let id = state.uploads.start(name, &caller.key()).await.map_err(blob_error)?;
-        let size = match state.uploads.finish(&id, name, &digest, body_stream(state, req)).await {
+        let size = match state.uploads.finish(&id, name, &digest, super::body_stream(state, req)).await {
             Ok(size) => size,
             Err(e) => {
                 let _ = state.uploads.cancel(&id, name).await;
@@ -243,7 +233,7 @@ pub async fn patch_upload(state: &AppState, name: &Name, id: &UploadId, req: Req
         }
     }
     let offset = range.map(|(a, _)| a);
-    match state.uploads.append(id, name, offset, body_stream(state, req)).await {
+    match state.uploads.append(id, name, offset, super::body_stream(state, req)).await {
         Ok(size) => upload_accepted(StatusCode::ACCEPTED, name, id, size),
         Err(crate::blob::BlobError::OutOfOrder { expected, .. }) => {
             let e = Error::new(ErrorCode::RangeInvalid, "chunk out of order");
@@ -274,7 +264,7 @@ pub async fn finish_upload(
             return Err(Error::new(ErrorCode::RangeInvalid, "chunk out of order"));
         }
     }
-    let size = state.uploads.finish(id, name, &digest, body_stream(state, req)).await.map_err(blob_error)?;
+    let size = state.uploads.finish(id, name, &digest, super::body_stream(state, req)).await.map_err(blob_error)?;
     replicate_and_link(state, name, &digest, size).await?;
     blob_created(name, &digest)
 }

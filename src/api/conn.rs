@@ -6,18 +6,17 @@
 
 use std::convert::Infallible;
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use http::Request;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use super::limits::SendDeadline;
 use super::{handle, AppState, Caller};
+use crate::rewind::Rewind;
 
 /// The HTTP/2 client preface.
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -25,65 +24,21 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Requests at once on one HTTP/2 connection.
 const MAX_STREAMS: u32 = 128;
 
-/// A connection whose first bytes, read to tell its HTTP version, are read
-/// again first.
-pub struct Prefixed<T> {
-    io: T,
-    first: Vec<u8>,
-    replayed: usize,
-}
-
-impl<T: AsyncRead + Unpin> Prefixed<T> {
-    /// Read until the bytes either are the HTTP/2 preface or cannot be.
-    /// Returns the connection and whether it speaks HTTP/2.
-    async fn sniff(mut io: T) -> io::Result<(Prefixed<T>, bool)> {
-        let mut first = Vec::with_capacity(H2_PREFACE.len());
-        let mut buf = [0u8; 24];
-        while first.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&first) {
-            let n = io.read(&mut buf[..H2_PREFACE.len() - first.len()]).await?;
-            if n == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            first.extend_from_slice(&buf[..n]);
+/// Read until the bytes either are the HTTP/2 preface or cannot be.
+/// Returns the connection, those bytes put back, and whether it speaks
+/// HTTP/2.
+async fn sniff<T: AsyncRead + Unpin>(mut io: T) -> io::Result<(Rewind<T>, bool)> {
+    let mut first = Vec::with_capacity(H2_PREFACE.len());
+    let mut buf = [0u8; 24];
+    while first.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&first) {
+        let n = io.read(&mut buf[..H2_PREFACE.len() - first.len()]).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        let h2 = first == H2_PREFACE;
-        Ok((Prefixed { io, first, replayed: 0 }, h2))
+        first.extend_from_slice(&buf[..n]);
     }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if this.replayed < this.first.len() {
-            let n = (this.first.len() - this.replayed).min(buf.remaining());
-            buf.put_slice(&this.first[this.replayed..this.replayed + n]);
-            this.replayed += n;
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.io).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
+    let h2 = first == H2_PREFACE;
+    Ok((Rewind::new(io, first), h2))
 }
 
 /// Serve one admitted connection until it closes or a limit cuts it.
@@ -93,7 +48,7 @@ where
 {
     let limits = &state.limits;
     let io = SendDeadline::new(io, limits.send_timeout);
-    let (io, h2) = match tokio::time::timeout(limits.header_timeout, Prefixed::sniff(io)).await {
+    let (io, h2) = match tokio::time::timeout(limits.header_timeout, sniff(io)).await {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => return tracing::debug!(peer = %caller.addr, error = %e, "connection closed before a request"),
         Err(_) => return tracing::debug!(peer = %caller.addr, "connection sent no request in time; closed"),

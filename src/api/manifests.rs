@@ -1,8 +1,8 @@
 //! Manifest endpoints (end-3, end-7, end-9).
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
 use http::{header, Request, StatusCode};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use super::response::{builder, empty, finish, full, ApiResult};
@@ -63,7 +63,13 @@ pub async fn get(state: &AppState, name: &Name, r: &Reference, req: &Request<Inc
     finish(b, if head { empty() } else { full(rec.bytes) })
 }
 
-async fn read_limited(req: Request<Incoming>, limit: usize) -> Result<(Option<String>, Bytes), Error> {
+/// The manifest body, at most `limit` bytes, read under the same minimum
+/// rate as any body (a trickling client is cut, not waited for forever).
+async fn read_limited(
+    state: &AppState,
+    req: Request<Incoming>,
+    limit: usize,
+) -> Result<(Option<String>, Bytes), Error> {
     let too_big = || {
         Error::new(ErrorCode::SizeInvalid, format!("manifest exceeds {limit} bytes"))
             .with_status(StatusCode::PAYLOAD_TOO_LARGE)
@@ -74,18 +80,20 @@ async fn read_limited(req: Request<Incoming>, limit: usize) -> Result<(Option<St
         return Err(too_big());
     }
     let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let body = Limited::new(req.into_body(), limit).collect().await.map_err(|e| {
-        if e.is::<http_body_util::LengthLimitError>() {
-            too_big()
-        } else {
-            Error::new(ErrorCode::ManifestInvalid, format!("reading manifest: {e}"))
+    let mut body = super::body_stream(state, req);
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| Error::new(ErrorCode::ManifestInvalid, format!("reading manifest: {e}")))?;
+        if buf.len() + chunk.len() > limit {
+            return Err(too_big());
         }
-    })?;
-    Ok((ct, body.to_bytes()))
+        buf.extend_from_slice(&chunk);
+    }
+    Ok((ct, buf.freeze()))
 }
 
 pub async fn put(state: &AppState, name: &Name, r: &Reference, query: &Query, req: Request<Incoming>) -> ApiResult {
-    let (content_type, bytes) = read_limited(req, state.max_manifest_bytes).await?;
+    let (content_type, bytes) = read_limited(state, req, state.max_manifest_bytes).await?;
     let parsed = Manifest::parse(content_type.as_deref(), &bytes)?;
     let (digest, mut tags) = match r {
         Reference::Digest(want) => {

@@ -115,6 +115,18 @@ impl AppState {
     }
 }
 
+/// A request body as a stream of bytes, cut when it falls below the
+/// minimum rate (`[limits]`): every body a handler reads goes through it.
+fn body_stream(
+    state: &AppState,
+    req: Request<Incoming>,
+) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + Unpin {
+    use futures::TryStreamExt;
+    use http_body_util::BodyExt;
+    let body = req.into_body().into_data_stream().map_err(std::io::Error::other);
+    limits::RateChecked::new(body, state.limits.body_rate)
+}
+
 /// The decoded query string of a request.
 pub struct Query(Vec<(String, String)>);
 

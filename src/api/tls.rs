@@ -36,12 +36,19 @@ struct Current {
     pair: RwLock<(Arc<CertifiedKey>, Stamp)>,
 }
 
-/// Modification time and length of the certificate and key files.
-type Stamp = [(Option<SystemTime>, u64); 2];
+/// Modification time and length of a file, to see that it changed
+/// (the certificate and key here, the htpasswd file in `auth`).
+pub(super) type FileStamp = (Option<SystemTime>, u64);
+
+pub(super) fn file_stamp(p: &Path) -> FileStamp {
+    std::fs::metadata(p).map(|m| (m.modified().ok(), m.len())).unwrap_or((None, 0))
+}
+
+/// The stamps of the certificate and key files.
+type Stamp = [FileStamp; 2];
 
 fn stamp(files: &ApiTlsFiles) -> Stamp {
-    let one = |p: &Path| std::fs::metadata(p).map(|m| (m.modified().ok(), m.len())).unwrap_or((None, 0));
-    [one(&files.cert), one(&files.key)]
+    [file_stamp(&files.cert), file_stamp(&files.key)]
 }
 
 fn invalid(p: &Path, what: &str, e: impl std::fmt::Display) -> std::io::Error {

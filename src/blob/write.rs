@@ -50,6 +50,22 @@ impl Sink {
     }
 }
 
+/// The sink, or the batch write that has it: one batch in flight at most.
+enum Turn {
+    Idle(Box<Sink>),
+    Writing(JoinHandle<std::io::Result<Sink>>),
+}
+
+impl Turn {
+    /// The sink once the batch in flight (if any) is written.
+    async fn ready(self) -> std::io::Result<Sink> {
+        match self {
+            Turn::Idle(s) => Ok(*s),
+            Turn::Writing(h) => joined(h.await),
+        }
+    }
+}
+
 fn joined<T>(r: Result<std::io::Result<T>, tokio::task::JoinError>) -> std::io::Result<T> {
     r.map_err(std::io::Error::other)?
 }
@@ -77,7 +93,7 @@ where
         writeback: Writeback::new(start),
         end: start,
     };
-    let mut in_flight: JoinHandle<std::io::Result<Sink>> = tokio::task::spawn_blocking(move || Ok(sink));
+    let mut sink = Turn::Idle(Box::new(sink));
     let mut batch = Vec::new();
     let mut gathered = 0usize;
     let mut cut = None;
@@ -98,19 +114,19 @@ where
             None => true,
         };
         if gathered >= WRITE_CHUNK || (last && !batch.is_empty()) {
-            let sink = match joined(in_flight.await) {
+            let ready = match sink.ready().await {
                 Ok(s) => s,
                 Err(e) => return Err(roll_back(path, start, e)),
             };
             let next = std::mem::take(&mut batch);
             gathered = 0;
-            in_flight = tokio::task::spawn_blocking(move || sink.write(next));
+            sink = Turn::Writing(tokio::task::spawn_blocking(move || ready.write(next)));
         }
         if last {
             break;
         }
     }
-    let finished = joined(in_flight.await).and_then(|mut sink| {
+    let finished = sink.ready().await.and_then(|mut sink| {
         sink.w.flush()?;
         Ok(sink)
     });

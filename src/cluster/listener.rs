@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::either::Either;
 
 use super::tls::ClusterTls;
+use crate::rewind::Rewind;
 
 /// How long a new connection has to finish its TLS handshake and send its
 /// first bytes.
@@ -45,9 +46,7 @@ type ClientIo = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>
 /// An accepted, authenticated cluster connection. The bytes read to tell
 /// its kind are read again first.
 pub struct Conn {
-    io: ServerIo,
-    first: [u8; 24],
-    replayed: usize,
+    io: Rewind<ServerIo>,
     remote: SocketAddr,
     local: Option<SocketAddr>,
 }
@@ -61,8 +60,8 @@ impl Conn {
     /// The socket, when bytes on it are not encrypted by this process (so
     /// the kernel may send a file to it directly); None over TLS.
     pub fn plain_socket(&self) -> Option<&TcpStream> {
-        match &self.io {
-            Either::Left(s) if self.replayed == self.first.len() => Some(s),
+        match self.io.drained() {
+            Some(Either::Left(s)) => Some(s),
             _ => None,
         }
     }
@@ -70,14 +69,7 @@ impl Conn {
 
 impl AsyncRead for Conn {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if this.replayed < this.first.len() {
-            let n = (this.first.len() - this.replayed).min(buf.remaining());
-            buf.put_slice(&this.first[this.replayed..this.replayed + n]);
-            this.replayed += n;
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.io).poll_read(cx, buf)
+        Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
@@ -155,11 +147,11 @@ pub fn serve(
                     Ok(Err(e)) => return tracing::debug!(%remote, error = %e, "cluster connection refused"),
                     Err(_) => return tracing::debug!(%remote, "cluster connection sent nothing in time"),
                 };
-                if &conn.first == H2_PREFACE {
+                if conn.io.first() == H2_PREFACE {
                     let _ = tx.send(Ok(conn)).await;
-                } else if &conn.first == FORWARD_PREFACE {
+                } else if conn.io.first() == FORWARD_PREFACE {
                     let mut conn = conn;
-                    conn.replayed = conn.first.len();
+                    conn.io.skip_first();
                     on_forward(conn);
                 } else {
                     on_stream(conn);
@@ -177,9 +169,9 @@ async fn open(sock: TcpStream, remote: SocketAddr, tls: Option<&ClusterTls>) -> 
         Some(tls) => Either::Right(Box::new(tls.acceptor().accept(sock).await?)),
         None => Either::Left(sock),
     };
-    let mut first = [0u8; 24];
+    let mut first = vec![0u8; H2_PREFACE.len()];
     io.read_exact(&mut first).await?;
-    Ok(Conn { io, first, replayed: 0, remote, local })
+    Ok(Conn { io: Rewind::new(io, first), remote, local })
 }
 
 /// A connection to a member's cluster port, over mutual TLS with `tls`.

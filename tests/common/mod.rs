@@ -338,3 +338,39 @@ pub fn tls_client(ca: &Path) -> reqwest::Client {
         .build()
         .unwrap()
 }
+
+/// Config lines for a node serving TLS (certificates made under `dir`) with
+/// one htpasswd user, `user`, who may pull, push and delete everywhere; and
+/// the CA a client must trust.
+pub fn tls_auth_settings(dir: &Path, user: &str, password: &str) -> (String, std::path::PathBuf) {
+    let (ca, cert, key) = api_certs(&dir.join("tls"));
+    let htpasswd = dir.join("htpasswd");
+    // The default cost, as a real htpasswd file has: berth remembers a
+    // checked password, so it is paid once.
+    std::fs::write(&htpasswd, format!("{user}:{}\n", bcrypt::hash(password, bcrypt::DEFAULT_COST).unwrap())).unwrap();
+    let rest = format!(
+        "[tls]\ncert = \"{}\"\nkey = \"{}\"\n[auth]\nhtpasswd = \"{}\"\n[[access]]\nrepos = \"**\"\n\
+         pull = [\"{user}\"]\npush = [\"{user}\"]\ndelete = [\"{user}\"]\n",
+        cert.display(),
+        key.display(),
+        htpasswd.display()
+    );
+    (rest, ca)
+}
+
+/// A client that trusts only `ca` and sends `user`'s credentials with
+/// every request.
+pub fn tls_client_as(ca: &Path, user: &str, password: &str, builder: reqwest::ClientBuilder) -> reqwest::Client {
+    use base64::Engine;
+    let mut headers = reqwest::header::HeaderMap::new();
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    headers.insert(reqwest::header::AUTHORIZATION, format!("Basic {token}").parse().unwrap());
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap();
+    builder
+        .default_headers(headers)
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca)
+        .use_rustls_tls()
+        .build()
+        .unwrap()
+}
