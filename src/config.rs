@@ -366,6 +366,17 @@ impl Config {
         if !self.initial_members.is_empty() && !self.initial_members.iter().any(|m| m.id == self.node_id) {
             return Err(ConfigError::Invalid(format!("node_id {} is not in initial_members", self.node_id)));
         }
+        // Regions in the membership come from initial_members: a member
+        // without one would make every copy count as the same region.
+        if self.min_regions > 1 {
+            if let Some(m) = self.initial_members.iter().find(|m| m.region.is_empty()) {
+                return Err(ConfigError::Invalid(format!(
+                    "min_regions = {} needs a region on every initial_members entry (node {} has none): \
+                     the membership records each member's region from them",
+                    self.min_regions, m.id
+                )));
+            }
+        }
         if self.join.is_some() && !self.initial_members.is_empty() {
             return Err(ConfigError::Invalid("join and initial_members exclude each other".into()));
         }
@@ -412,5 +423,30 @@ impl Config {
             return Err(ConfigError::Invalid(format!("max_manifest_bytes must be at most {most}")));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn min_regions_needs_regions_on_initial_members() {
+        let member = |id, region: &str| MemberConfig {
+            id,
+            http: format!("h{id}:5000"),
+            grpc: format!("h{id}:5001"),
+            region: region.into(),
+        };
+        let mut c = Config {
+            min_regions: 2,
+            insecure_cluster: true,
+            initial_members: vec![member(1, "east"), member(2, "")],
+            ..Config::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("node 2") && e.contains("min_regions"), "{e}");
+        c.initial_members[1].region = "west".into();
+        c.validate().unwrap();
     }
 }

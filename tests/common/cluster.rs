@@ -63,9 +63,14 @@ impl TestCluster {
             .enumerate()
             .map(|(i, s)| {
                 let grpc = gates.get(i).map_or(s.grpc, |g| g.port);
+                // A node's `region` setting is recorded in the membership
+                // through its initial_members entry.
+                let region = extra(s.id).lines().find(|l| l.starts_with("region =")).map(|l| format!("{l}\n"));
                 format!(
-                    "[[initial_members]]\nid = {}\nhttp = \"127.0.0.1:{}\"\ngrpc = \"127.0.0.1:{grpc}\"\n",
-                    s.id, s.http
+                    "[[initial_members]]\nid = {}\nhttp = \"127.0.0.1:{}\"\ngrpc = \"127.0.0.1:{grpc}\"\n{}",
+                    s.id,
+                    s.http,
+                    region.unwrap_or_default()
                 )
             })
             .collect();
