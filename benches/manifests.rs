@@ -1,10 +1,12 @@
 //! Manifest operations of one registry: PUT by tag (each a distinct manifest)
 //! and GET by tag, at concurrency 1 and 64.
 //!
-//! `cargo bench --bench manifests -- [--registry HOST:PORT] [--secure]`
+//! `cargo bench --bench manifests -- [--registry HOST:PORT] [--secure [--http1]]`
 //!
 //! `--secure`: the node serves TLS with htpasswd auth and every request
-//! carries credentials (`tests/common`: `tls_auth_settings`).
+//! carries credentials (`tests/common`: `tls_auth_settings`). The client
+//! offers HTTP/2 by ALPN; with `--http1` it speaks HTTP/1.1 over TLS, as
+//! the Docker engine does, one connection per concurrent request.
 //!
 //! Without `--registry` it starts a one-node `berth serve` on a temporary data
 //! dir. With it, it measures any other registry the same way (CNCF
@@ -50,7 +52,15 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     // A berth started here is killed when `_node` drops, at the end.
     let secure = args.iter().any(|a| a == "--secure");
-    let builder = || reqwest::Client::builder().pool_max_idle_per_host(128);
+    let http1 = args.iter().any(|a| a == "--http1");
+    let builder = || {
+        let b = reqwest::Client::builder().pool_max_idle_per_host(128);
+        if http1 {
+            b.http1_only()
+        } else {
+            b
+        }
+    };
     // A berth started here is killed when `_node` drops, at the end.
     let (base, c, _node) = match arg("--registry") {
         Some(r) => (format!("http://{r}"), builder().build().unwrap(), None),

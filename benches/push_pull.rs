@@ -1,9 +1,11 @@
 //! Blob push and pull throughput of one node, and the node's peak memory.
 //!
-//! `cargo bench --bench push_pull -- [--size-mib N] [--registry HOST:PORT] [--secure]`
+//! `cargo bench --bench push_pull -- [--size-mib N] [--registry HOST:PORT] [--secure [--http1]]`
 //!
 //! `--secure`: the node serves TLS with htpasswd auth and every request
-//! carries credentials (`tests/common`: `tls_auth_settings`).
+//! carries credentials (`tests/common`: `tls_auth_settings`). The client
+//! offers HTTP/2 by ALPN; with `--http1` it speaks HTTP/1.1 over TLS, as
+//! the Docker engine does, one connection per concurrent request.
 //!
 //! Without `--registry` it starts `berth serve` on a temporary data dir and
 //! reports the process's peak RSS (VmHWM) after the push and pull. With
@@ -51,6 +53,7 @@ async fn main() {
 
     let dir = tempfile::tempdir().unwrap();
     let secure = args.iter().any(|a| a == "--secure");
+    let http1 = args.iter().any(|a| a == "--http1");
     let (base, client, mut child) = match arg("--registry") {
         Some(r) => (format!("http://{r}"), reqwest::Client::new(), None),
         None => {
@@ -68,7 +71,14 @@ async fn main() {
             if secure {
                 (
                     format!("https://localhost:{port}"),
-                    common::tls_client_as(&ca, "bench", "bench-pw", reqwest::Client::builder()),
+                    common::tls_client_as(&ca, "bench", "bench-pw", {
+                        let b = reqwest::Client::builder();
+                        if http1 {
+                            b.http1_only()
+                        } else {
+                            b
+                        }
+                    }),
                     Some(c),
                 )
             } else {

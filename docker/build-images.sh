@@ -10,6 +10,10 @@
 # top level) builds the same berth image from source instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# One build at a time on this machine: two end-to-end runs at once would
+# otherwise both debootstrap the base, or both rebuild the balancer image.
+exec 9>"${TMPDIR:-/tmp}/berth-build-images.lock"
+flock 9
 BIN=${1:-${CARGO_TARGET_DIR:-target}/release/berth}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 
@@ -37,8 +41,12 @@ DOCKER_BUILDKIT=0 docker build -q -t "$TAG" "$ctx" >/dev/null 2>&1 || DOCKER_BUI
 
 lbctx=$(mktemp -d)
 cp docker/Dockerfile.lb "$lbctx/Dockerfile"
-cp docker/haproxy.cfg "$lbctx/haproxy.cfg"
-if ! docker image inspect berth-lb:local >/dev/null 2>&1 || [ -n "${REBUILD_LB:-}" ]; then
+cp docker/haproxy.cfg docker/lb-*.cfg "$lbctx/"
+# Rebuilt whenever its Dockerfile or configs change (a label keeps their hash).
+lbhash=$(cat "$lbctx"/* | sha256sum | cut -c1-16)
+echo "LABEL berth-lb-inputs=$lbhash" >>"$lbctx/Dockerfile"
+have=$(docker image inspect --format '{{index .Config.Labels "berth-lb-inputs"}}' berth-lb:local 2>/dev/null || true)
+if [ "$have" != "$lbhash" ] || [ -n "${REBUILD_LB:-}" ]; then
   echo "build-images: berth-lb:local"
   DOCKER_BUILDKIT=0 docker build -q -t berth-lb:local "$lbctx" >/dev/null 2>&1 || DOCKER_BUILDKIT=0 docker build -t berth-lb:local "$lbctx"
 fi

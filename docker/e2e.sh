@@ -15,9 +15,9 @@ REG="127.0.0.1:$BERTH_PORT"
 WORK=$(mktemp -d)
 T0=$(date +%s)
 
-dc() { docker-compose -p "$P" "$@"; }
-step() { echo "e2e [$(( $(date +%s) - T0 ))s] $*"; }
-fail() { echo "e2e FAILED: $*" >&2; dc --profile join ps >&2 || true; dc --profile join logs --tail 30 >&2 || true; exit 1; }
+COMPOSE_FILES=()
+# shellcheck source=docker/e2e-lib.sh
+source docker/e2e-lib.sh
 cleanup() {
   dc --profile join down -v --remove-orphans >/dev/null 2>&1 || true
   for i in app:1 app:2 app:3 copy:1; do docker rmi -f "$REG/e2e/$i" >/dev/null 2>&1 || true; done
@@ -28,29 +28,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# wait_until DESCRIPTION SECONDS COMMAND...
-wait_until() {
-  local what=$1 secs=$2; shift 2
-  local end=$(( $(date +%s) + secs ))
-  until "$@" >/dev/null 2>&1; do
-    [ "$(date +%s)" -lt "$end" ] || fail "timed out waiting for $what"
-    sleep 0.5
-  done
-}
-
-status_json() { dc exec -T "$1" berth cluster status --json --node "$1:5001"; }
-# count_answering NODE: members that answer, as seen from NODE
-count_answering() { status_json "$1" | python3 -c 'import json,sys; print(sum(1 for r in json.load(sys.stdin) if r["answers"]))'; }
 leader_of() { status_json "$1" | python3 -c 'import json,sys; rows=json.load(sys.stdin); print(next(r["leader"] for r in rows if r["answers"] and r["leader"]))'; }
 healthy() { curl -sf "http://$REG/v2/" >/dev/null && [ "$(count_answering "$1")" = "$2" ]; }
 
-make_image() { # make_image TAG SEED: three layers, built FROM scratch
-  local ctx="$WORK/ctx-$2"; mkdir -p "$ctx"
-  head -c 4000000 /dev/urandom > "$ctx/a"; head -c 60000 /dev/urandom > "$ctx/b"; echo "$2" > "$ctx/c"
-  printf 'FROM scratch\nLABEL berth-e2e=%s\nCOPY a /a\nCOPY b /b\nCOPY c /c\n' "$P" > "$ctx/Dockerfile"
-  DOCKER_BUILDKIT=0 docker build -q -t "$1" "$ctx" >/dev/null 2>&1 || fail "docker build $1"
-}
-image_id() { docker inspect --format '{{.Id}}' "$1"; }
 round_trip() { # push, remove, pull back, compare ids
   local id; id=$(image_id "$1")
   docker push "$1" >/dev/null || fail "docker push $1"

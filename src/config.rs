@@ -324,6 +324,18 @@ impl Default for Config {
     }
 }
 
+/// Lays `top` over `base`: tables merge key by key, anything else replaces.
+fn lay_over(base: &mut toml::Table, top: toml::Table) {
+    for (key, value) in top {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(t)) => lay_over(b, t),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading {0}: {1}")]
@@ -345,8 +357,26 @@ impl Config {
     /// Read a config file without validating it, for callers that override
     /// settings first and validate after.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.into(), e))?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse(path.into(), e))
+        Config::from_files(std::slice::from_ref(&path.to_path_buf()))
+    }
+
+    /// Read config files in order, each laid over the ones before it, without
+    /// validating: a later file's key replaces an earlier one's, a table is
+    /// merged key by key, and an array (`[[access]]`, `initial_members`) is
+    /// replaced whole. So a site-wide file (TLS, users, rules) can sit over
+    /// each node's own without copying it into every node's file.
+    pub fn from_files(paths: &[PathBuf]) -> Result<Config, ConfigError> {
+        let mut merged = toml::Table::new();
+        for path in paths {
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.clone(), e))?;
+            // Each file alone must be a valid config, so an unknown key or a
+            // wrong type is blamed on the file that holds it.
+            toml::from_str::<Config>(&text).map_err(|e| ConfigError::Parse(path.clone(), e))?;
+            let layer: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse(path.clone(), e))?;
+            lay_over(&mut merged, layer);
+        }
+        let named = paths.last().cloned().unwrap_or_default();
+        merged.try_into().map_err(|e| ConfigError::Parse(named, e))
     }
 
     /// Whether this node talks to other nodes: a one-node cluster (no
@@ -448,5 +478,35 @@ mod tests {
         assert!(e.contains("node 2") && e.contains("min_regions"), "{e}");
         c.initial_members[1].region = "west".into();
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn later_files_lay_over_earlier_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = dir.path().join("node.toml");
+        let site = dir.path().join("site.toml");
+        std::fs::write(
+            &node,
+            "node_id = 2\nregion = \"east\"\n[limits]\nmax_connections = 10\nmax_page = 7\n\
+             [[access]]\nrepos = \"a/**\"\npull = [\"anonymous\"]\n",
+        )
+        .unwrap();
+        std::fs::write(
+            &site,
+            "region = \"west\"\n[limits]\nmax_page = 9\n[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n\
+             [[access]]\nrepos = \"**\"\npush = [\"alice\"]\n",
+        )
+        .unwrap();
+        let c = Config::from_files(&[node.clone(), site.clone()]).unwrap();
+        assert_eq!((c.node_id, c.region.as_str()), (2, "west"));
+        // Tables merge key by key; arrays are replaced whole.
+        assert_eq!((c.limits.max_connections, c.limits.max_page), (10, 9));
+        assert_eq!(c.tls.unwrap().cert, PathBuf::from("c.pem"));
+        assert_eq!(c.access.len(), 1);
+        assert_eq!(c.access[0].repos, "**");
+        // An unknown key in any layer is still refused, naming that layer.
+        std::fs::write(&node, "[limits]\nmax_pages = 9\n").unwrap();
+        let e = Config::from_files(&[node, site]).unwrap_err().to_string();
+        assert!(e.contains("max_pages") && e.contains("node.toml"), "{e}");
     }
 }

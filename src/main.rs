@@ -20,9 +20,12 @@ struct Cli {
 enum Cmd {
     /// Run a registry node (with no flags: one node on 127.0.0.1:5000, data in ./berth-data).
     Serve {
-        /// TOML configuration file; flags below override it.
-        #[arg(long, env = "BERTH_CONFIG")]
-        config: Option<PathBuf>,
+        /// TOML configuration file; flags below override it. Repeat it to lay files over each
+        /// other (a site-wide file with TLS, users and rules over each node's own): a later
+        /// file's keys win, tables merge, arrays are replaced. BERTH_CONFIG takes a
+        /// colon-separated list.
+        #[arg(long, env = "BERTH_CONFIG", value_delimiter = ':')]
+        config: Vec<PathBuf>,
         /// This node's id (>= 1, unique in the cluster).
         #[arg(long)]
         node_id: Option<u64>,
@@ -54,6 +57,10 @@ enum Cmd {
     Ping {
         #[arg(long, default_value = "127.0.0.1:5000")]
         http: String,
+        /// The API serves TLS: verify its certificate against this CA (PEM), for the host
+        /// named in --http.
+        #[arg(long)]
+        tls_ca: Option<PathBuf>,
     },
     /// Inspect and change cluster membership.
     Cluster {
@@ -162,10 +169,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Cmd::Serve { config, node_id, http, grpc, data_dir, join, learner, cluster_tls_dir, insecure_cluster } => {
             // Validated once the flags are applied (RunningNode::start).
-            let mut cfg = match config {
-                Some(p) => Config::from_file(&p)?,
-                None => Config::default(),
-            };
+            let mut cfg = if config.is_empty() { Config::default() } else { Config::from_files(&config)? };
             cfg.node_id = node_id.unwrap_or(cfg.node_id);
             cfg.http = http.unwrap_or(cfg.http);
             cfg.grpc = grpc.unwrap_or(cfg.grpc);
@@ -201,7 +205,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Ping { http } => rt.block_on(ping(&http)),
+        Cmd::Ping { http, tls_ca } => rt.block_on(ping(&http, tls_ca.as_deref())),
         Cmd::Htpasswd { user, password, cost } => {
             let password = match password {
                 Some(p) => p,
@@ -217,14 +221,25 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn ping(addr: &str) -> anyhow::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let attempt = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
+async fn ping(addr: &str, tls_ca: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    async fn ask(mut s: impl AsyncRead + AsyncWrite + Unpin, addr: &str) -> anyhow::Result<String> {
         s.write_all(format!("GET /v2/ HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
         let mut buf = vec![0u8; 64];
         let n = s.read(&mut buf).await?;
-        anyhow::Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+    let attempt = async {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        match tls_ca {
+            None => ask(tcp, addr).await,
+            Some(ca) => {
+                let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h).trim_matches(['[', ']']);
+                let name = rustls::pki_types::ServerName::try_from(host.to_owned())?;
+                let tls = berth::api::tls::client_trusting(ca)?.connect(name, tcp).await?;
+                ask(tls, addr).await
+            }
+        }
     };
     let line = tokio::time::timeout(std::time::Duration::from_secs(2), attempt).await??;
     // 401: a serving node whose API needs credentials.

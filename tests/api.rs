@@ -391,6 +391,31 @@ async fn referrers_with_artifact_type_filter() {
     assert_eq!(ms[0]["artifactType"], "application/vnd.example.sig");
     assert_eq!(ms[0]["annotations"]["n"], "1");
 
+    // Paginated: one descriptor a page, the Link leading to the next, every
+    // referrer exactly once.
+    let mut url = format!("{}/v2/ref/referrers/{subject}?n=1", n.base);
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let r = c.get(&url).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let link = r.headers().get("Link").map(|l| l.to_str().unwrap().to_owned());
+        let v: serde_json::Value = r.json().await.unwrap();
+        let ms = v["manifests"].as_array().unwrap();
+        assert_eq!(ms.len(), 1, "{v}");
+        seen.push(ms[0]["digest"].as_str().unwrap().to_owned());
+        match link {
+            Some(l) => {
+                let path = l.trim_start_matches('<').split('>').next().unwrap().to_owned();
+                assert!(path.starts_with("/v2/ref/referrers/") && l.ends_with("rel=\"next\""), "{l}");
+                url = format!("{}{path}", n.base);
+            }
+            None => break,
+        }
+    }
+    let mut want = artifacts.clone();
+    want.sort();
+    assert_eq!(seen, want, "every referrer once, in digest order");
+
     // Deleting a referrer removes it from the list.
     let r = c.delete(format!("{}/v2/ref/manifests/{}", n.base, artifacts[0])).send().await.unwrap();
     assert_eq!(r.status(), 202);

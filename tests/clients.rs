@@ -53,10 +53,10 @@ async fn docker_and_skopeo_round_trip() {
     let docker = available("docker", &["info"]);
     let skopeo = available("skopeo", &["--version"]);
     if !docker {
-        eprintln!("SKIPPED: docker push/pull: no Docker engine answers `docker info` here");
+        skipped("docker push/pull: no Docker engine answers `docker info` here");
     }
     if !skopeo {
-        eprintln!("SKIPPED: skopeo copy: skopeo is not installed (scripts/setup.sh installs it)");
+        skipped("skopeo copy: skopeo is not installed (scripts/setup.sh installs it)");
     }
     if !docker && !skopeo {
         return;
@@ -120,7 +120,7 @@ async fn docker_and_skopeo_round_trip() {
 #[tokio::test]
 async fn buildah_and_podman_round_trip() {
     if !available("podman", &["--version"]) || !available("buildah", &["--version"]) {
-        eprintln!("SKIPPED: podman/buildah: not installed (scripts/setup.sh installs them)");
+        skipped("podman/buildah: not installed (scripts/setup.sh installs them)");
         return;
     }
     let (_node, addr, _dir) = start_berth().await;
@@ -158,15 +158,108 @@ async fn buildah_and_podman_round_trip() {
 
 #[tokio::test]
 async fn oras_artifact_with_a_referrer() {
-    if !available("python3", &["-c", "import oras.client"]) {
-        eprintln!("SKIPPED: oras: the oras Python SDK is not installed (scripts/setup.sh installs it)");
+    if !available(&python(), &["-c", "import oras.client"]) {
+        skipped("oras: the oras Python SDK is not installed (scripts/setup.sh installs it)");
         return;
     }
     let (_node, addr, _dir) = start_berth().await;
     let work = tempfile::tempdir().unwrap();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/oras_round_trip.py");
-    let out = run("python3", &[script, &addr, &work.path().display().to_string()]);
+    let out = run(&python(), &[script, &addr, &work.path().display().to_string()]);
     assert!(String::from_utf8_lossy(&out.stdout).contains(": ok"));
+}
+
+/// A node serving TLS (a CA of the test's own, for `localhost`) with one
+/// htpasswd user, alice, who may pull, push and delete everywhere.
+async fn start_secure_berth() -> (Proc, String, std::path::PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let (rest, ca) = tls_auth_settings(dir.path(), "alice", "alice-pw");
+    let (http, grpc) = (free_port(), free_port());
+    let args = write_config(&dir.path().join("berth.toml"), 1, http, grpc, &dir.path().join("data"), &rest);
+    let child = berth().arg("serve").args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let node = Proc(child, None);
+    let addr = format!("localhost:{http}");
+    let c = tls_client(&ca);
+    wait_for("the TLS node", std::time::Duration::from_secs(60), || {
+        let (c, url) = (c.clone(), format!("https://{addr}/v2/"));
+        async move { c.get(url).send().await.is_ok() }
+    })
+    .await;
+    (node, addr, ca, dir)
+}
+
+/// podman (its own storage, the test CA in a cert dir) and ORAS (HTTPS,
+/// the CA as requests' bundle) against a TLS node with users: refused
+/// without credentials, every step done with them.
+#[tokio::test]
+async fn podman_and_oras_with_credentials_over_tls() {
+    let podman = available("podman", &["--version"]) && available("buildah", &["--version"]);
+    let oras = available(&python(), &["-c", "import oras.client"]);
+    if !podman {
+        skipped("podman with credentials: podman/buildah not installed (scripts/setup.sh installs them)");
+    }
+    if !oras {
+        skipped("oras with credentials: the oras Python SDK is not installed (scripts/setup.sh installs it)");
+    }
+    if !podman && !oras {
+        return;
+    }
+    let (_node, addr, ca, _dir) = start_secure_berth().await;
+    if podman {
+        let store = tempfile::tempdir().unwrap();
+        let cert_dir = store.path().join("certs");
+        std::fs::create_dir_all(&cert_dir).unwrap();
+        std::fs::copy(&ca, cert_dir.join("ca.crt")).unwrap();
+        let cd = cert_dir.display().to_string();
+        let root = store.path().join("root").display().to_string();
+        let runroot = store.path().join("run").display().to_string();
+        let auth_file = store.path().join("auth.json").display().to_string();
+        let global = ["--root", root.as_str(), "--runroot", runroot.as_str(), "--storage-driver", "vfs"];
+        let cmd = |tool: &str, args: &[&str]| {
+            let mut c = Command::new(tool);
+            c.env("REGISTRY_AUTH_FILE", &auth_file).args(global).args(args);
+            c
+        };
+        let ctx = tempfile::tempdir().unwrap();
+        std::fs::write(ctx.path().join("a"), b"podman with credentials").unwrap();
+        std::fs::write(ctx.path().join("Containerfile"), "FROM scratch\nCOPY a /a\n").unwrap();
+        let image = format!("{addr}/secure/pod:{:x}", rand::random::<u32>());
+        let ok = |mut c: Command, what: &str| {
+            let out = c.output().unwrap();
+            assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+            out
+        };
+        ok(cmd("buildah", &["bud", "-q", "-t", &image, &ctx.path().display().to_string()]), "buildah bud");
+        let id = |out: Output| String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let before = id(ok(cmd("podman", &["image", "inspect", "--format", "{{.Id}}", &image]), "inspect"));
+        let out = cmd("podman", &["push", "--cert-dir", &cd, &image]).output().unwrap();
+        assert!(!out.status.success(), "podman push without credentials must be refused");
+        let mut login = cmd("podman", &["login", "--cert-dir", &cd, "-u", "alice", "--password-stdin", &addr]);
+        let mut child = login.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(b"alice-pw").unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "podman login: {}", String::from_utf8_lossy(&out.stderr));
+        ok(cmd("podman", &["push", "--cert-dir", &cd, &image]), "podman push");
+        ok(cmd("podman", &["rmi", "-f", &image]), "podman rmi");
+        ok(cmd("podman", &["pull", "-q", "--cert-dir", &cd, &image]), "podman pull");
+        let after = id(ok(cmd("podman", &["image", "inspect", "--format", "{{.Id}}", &image]), "inspect"));
+        assert_eq!(before, after, "image id changed through push and pull");
+    }
+    if oras {
+        let work = tempfile::tempdir().unwrap();
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/oras_round_trip.py");
+        let out = Command::new(python())
+            .args([script, &addr, &work.path().display().to_string()])
+            .env("ORAS_USER", "alice")
+            .env("ORAS_PASSWORD", "alice-pw")
+            .env("REQUESTS_CA_BUNDLE", &ca)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "oras: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains("logged in") && stdout.contains(": ok"), "{stdout}");
+    }
 }
 
 /// Removes a directory (the Docker engine's trust of a test CA) on drop.
@@ -185,22 +278,10 @@ async fn docker_login_and_skopeo_with_credentials_over_tls() {
     let docker = available("docker", &["info"]);
     let skopeo = available("skopeo", &["--version"]);
     if !docker && !skopeo {
-        eprintln!("SKIPPED: docker login and skopeo over TLS: neither docker nor skopeo is here");
+        skipped("docker login and skopeo over TLS: neither docker nor skopeo is here");
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let (rest, ca) = tls_auth_settings(dir.path(), "alice", "alice-pw");
-    let (http, grpc) = (free_port(), free_port());
-    let args = write_config(&dir.path().join("berth.toml"), 1, http, grpc, &dir.path().join("data"), &rest);
-    let child = berth().arg("serve").args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-    let _node = Proc(child, None);
-    let addr = format!("localhost:{http}");
-    let c = tls_client(&ca);
-    wait_for("the TLS node", std::time::Duration::from_secs(60), || {
-        let (c, url) = (c.clone(), format!("https://{addr}/v2/"));
-        async move { c.get(url).send().await.is_ok() }
-    })
-    .await;
+    let (_node, addr, ca, _dir) = start_secure_berth().await;
     let unique = format!("{:x}", rand::random::<u32>());
     let image = format!("{addr}/secure/app:{unique}");
 
@@ -250,7 +331,7 @@ async fn docker_login_and_skopeo_with_credentials_over_tls() {
         let id_after = docker_cmd(&["inspect", "--format", "{{.Id}}", &image]).output().unwrap().stdout;
         assert_eq!(id_before, id_after);
     } else {
-        eprintln!("SKIPPED: docker login: no Docker engine answers `docker info` here");
+        skipped("docker login: no Docker engine answers `docker info` here");
         let alice = tls_client_as(&ca, "alice", "alice-pw", reqwest::Client::builder());
         push_image(&alice, &format!("https://{addr}"), "secure/app", &unique, "no-docker").await;
     }
@@ -271,6 +352,6 @@ async fn docker_login_and_skopeo_with_credentials_over_tls() {
         let raw = run("skopeo", &["inspect", "--raw", "--cert-dir", &cd, "--creds", "alice:alice-pw", &back]).stdout;
         assert!(!raw.is_empty());
     } else {
-        eprintln!("SKIPPED: skopeo with credentials: skopeo is not installed");
+        skipped("skopeo with credentials: skopeo is not installed");
     }
 }

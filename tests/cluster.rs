@@ -11,10 +11,13 @@ use common::*;
 
 /// Tag `tag` in `repo` to the manifest `m` (whose blobs are in `repo`).
 /// `tag`, retried while the node answers 503: a write racing an election
-/// may be told to come back, but must never be lost or fail otherwise.
+/// may be told to come back, but must never be lost or fail otherwise, and
+/// the cluster must take it within a minute.
 async fn tag_retrying(c: &reqwest::Client, base: &str, repo: &str, t: &str, m: &[u8]) -> reqwest::StatusCode {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut status = tag(c, base, repo, t, m).await;
     while status == 503 {
+        assert!(tokio::time::Instant::now() < deadline, "{base}: tag {t} still answered 503 after 60 s");
         tokio::time::sleep(Duration::from_millis(100)).await;
         status = tag(c, base, repo, t, m).await;
     }
@@ -151,26 +154,41 @@ async fn five_nodes_keep_writing_with_two_down() {
 
 #[tokio::test]
 async fn a_node_joins_under_load_and_another_leaves() {
-    let cl = TestCluster::start(3, 10_000).await;
+    let mut cl = TestCluster::start(3, 10_000).await;
     let c = client();
     let leader = cl.wait_leader_everywhere().await;
     let (_, m) = push_image(&c, &cl.base(leader), "grow", "base", "grow").await;
 
-    // Writes keep going while node 4 joins.
+    // Writes keep going, back to back, from before node 4 starts until it
+    // is a voter; every one must succeed, and some must have been made
+    // while the join was under way (phase 1).
+    use std::sync::atomic::{AtomicU8, Ordering};
+    let phase = std::sync::Arc::new(AtomicU8::new(0));
     let writer = {
-        let c = c.clone();
-        let base = cl.base(leader);
-        let m = m.clone();
+        let (c, base, m, phase) = (c.clone(), cl.base(leader), m.clone(), phase.clone());
         tokio::spawn(async move {
-            let mut n = 0;
-            for i in 0..60 {
-                if tag(&c, &base, "grow", &format!("load{i}"), &m).await == 201 {
-                    n += 1;
+            let (mut ok, mut during_join, mut failed) = (0u32, 0u32, Vec::new());
+            let mut i = 0;
+            while phase.load(Ordering::SeqCst) < 2 || i < 5 {
+                let started_in = phase.load(Ordering::SeqCst);
+                let status = tag(&c, &base, "grow", &format!("load{i}"), &m).await;
+                if status == 201 {
+                    ok += 1;
+                    during_join += u32::from(started_in == 1);
+                } else {
+                    failed.push((i, status));
                 }
+                i += 1;
             }
-            n
+            (ok, during_join, failed)
         })
     };
+    // A few writes land before the join starts.
+    wait_for("writes before the join", Duration::from_secs(30), || {
+        let (c, base) = (c.clone(), cl.base(leader));
+        async move { tag_count(&c, &base, "grow").await >= 4 }
+    })
+    .await;
     let (http, grpc) = (free_port(), free_port());
     let data = cl.dir.path().join("data4");
     // Flags alone, the certificate from the `berth certs` directory.
@@ -191,10 +209,8 @@ async fn a_node_joins_under_load_and_another_leaves() {
         .iter()
         .map(|s| s.to_string()),
     );
+    phase.store(1, Ordering::SeqCst);
     let _node4 = spawn_serve(&args, http).await;
-    let written = writer.await.unwrap();
-    assert_eq!(written, 60, "every write during the join succeeds");
-
     let admin = admin(&cl.grpc(leader));
     wait_for("node 4 to become a voter", Duration::from_secs(60), || {
         let admin = &admin;
@@ -203,8 +219,12 @@ async fn a_node_joins_under_load_and_another_leaves() {
         }
     })
     .await;
+    phase.store(2, Ordering::SeqCst);
+    let (written, during_join, failed) = writer.await.unwrap();
+    assert!(failed.is_empty(), "every write around the join succeeds: {failed:?}");
+    assert!(during_join > 0, "no write was made while node 4 joined");
     let base4 = format!("http://127.0.0.1:{http}");
-    assert_eq!(tag_count(&c, &base4, "grow").await, 61);
+    assert_eq!(tag_count(&c, &base4, "grow").await, written as usize + 1);
 
     // A follower leaves through the command line; the cluster goes on.
     let leaver = followers(&cl, leader)[0];
@@ -226,9 +246,17 @@ async fn a_node_joins_under_load_and_another_leaves() {
     }
     assert_eq!(tag(&c, &base4, "grow", "after-leave", &m).await, 201);
 
-    // Refused: removing voters until no majority would answer.
-    let out = berth().args(["cluster", "status", "--node", &cl.grpc(leader)]).output().unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).contains("voter"));
+    // Refused: a leave that would leave no answering majority. The other
+    // follower is killed; node 4 leaving would leave the leader alone of
+    // two voters.
+    let other = followers(&cl, leader).into_iter().find(|&f| f != leaver).unwrap();
+    cl.kill(other);
+    let out = berth().args(["cluster", "leave", "--node", &cl.grpc(leader), "--id", "4"]).output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "a leave without an answering majority must be refused: {said}");
+    assert!(said.contains("majority"), "{said}");
+    let rows = admin.status().await.unwrap();
+    assert!(rows.iter().any(|r| r.id == 4 && r.role == "voter"), "node 4 is still a voter");
 }
 
 #[tokio::test]

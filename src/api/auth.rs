@@ -437,6 +437,23 @@ impl Tokens {
     }
 }
 
+/// Token verification as a client's bearer token reaches it, for the fuzz
+/// targets (fuzz/), which have no running node.
+#[cfg(fuzzing)]
+pub struct TokenVerifier(Tokens);
+
+#[cfg(fuzzing)]
+impl TokenVerifier {
+    pub fn new(settings: &TokenSettings) -> Result<TokenVerifier, String> {
+        Tokens::load(settings).map(TokenVerifier)
+    }
+
+    /// Whether `token` verifies and grants `action` on repository `repo`.
+    pub fn grants(&self, token: &str, repo: &str, action: &str) -> bool {
+        self.0.verify(token).is_some_and(|c| grants(&c.access, "repository", repo, action))
+    }
+}
+
 fn grants(access: &[TokenAccess], kind: &str, name: &str, action: &str) -> bool {
     access.iter().any(|a| a.kind == kind && a.name == name && a.actions.iter().any(|x| x == action || x == "*"))
 }

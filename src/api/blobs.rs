@@ -8,7 +8,7 @@ use super::response::{blob_error, builder, empty, finish, stream, ApiResult};
 use super::{AppState, Query};
 use crate::blob::UploadId;
 use crate::meta::{Command, Outcome};
-use crate::oci::{Digest, Error, ErrorCode, Name};
+use crate::oci::{range, Digest, Error, ErrorCode, Name};
 use crate::NodeId;
 
 fn upload_location(name: &Name, id: &UploadId) -> String {
@@ -52,25 +52,6 @@ async fn linked_size(state: &AppState, name: &Name, digest: &Digest) -> Result<u
     state.meta.blob_link(name, digest)?.ok_or_else(|| Error::new(ErrorCode::BlobUnknown, "blob unknown to registry"))
 }
 
-/// Parse `Range: bytes=a-b`, `bytes=a-` or `bytes=-n` against `size`.
-/// Returns the half-open byte range, or None when unsatisfiable.
-fn parse_range(value: &str, size: u64) -> Option<(u64, u64)> {
-    let spec = value.trim().strip_prefix("bytes=")?;
-    if spec.contains(',') {
-        return None;
-    }
-    let (a, b) = spec.split_once('-')?;
-    let (start, end) = match (a.trim(), b.trim()) {
-        ("", n) => {
-            let n: u64 = n.parse().ok()?;
-            (size.saturating_sub(n), size)
-        }
-        (a, "") => (a.parse().ok()?, size),
-        (a, b) => (a.parse().ok()?, b.parse::<u64>().ok()?.saturating_add(1).min(size)),
-    };
-    (start < end && start < size).then_some((start, end))
-}
-
 pub async fn get(state: &AppState, name: &Name, digest: &Digest, headers: &HeaderMap, head: bool) -> ApiResult {
     let size = linked_size(state, name, digest).await?;
     let common = |status| {
@@ -83,7 +64,7 @@ pub async fn get(state: &AppState, name: &Name, digest: &Digest, headers: &Heade
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let (status, start, end) = match range {
         None => (StatusCode::OK, 0, size),
-        Some(r) => match parse_range(r, size) {
+        Some(r) => match range::byte_range(r, size) {
             Some((s, e)) => (StatusCode::PARTIAL_CONTENT, s, e),
             None => {
                 let e = Error::new(ErrorCode::RangeInvalid, "requested range not satisfiable");
@@ -204,21 +185,13 @@ pub async fn upload_status(state: &AppState, name: &Name, id: &UploadId) -> ApiR
     upload_accepted(StatusCode::NO_CONTENT, name, id, size)
 }
 
-/// `Content-Range: <start>-<end>` (the spec's form; `bytes ` prefix tolerated).
+/// The upload's `Content-Range`, if the request has one.
 fn content_range(headers: &HeaderMap) -> Result<Option<(u64, u64)>, Error> {
     let Some(v) = headers.get(header::CONTENT_RANGE) else {
         return Ok(None);
     };
     let bad = || Error::new(ErrorCode::RangeInvalid, "invalid Content-Range");
-    let s = v.to_str().map_err(|_| bad())?.trim();
-    let s = s.strip_prefix("bytes ").unwrap_or(s);
-    let s = s.split('/').next().unwrap_or(s);
-    let (a, b) = s.split_once('-').ok_or_else(bad)?;
-    let (a, b): (u64, u64) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
-    if b < a {
-        return Err(bad());
-    }
-    Ok(Some((a, b)))
+    v.to_str().ok().and_then(range::content_range).map(Some).ok_or_else(bad)
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
@@ -272,20 +245,4 @@ pub async fn finish_upload(
 pub async fn cancel_upload(state: &AppState, name: &Name, id: &UploadId) -> ApiResult {
     state.uploads.cancel(id, name).await.map_err(blob_error)?;
     finish(builder(StatusCode::NO_CONTENT), empty())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_range;
-
-    #[test]
-    fn ranges() {
-        assert_eq!(parse_range("bytes=0-9", 100), Some((0, 10)));
-        assert_eq!(parse_range("bytes=90-", 100), Some((90, 100)));
-        assert_eq!(parse_range("bytes=-10", 100), Some((90, 100)));
-        assert_eq!(parse_range("bytes=50-500", 100), Some((50, 100)));
-        assert_eq!(parse_range("bytes=100-", 100), None);
-        assert_eq!(parse_range("bytes=5-2", 100), None);
-        assert_eq!(parse_range("items=0-1", 100), None);
-    }
 }

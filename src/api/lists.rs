@@ -78,25 +78,36 @@ pub async fn catalog(state: &AppState, query: &Query, caller: &Principal) -> Api
     page_response(&Catalog { repositories: &page.items }, &page, n, "/v2/_catalog")
 }
 
+/// The referrers index (end-12), paginated like the other listings: `n`
+/// descriptors at most (default `[limits] default_page`), `Link` to the
+/// next page, which starts after the last digest of this one.
 pub async fn referrers(state: &AppState, name: &Name, subject: &Digest, query: &Query) -> ApiResult {
+    let (n, last) = pagination(state, query)?;
+    let n = n.unwrap_or(state.limits.default_page);
     state.cluster.read_barrier().await?;
-    let mut manifests = state.meta.referrers(name, subject)?;
     let filter = query.get("artifactType").filter(|f| !f.is_empty());
-    if let Some(f) = filter {
-        manifests.retain(|d: &Descriptor| d.artifact_type.as_deref() == Some(f));
-    }
+    let (manifests, more) = state.meta.referrers(name, subject, last, n, filter)?;
     #[derive(Serialize)]
     #[serde(rename_all = "camelCase")]
-    struct Index {
+    struct Index<'a> {
         schema_version: u32,
         media_type: &'static str,
-        manifests: Vec<Descriptor>,
+        manifests: &'a [Descriptor],
     }
-    let json = serde_json::to_vec(&Index { schema_version: 2, media_type: INDEX, manifests })
+    let json = serde_json::to_vec(&Index { schema_version: 2, media_type: INDEX, manifests: &manifests })
         .map_err(super::response::internal)?;
     let mut b = builder(StatusCode::OK).header(header::CONTENT_TYPE, INDEX).header(header::CONTENT_LENGTH, json.len());
     if filter.is_some() {
         b = b.header("OCI-Filters-Applied", "artifactType");
+    }
+    if let (true, Some(d)) = (more, manifests.last()) {
+        let also: String = filter.map_or(String::new(), |f| {
+            format!("&artifactType={}", form_urlencoded::byte_serialize(f.as_bytes()).collect::<String>())
+        });
+        b = b.header(
+            header::LINK,
+            format!("</v2/{name}/referrers/{subject}?n={n}&last={}{also}>; rel=\"next\"", d.digest),
+        );
     }
     finish(b, full(json))
 }

@@ -127,6 +127,33 @@ fn body_stream(
     limits::RateChecked::new(body, state.limits.body_rate)
 }
 
+/// The most of a refused request's body read and dropped so the client
+/// sees the answer on a connection that stays open (Go's net/http drains
+/// the same 256 KiB).
+const DRAIN_AT_MOST: u64 = 256 << 10;
+
+/// Read and drop a refused request's body when it is small. A client that
+/// sends its first request without credentials (ORAS, curl) is still
+/// writing the body when the 401 comes: closing the connection under it
+/// loses the answer, and the client sees a reset instead of the challenge
+/// it would retry with. A larger body, or one slower than the body rate,
+/// is not waited for: the connection is closed after the answer.
+async fn discard_small_body(state: &AppState, req: Request<Incoming>) {
+    use futures::StreamExt;
+    use http_body::Body as _;
+    if req.body().is_end_stream() || req.body().size_hint().lower() > DRAIN_AT_MOST {
+        return;
+    }
+    let mut body = body_stream(state, req);
+    let mut read = 0u64;
+    while let Some(Ok(chunk)) = body.next().await {
+        read += chunk.len() as u64;
+        if read > DRAIN_AT_MOST {
+            return;
+        }
+    }
+}
+
 /// The decoded query string of a request.
 pub struct Query(Vec<(String, String)>);
 
@@ -272,7 +299,13 @@ async fn dispatch(state: &AppState, route: Route, req: Request<Incoming>, caller
     let principal = if caller.via_peer {
         auth::Principal::Anonymous
     } else {
-        state.auth.authorize(req.headers(), &needs(&method, &route, &query)).await?
+        match state.auth.authorize(req.headers(), &needs(&method, &route, &query)).await {
+            Ok(p) => p,
+            Err(e) => {
+                discard_small_body(state, req).await;
+                return Err(e);
+            }
+        }
     };
     let caller = &match principal.name() {
         Some(name) => Caller { on_behalf_of: Some(format!("user:{name}")), ..caller.clone() },

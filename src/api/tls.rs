@@ -148,3 +148,20 @@ impl ApiTls {
         }
     }
 }
+
+/// A TLS client that trusts only the CA certificates in `ca` (PEM), for
+/// `berth ping` against a node's own API: the health check of a node that
+/// serves TLS verifies the certificate it serves, as a client would.
+pub fn client_trusting(ca: &Path) -> std::io::Result<tokio_rustls::TlsConnector> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| invalid(ca, "reading certificates", e))? {
+        roots.add(cert.map_err(|e| invalid(ca, "reading certificates", e))?).map_err(|e| invalid(ca, "a CA", e))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid(ca, "TLS versions", e))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}

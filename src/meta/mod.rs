@@ -242,22 +242,43 @@ impl MetaReader {
         self.fenced(|| self.list(CF_REPOS, b"", last, n))
     }
 
-    /// Descriptors of the manifests in `repo` whose subject is `subject`.
-    pub fn referrers(&self, repo: &Name, subject: &Digest) -> ReadResult<Vec<Descriptor>> {
+    /// Descriptors of the manifests in `repo` whose subject is `subject`, in
+    /// digest order after `last` (exclusive), only those of `artifact_type`
+    /// when given, at most `n`; `more` says whether any matching one follows.
+    pub fn referrers(
+        &self,
+        repo: &Name,
+        subject: &Digest,
+        last: Option<&str>,
+        n: usize,
+        artifact_type: Option<&str>,
+    ) -> ReadResult<(Vec<Descriptor>, bool)> {
         let mut prefix = keys::repo_item(repo, &subject.to_string());
         prefix.push(0);
+        let mut start = prefix.clone();
+        if let Some(l) = last {
+            start.extend_from_slice(l.as_bytes());
+            start.push(0);
+        }
         self.fenced(|| {
             let mut out = Vec::new();
-            for item in self.db.prefix_iterator_cf(self.cf(CF_REFERRERS), &prefix) {
+            let iter =
+                self.db.iterator_cf(self.cf(CF_REFERRERS), IteratorMode::From(&start, rocksdb::Direction::Forward));
+            for item in iter {
                 let (k, v) = item?;
                 if !k.starts_with(&prefix) {
                     break;
                 }
-                if let Ok(d) = serde_json::from_slice(&v) {
-                    out.push(d);
+                let Ok(d) = serde_json::from_slice::<Descriptor>(&v) else { continue };
+                if artifact_type.is_some_and(|t| d.artifact_type.as_deref() != Some(t)) {
+                    continue;
                 }
+                if out.len() >= n {
+                    return Ok((out, true));
+                }
+                out.push(d);
             }
-            Ok(out)
+            Ok((out, false))
         })
     }
 }

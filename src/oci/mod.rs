@@ -6,6 +6,7 @@ mod digest;
 mod error;
 pub mod manifest;
 mod name;
+pub mod range;
 
 pub use digest::{Algorithm, Digest, Hasher};
 pub use error::{Error, ErrorCode};

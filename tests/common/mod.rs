@@ -9,6 +9,28 @@ use berth::config::Config;
 use berth::node::RunningNode;
 use sha2::{Digest as _, Sha256};
 
+/// Say loudly that part of a test did not run, and why. The test command
+/// (scripts/test.sh) collects these through `BERTH_SKIP_LOG` and lists them
+/// at the end, so a skip is never hidden in a passing test's captured output.
+pub fn skipped(why: &str) {
+    eprintln!("SKIPPED: {why}");
+    if let Some(path) = std::env::var_os("BERTH_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = writeln!(f, "{why}");
+        }
+    }
+}
+
+/// The Python that has the ORAS SDK: scripts/setup.sh's virtual
+/// environment (`BERTH_VENV`, default ~/.cache/berth-venv) when present.
+pub fn python() -> String {
+    let venv = std::env::var_os("BERTH_VENV")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/berth-venv")));
+    venv.map(|v| v.join("bin/python")).filter(|p| p.exists()).map_or("python3".into(), |p| p.display().to_string())
+}
+
 pub fn sha256(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(data)))
 }
