@@ -27,8 +27,10 @@ PY=${BERTH_PYTHON:-python3}
 USER_NAME=e2e
 PASSWORD=$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')
 CERTS_D="/etc/docker/certs.d/$REG"
-export DOCKER_CONFIG="$WORK/docker-config"
-mkdir -p "$DOCKER_CONFIG"
+# docker's logins go to a config dir of the test's own, which skopeo and
+# podman are not told of (they would read it through DOCKER_CONFIG).
+mkdir -p "$WORK/docker-config"
+dk() { DOCKER_CONFIG="$WORK/docker-config" docker "$@"; }
 COMPOSE_FILES=()
 # shellcheck source=docker/e2e-lib.sh
 source docker/e2e-lib.sh
@@ -79,21 +81,21 @@ for mode in "${MODES[@]}"; do
 
   img="$REG/e2e/app:$mode"
   make_image "$img" "$mode"
-  docker logout "$REG" >/dev/null 2>&1 || true
-  ! docker push "$img" >/dev/null 2>&1 || fail "[$mode] push without login accepted"
-  ! echo "wrong" | docker login "$REG" -u "$USER_NAME" --password-stdin >/dev/null 2>&1 \
+  dk logout "$REG" >/dev/null 2>&1 || true
+  ! dk push "$img" >/dev/null 2>&1 || fail "[$mode] push without login accepted"
+  ! echo "wrong" | dk login "$REG" -u "$USER_NAME" --password-stdin >/dev/null 2>&1 \
     || fail "[$mode] login with a wrong password accepted"
-  echo "$PASSWORD" | docker login "$REG" -u "$USER_NAME" --password-stdin >/dev/null 2>&1 \
+  echo "$PASSWORD" | dk login "$REG" -u "$USER_NAME" --password-stdin >/dev/null 2>&1 \
     || fail "[$mode] docker login"
   id=$(image_id "$img")
-  docker push "$img" >/dev/null || fail "[$mode] docker push"
+  dk push "$img" >/dev/null || fail "[$mode] docker push"
   docker rmi "$img" >/dev/null
-  docker pull "$img" >/dev/null || fail "[$mode] docker pull"
+  dk pull "$img" >/dev/null || fail "[$mode] docker pull"
   [ "$(image_id "$img")" = "$id" ] || fail "[$mode] image id changed through the registry"
   step "[$mode] docker login, push, pull: ok"
 
   if command -v skopeo >/dev/null; then
-    ! skopeo copy -q --src-cert-dir "$CERT_DIR" "docker://$img" "oci:$WORK/layout-$mode:x" 2>/dev/null \
+    ! skopeo copy -q --src-no-creds --src-cert-dir "$CERT_DIR" "docker://$img" "oci:$WORK/layout-$mode:x" 2>/dev/null \
       || fail "[$mode] skopeo without credentials accepted"
     skopeo copy -q --src-cert-dir "$CERT_DIR" --src-creds "$USER_NAME:$PASSWORD" \
       "docker://$img" "oci:$WORK/layout-$mode:x" || fail "[$mode] skopeo copy out"
@@ -135,12 +137,12 @@ for mode in "${MODES[@]}"; do
   dc kill node2 >/dev/null 2>&1
   img2="$REG/e2e/app:$mode-2"
   make_image "$img2" "$mode-2"
-  docker push "$img2" >/dev/null || fail "[$mode] push with node2 down"
+  dk push "$img2" >/dev/null || fail "[$mode] push with node2 down"
   docker rmi "$img" "$img2" >/dev/null
-  docker pull "$img" >/dev/null || fail "[$mode] pull with node2 down"
-  docker pull "$img2" >/dev/null || fail "[$mode] pull of the new image with node2 down"
+  dk pull "$img" >/dev/null || fail "[$mode] pull with node2 down"
+  dk pull "$img2" >/dev/null || fail "[$mode] pull of the new image with node2 down"
   step "[$mode] push and pull with node2 down: ok"
-  docker logout "$REG" >/dev/null 2>&1 || true
+  dk logout "$REG" >/dev/null 2>&1 || true
   dc --profile join down -v --remove-orphans >/dev/null 2>&1 || true
 done
 echo "e2e-tls: 1 passed, 0 failed"

@@ -90,6 +90,9 @@ enum As {
     Admin,
     Eve,
     WrongPassword,
+    /// Basic with an empty user and password: what containers/image sends
+    /// when it has no credentials. It is the anonymous caller.
+    EmptyBasic,
 }
 
 fn with(req: reqwest::RequestBuilder, who: As) -> reqwest::RequestBuilder {
@@ -100,6 +103,7 @@ fn with(req: reqwest::RequestBuilder, who: As) -> reqwest::RequestBuilder {
         As::Admin => req.basic_auth("admin", Some("admin-pw")),
         As::Eve => req.basic_auth("eve", Some("eve-pw")),
         As::WrongPassword => req.basic_auth("alice", Some("not-alice-pw")),
+        As::EmptyBasic => req.basic_auth("", Some("")),
     }
 }
 
@@ -164,8 +168,8 @@ async fn every_endpoint_refuses_whom_the_rules_refuse_and_reveals_nothing() {
         (Method::DELETE, format!("/v2/team-a/app/blobs/{l_a}"), vec![], vec![Admin]),
     ];
     for (method, path, body, allowed) in &cases {
-        for who in [Anonymous, Eve, Bob, WrongPassword] {
-            if allowed.contains(&who) {
+        for who in [Anonymous, EmptyBasic, Eve, Bob, WrongPassword] {
+            if allowed.contains(&who) || (who == EmptyBasic && allowed.contains(&Anonymous)) {
                 continue;
             }
             let before = files_under(&node.dir.path().join("data"));
@@ -216,6 +220,9 @@ async fn every_endpoint_refuses_whom_the_rules_refuse_and_reveals_nothing() {
         let r = req.body(body.clone()).send().await.unwrap();
         assert!(r.status().is_success(), "{who:?} {method} {path}: {} {:?}", r.status(), r.text().await);
     }
+    // An empty Basic user may read what anyone may.
+    let r = with(c.get(format!("{b}/v2/public/base/manifests/v1")), EmptyBasic).send().await.unwrap();
+    assert_eq!(r.status(), 200, "an empty Basic user is the anonymous caller");
 
     // The catalog lists only what the caller may pull.
     let list = |who| {

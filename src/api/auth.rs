@@ -487,6 +487,11 @@ fn credentials(headers: &HeaderMap) -> Credentials {
         let decoded = base64::engine::general_purpose::STANDARD.decode(rest.trim()).ok();
         let text = decoded.and_then(|d| String::from_utf8(d).ok());
         match text.as_deref().and_then(|t| t.split_once(':')) {
+            // containers/image (skopeo, podman, buildah) answers a Basic
+            // challenge with an empty user and password when it has none:
+            // that is the anonymous caller, who may still pull what the
+            // rules open to anyone.
+            Some(("", "")) => Credentials::None,
             Some((u, p)) => Credentials::Basic { user: u.to_owned(), password: p.to_owned() },
             None => Credentials::Malformed,
         }
