@@ -9,7 +9,8 @@
 //! the Docker engine does, one connection per concurrent request.
 //!
 //! Without `--registry` it starts a one-node `berth serve` on a temporary data
-//! dir. With it, it measures any other registry the same way (CNCF
+//! dir. `--registry HOST:PORT --secure --ca FILE` measures another registry
+//! that serves TLS (trusting FILE) with the user `bench`/`bench-pw`. With it, it measures any other registry the same way (CNCF
 //! Distribution, trow) for a same-session ratio. Blobs are pushed with POST
 //! then PUT, which every registry supports.
 
@@ -63,6 +64,12 @@ async fn main() {
     };
     // A berth started here is killed when `_node` drops, at the end.
     let (base, c, _node) = match arg("--registry") {
+        // Another registry serving TLS with a user: `--secure --ca FILE`,
+        // the user `bench`, password `bench-pw` (as berth's --secure).
+        Some(r) if secure => {
+            let ca = std::path::PathBuf::from(arg("--ca").expect("--registry with --secure needs --ca FILE"));
+            (format!("https://{r}"), common::tls_client_as(&ca, "bench", "bench-pw", builder()), None)
+        }
         Some(r) => (format!("http://{r}"), builder().build().unwrap(), None),
         None => {
             let (http, grpc) = (free_port(), free_port());

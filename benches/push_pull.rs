@@ -10,7 +10,8 @@
 //! Without `--registry` it starts `berth serve` on a temporary data dir and
 //! reports the process's peak RSS (VmHWM) after the push and pull. With
 //! `--registry` it measures any other registry the same way (for example
-//! Debian's docker-registry, CNCF Distribution) for a same-session ratio.
+//! Debian's docker-registry, CNCF Distribution) for a same-session ratio;
+//! with `--secure --ca FILE` over TLS as the user `bench`/`bench-pw`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -54,7 +55,21 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let secure = args.iter().any(|a| a == "--secure");
     let http1 = args.iter().any(|a| a == "--http1");
+    let tls_builder = || {
+        let b = reqwest::Client::builder();
+        if http1 {
+            b.http1_only()
+        } else {
+            b
+        }
+    };
     let (base, client, mut child) = match arg("--registry") {
+        // Another registry serving TLS with a user: `--secure --ca FILE`,
+        // the user `bench`, password `bench-pw` (as berth's --secure).
+        Some(r) if secure => {
+            let ca = std::path::PathBuf::from(arg("--ca").expect("--registry with --secure needs --ca FILE"));
+            (format!("https://{r}"), common::tls_client_as(&ca, "bench", "bench-pw", tls_builder()), None)
+        }
         Some(r) => (format!("http://{r}"), reqwest::Client::new(), None),
         None => {
             let port = common::free_port();
@@ -71,14 +86,7 @@ async fn main() {
             if secure {
                 (
                     format!("https://localhost:{port}"),
-                    common::tls_client_as(&ca, "bench", "bench-pw", {
-                        let b = reqwest::Client::builder();
-                        if http1 {
-                            b.http1_only()
-                        } else {
-                            b
-                        }
-                    }),
+                    common::tls_client_as(&ca, "bench", "bench-pw", tls_builder()),
                     Some(c),
                 )
             } else {
