@@ -38,12 +38,14 @@ run_one() {
     if [ $((now - last)) -ge "$quiet" ]; then kill -INT "$pid" 2>/dev/null || true; break; fi
   done
   wait "$pid" 2>/dev/null || true
+  local why="the ${cap}s cap, last new coverage $(( $(date +%s) - last ))s before"
+  [ $(( $(date +%s) - last )) -lt "$quiet" ] || why="${quiet}s without new coverage"
   seen=0
   local runs; runs=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$log" | awk '{print $2}' | tail -n1)
   [ -n "$runs" ] || runs=$(grep -oE '^#[0-9]+' "$log" | tail -n1 | tr -d '#')
   local crashes; crashes=$(ls "artifacts/$t" | wc -l)
   cargo fuzz cmin "${flags[@]}" "$t" "corpus/$t" >/dev/null 2>&1 || true
-  echo "fuzz $t: ${runs:-?} runs in $(( $(date +%s) - start ))s (stopped after ${quiet}s without new coverage or at ${cap}s), corpus $(ls "corpus/$t" | wc -l) files, crashes: $crashes"
+  echo "fuzz $t: ${runs:-?} runs in $(( $(date +%s) - start ))s, stopped by $why; corpus $(ls "corpus/$t" | wc -l) files, crashes: $crashes"
   if [ "$crashes" != 0 ]; then grep -A20 -m1 'panicked\|ERROR' "$log" || true; fi
   rm -f "$log"
   [ "$crashes" = 0 ]

@@ -232,6 +232,37 @@ async fn a_joining_node_receives_its_share() {
     .await;
 }
 
+/// A 201 means `min_copies` holders have the blob fsynced at that moment,
+/// not eventually: the holders are counted on disk as soon as the answer
+/// arrives, before a 16 MB copy started after the ack could have landed
+/// (a build that acknowledged after its own copy alone fails here). Then
+/// the receiving node dies at once, and the copy made before the ack
+/// serves the blob.
+#[tokio::test]
+async fn min_copies_hold_the_blob_at_the_moment_of_the_ack() {
+    let cfg = "replicas = 3\nmin_copies = 2\nrepair_interval_secs = 3600\n";
+    let mut cl = TestCluster::start_with(3, 10_000, |_| cfg.to_owned()).await;
+    let c = client();
+    let leader = cl.wait_leader_everywhere().await;
+    let receiver = (leader + 1) % 3;
+    let mut pushed = Vec::new();
+    for k in 0..3u32 {
+        let data: Vec<u8> = (0..16_000_000u32).map(|i| ((i * 7 + k) % 241) as u8).collect();
+        let d = push_blob(&c, &cl.base(receiver), "acked", &data).await;
+        let holders: Vec<usize> = (0..3).filter(|&i| cl.blob_path(i, &d).exists()).collect();
+        assert!(holders.len() >= 2, "blob {k} acknowledged with holders {holders:?} only");
+        assert!(holders.contains(&receiver), "the receiving node keeps its copy: {holders:?}");
+        pushed.push((d, data));
+    }
+    cl.kill(receiver);
+    cl.wait_leader_everywhere().await;
+    for (d, data) in &pushed {
+        let other = (0..3).find(|&i| i != receiver && cl.blob_path(i, d).exists()).expect("a second holder");
+        let got = get_bytes(&c, &format!("{}/v2/acked/blobs/{d}", cl.base(other))).await.expect("blob served");
+        assert_eq!(&got, data);
+    }
+}
+
 #[tokio::test]
 async fn with_min_regions_a_copy_lands_in_the_other_region_before_the_ack() {
     let regions = |id: u64| if id == 3 { "west" } else { "east" };
