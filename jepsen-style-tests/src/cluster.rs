@@ -128,6 +128,25 @@ impl Cluster {
         seen.map(|id| format!("node{id}"))
     }
 
+    /// Whether every node of 1-3 has applied all that its leader had
+    /// committed when asked (the leader is asked first, so a follower that
+    /// keeps up under load still counts as caught up).
+    pub async fn caught_up(&self) -> bool {
+        let Some(leader) = self.leader().await else { return false };
+        let status = |node: String| async move {
+            let ip = self.ip(&node).await.ok()?;
+            ClusterAdmin::new(&format!("{ip}:5001"), self.admin_tls()).node_status().await.ok()
+        };
+        let Some(commit) = status(leader.clone()).await.map(|s| s.commit_index) else { return false };
+        for node in NODES {
+            match status(node.to_owned()).await {
+                Some(s) if s.applied_index >= commit => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+
     /// Wait until the leader's repair has restored every copy: two of its
     /// repair rounds completed (so one began after this call) and the last
     /// found no blob below its copy target (`berth_blobs_below_target` on
@@ -173,7 +192,7 @@ impl Cluster {
         let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
         loop {
             self.resolve().await;
-            if self.leader().await.is_some() {
+            if self.leader().await.is_some() && self.caught_up().await {
                 let lb = http.get(format!("http://127.0.0.1:{}/v2/", self.port)).send().await;
                 if lb.is_ok_and(|r| r.status().is_success()) {
                     return Ok(start.elapsed());

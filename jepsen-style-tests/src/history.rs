@@ -72,3 +72,8 @@ pub struct History {
     pub events: Vec<Event>,
     pub faults: Vec<FaultWindow>,
 }
+
+/// How a read that answered 200 with a body no client wrote (or no JSON)
+/// is marked in its event's error: the checker counts it as a violation,
+/// never as a mere failure.
+pub const UNPARSEABLE: &str = "unparseable";

@@ -70,6 +70,15 @@ struct Args {
     /// Leave the cluster running afterwards (for a look at its logs).
     #[arg(long)]
     keep: bool,
+    /// The run fails unless each workload had at least this many
+    /// acknowledged operations (a cluster refusing every write would
+    /// otherwise pass: refused operations prove nothing).
+    #[arg(long, default_value_t = 20)]
+    min_ok: usize,
+    /// The run fails unless at least this share of the operations invoked
+    /// outside fault windows succeeded.
+    #[arg(long, default_value_t = 0.8)]
+    min_available_outside: f64,
 }
 
 #[tokio::main]
@@ -140,14 +149,17 @@ async fn run(args: &Args, seed: u64, cluster: &Cluster, out: &std::path::Path) -
     let mut nemesis =
         Nemesis { cluster, clock, rng: StdRng::seed_from_u64(rng.gen()), hold: (args.hold_min_ms, args.hold_max_ms) };
     let mut faults = Vec::new();
-    let (mut worst_recovery, mut unrecovered) = (0f64, 0usize);
+    let (mut worst_recovery, mut unrecovered, mut not_injected) = (0f64, 0usize, Vec::new());
+    let lb = format!("http://127.0.0.1:{}", args.port);
     let end = Duration::from_secs(args.duration_secs);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    'schedule: loop {
+    // The first round always completes, so every kind is injected at least
+    // once however short the run; later rounds stop when time is up.
+    'schedule: for round_no in 0.. {
         let mut round = kinds.clone();
         round.shuffle(&mut nemesis.rng);
         for kind in round {
-            if clock.0.elapsed() >= end {
+            if round_no > 0 && clock.0.elapsed() >= end {
                 break 'schedule;
             }
             match nemesis.run(kind).await {
@@ -161,9 +173,24 @@ async fn run(args: &Args, seed: u64, cluster: &Cluster, out: &std::path::Path) -
                     );
                     faults.push(w);
                 }
-                Err(e) => println!("jepsen: fault {} could not be injected: {e:#}", kind.name()),
+                Err(e) => {
+                    println!("jepsen: fault {} could not be injected: {e:#}", kind.name());
+                    not_injected.push(format!("{}: {e:#}", kind.name()));
+                }
             }
-            match cluster.wait_healthy(Duration::from_secs(120)).await {
+            // Recovered: one leader that every node agrees on, every node
+            // applied what it committed, the balancer answers, and a write
+            // is acknowledged.
+            let healed = async {
+                let d = cluster.wait_healthy(Duration::from_secs(120)).await?;
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while !workload::probe_write(&http, &lb, &base, faults.len()).await {
+                    anyhow::ensure!(Instant::now() < deadline, "no write acknowledged within 60 s of healing");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                anyhow::Ok(d)
+            };
+            match healed.await {
                 Ok(d) => worst_recovery = worst_recovery.max(d.as_secs_f64()),
                 Err(e) => {
                     unrecovered += 1;
@@ -210,8 +237,38 @@ async fn run(args: &Args, seed: u64, cluster: &Cluster, out: &std::path::Path) -
     println!(
         "slowest recovery to a healthy cluster after a fault: {worst_recovery:.1} s; not recovered: {unrecovered}"
     );
+    // A run that injected nothing, or that the cluster answered with
+    // refusals, proves nothing: both fail it.
+    let mut failures = not_injected.iter().map(|e| format!("fault not injected: {e}")).collect::<Vec<_>>();
+    for kind in &kinds {
+        if !summary.faults.contains_key(kind.name()) {
+            failures.push(format!("fault kind {} was never injected", kind.name()));
+        }
+    }
+    for workload in ["register", "set", "no-lost-push"] {
+        let ok = summary.ops.get(workload).map_or(0, |c| c.ok);
+        if ok < args.min_ok {
+            failures.push(format!("{workload}: {ok} acknowledged operations, below the floor of {}", args.min_ok));
+        }
+    }
+    // Reads of a tag never written succeed (404); the writes must too.
+    let writes_ok =
+        history.events.iter().filter(|e| matches!(e.op, Op::Write { .. }) && e.outcome == Outcome::Ok).count();
+    if writes_ok < args.min_ok {
+        failures.push(format!("register: {writes_ok} acknowledged writes, below the floor of {}", args.min_ok));
+    }
+    if summary.availability_outside_faults < args.min_available_outside {
+        failures.push(format!(
+            "{:.1}% of operations outside faults succeeded, below the floor of {:.1}%",
+            summary.availability_outside_faults * 100.0,
+            args.min_available_outside * 100.0
+        ));
+    }
+    for f in &failures {
+        println!("jepsen: FAILED: {f}");
+    }
     println!("jepsen: history, summary and timeline in {}", out.display());
-    Ok(summary.violations.is_empty() && unrecovered == 0)
+    Ok(summary.violations.is_empty() && unrecovered == 0 && failures.is_empty())
 }
 
 /// Retry `f` through transient errors for up to a minute.

@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use berth_jepsen::history::{Event, Op, Outcome};
+use berth_jepsen::history::{Event, Op, Outcome, UNPARSEABLE};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sha2::{Digest as _, Sha256};
@@ -102,9 +102,9 @@ pub async fn read(ctx: &Ctx, process: usize, target: &str, key: &str) {
         Ok(r) if r.status() == 200 => match r.json::<serde_json::Value>().await {
             Ok(v) => match v["annotations"]["v"].as_str().and_then(|s| s.parse().ok()) {
                 Some(n) => (Outcome::Ok, Some(n), None),
-                None => (Outcome::Fail, None, Some(format!("unexpected manifest {v}"))),
+                None => (Outcome::Fail, None, Some(format!("{UNPARSEABLE}: a manifest no client wrote: {v}"))),
             },
-            Err(e) => (Outcome::Fail, None, Some(e.to_string())),
+            Err(e) => (Outcome::Fail, None, Some(format!("{UNPARSEABLE}: {e}"))),
         },
         Ok(r) if r.status() == 404 => (Outcome::Ok, None, None),
         Ok(r) => (Outcome::Fail, None, Some(r.status().to_string())),
@@ -151,6 +151,15 @@ pub async fn set(ctx: Ctx, process: usize, seed: u64, m: Arc<Vec<u8>>) {
         ctx.rec.record(e);
         pause(&mut rng, (100, 300)).await;
     }
+}
+
+/// One write through `url` after a fault was healed, outside the checked
+/// histories (its own tag in the register repository): true when the
+/// cluster acknowledged it.
+pub async fn probe_write(http: &reqwest::Client, url: &str, base: &Base, n: usize) -> bool {
+    let tag = format!("recovered-{n}");
+    let m = manifest(base, std::slice::from_ref(&base.layer), &tag);
+    put_manifest(http, url, REG_REPO, &tag, m).await.0 == Outcome::Ok
 }
 
 /// PUT an image manifest under `tag`; acknowledged by 201.

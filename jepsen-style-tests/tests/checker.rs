@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use berth_jepsen::checker::{check_pushes, check_register, check_set, PushSeen};
-use berth_jepsen::history::{Event, Op, Outcome};
+use berth_jepsen::history::{Event, Op, Outcome, UNPARSEABLE};
 
 fn ev(process: usize, op: Op, invoke: f64, complete: Option<f64>, outcome: Outcome) -> Event {
     Event { process, target: "node1".into(), op, invoke_ms: invoke, complete_ms: complete, outcome, error: None }
@@ -55,6 +55,20 @@ fn a_stale_read_is_flagged() {
     let v = check_register(&h);
     assert_eq!(v.len(), 1, "{v:?}");
     assert_eq!(v[0].workload, "register");
+}
+
+#[test]
+fn an_unparseable_read_is_a_violation_not_a_failure() {
+    // A 200 whose body no client wrote: counted, never dropped.
+    let mut bad = ev(1, Op::Read { key: "t".into(), value: None }, 2., Some(3.), Outcome::Fail);
+    bad.error = Some(format!("{UNPARSEABLE}: a manifest no client wrote: {{}}"));
+    let v = check_register(&[write(0, 1, 0., 1.), bad]);
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert!(v[0].what.contains("unparseable"), "{v:?}");
+    // A refused read (a 503) is only a failure.
+    let mut refused = ev(1, Op::Read { key: "t".into(), value: None }, 2., Some(3.), Outcome::Fail);
+    refused.error = Some("503 Service Unavailable".into());
+    assert_eq!(check_register(&[write(0, 1, 0., 1.), refused]), vec![]);
 }
 
 #[test]

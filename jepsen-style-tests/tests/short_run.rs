@@ -35,6 +35,8 @@ fn short_run_has_no_violations() {
     let port = 20_000 + std::process::id() % 10_000;
     let run = Command::new(harness)
         .args(["--duration-secs", "180", "--hold-min-ms", "2000", "--hold-max-ms", "4000"])
+        // A fixed seed, so a failure replays; BERTH_JEPSEN_SEED runs another.
+        .args(["--seed", &std::env::var("BERTH_JEPSEN_SEED").unwrap_or_else(|_| "1".into())])
         .args(["--port", &port.to_string(), "--berth-bin", &berth.display().to_string()])
         .args(["--out", &out.display().to_string()])
         .output()

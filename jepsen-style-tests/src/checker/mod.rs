@@ -36,7 +36,24 @@ pub fn check_register(events: &[Event]) -> Vec<Violation> {
         };
         by_key.entry(e.op.key()).or_default().push(RegOp { call: e.invoke_ms, ret, kind, id });
     }
-    let mut out = Vec::new();
+    // A 200 whose body is not a manifest some client wrote is wrong
+    // whatever the order: it is never dropped as a mere failure.
+    let mut out: Vec<Violation> = events
+        .iter()
+        .filter(|e| matches!(e.op, Op::Read { .. }))
+        .filter(|e| e.error.as_deref().is_some_and(|m| m.starts_with(crate::history::UNPARSEABLE)))
+        .map(|e| Violation {
+            workload: "register",
+            key: e.op.key().to_owned(),
+            what: format!(
+                "unparseable read by process {} via {} at {:.3}s: {}",
+                e.process,
+                e.target,
+                e.invoke_ms / 1000.0,
+                e.error.as_deref().unwrap_or_default()
+            ),
+        })
+        .collect();
     for (key, ops) in by_key {
         if let Err(bad) = register::check(&register::prune(ops)) {
             let e = &events[bad.op];
