@@ -1,7 +1,18 @@
 # Helpers shared by the compose end-to-end scripts (docker/e2e.sh,
-# docker/e2e-tls.sh); sourced, not run. The caller sets P (the compose
-# project), REG (host:port of the load balancer), WORK (a scratch dir), T0
-# (the start time) and COMPOSE_FILES (the -f arguments, possibly none).
+# docker/e2e-tls.sh); sourced from the repository root, not run. It sets
+# BIN (the berth binary, BERTH_BIN), BERTH_PORT (default from the caller's
+# E2E_PORT), BERTH_IMAGE and P (a compose project and image tag of this
+# run's own, from E2E_NAME), WORK (a scratch dir), T0 (the start time) and
+# COMPOSE_FILES (the -f arguments, none until the caller sets them). The
+# caller sets REG (host:port of the load balancer).
+
+BIN=${BERTH_BIN:-target/release/berth}
+export BERTH_PORT=${BERTH_PORT:-$E2E_PORT}
+export BERTH_IMAGE="berth:$E2E_NAME-$$"
+P="berth-$E2E_NAME-$$"
+WORK=$(mktemp -d)
+T0=$(date +%s)
+COMPOSE_FILES=()
 
 dc() { docker-compose -p "$P" "${COMPOSE_FILES[@]}" "$@"; }
 step() { echo "e2e [$(( $(date +%s) - T0 ))s] $*"; }

@@ -10,15 +10,12 @@
 #   BERTH_BIN=target/release/berth BERTH_PORT=5091 docker/e2e-tls.sh [lb|nodes]...
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=${BERTH_BIN:-target/release/berth}
-export BERTH_PORT=${BERTH_PORT:-5091}
-export BERTH_IMAGE="berth:e2e-tls-$$"
-P="berth-e2e-tls-$$"
+E2E_NAME=e2e-tls E2E_PORT=5091
+# shellcheck source=docker/e2e-lib.sh
+source docker/e2e-lib.sh
 # localhost, not 127.0.0.1: the certificate names both, and the engine's
 # trust directory is per host:port.
 REG="localhost:$BERTH_PORT"
-WORK=$(mktemp -d)
-T0=$(date +%s)
 MODES=("$@")
 [ ${#MODES[@]} -gt 0 ] || MODES=(lb nodes)
 export BERTH_SECURE_DIR="$WORK/secure"
@@ -31,10 +28,6 @@ CERTS_D="/etc/docker/certs.d/$REG"
 # podman are not told of (they would read it through DOCKER_CONFIG).
 mkdir -p "$WORK/docker-config"
 dk() { DOCKER_CONFIG="$WORK/docker-config" docker "$@"; }
-COMPOSE_FILES=()
-# shellcheck source=docker/e2e-lib.sh
-source docker/e2e-lib.sh
-
 cleanup() {
   dc --profile join down -v --remove-orphans >/dev/null 2>&1 || true
   docker images -q --filter "label=berth-e2e=$P" | sort -u | xargs -r docker rmi -f >/dev/null 2>&1 || true

@@ -7,17 +7,10 @@
 #   BERTH_BIN=target/release/berth BERTH_PORT=5090 docker/e2e.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=${BERTH_BIN:-target/release/berth}
-export BERTH_PORT=${BERTH_PORT:-5090}
-export BERTH_IMAGE="berth:e2e-$$"
-P="berth-e2e-$$"
-REG="127.0.0.1:$BERTH_PORT"
-WORK=$(mktemp -d)
-T0=$(date +%s)
-
-COMPOSE_FILES=()
+E2E_NAME=e2e E2E_PORT=5090
 # shellcheck source=docker/e2e-lib.sh
 source docker/e2e-lib.sh
+REG="127.0.0.1:$BERTH_PORT"
 cleanup() {
   dc --profile join down -v --remove-orphans >/dev/null 2>&1 || true
   for i in app:1 app:2 app:3 copy:1; do docker rmi -f "$REG/e2e/$i" >/dev/null 2>&1 || true; done

@@ -132,12 +132,17 @@ fn body_stream(
 /// the same 256 KiB).
 const DRAIN_AT_MOST: u64 = 256 << 10;
 
+/// And for at most this long, whatever the body rate setting (which may
+/// be off).
+const DRAIN_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Read and drop a refused request's body when it is small. A client that
 /// sends its first request without credentials (ORAS, curl) is still
 /// writing the body when the 401 comes: closing the connection under it
 /// loses the answer, and the client sees a reset instead of the challenge
-/// it would retry with. A larger body, or one slower than the body rate,
-/// is not waited for: the connection is closed after the answer.
+/// it would retry with. A larger body, one slower than the body rate, or
+/// one still arriving after [`DRAIN_WITHIN`] is not waited for: the
+/// connection is closed after the answer.
 async fn discard_small_body(state: &AppState, req: Request<Incoming>) {
     use futures::StreamExt;
     use http_body::Body as _;
@@ -145,13 +150,16 @@ async fn discard_small_body(state: &AppState, req: Request<Incoming>) {
         return;
     }
     let mut body = body_stream(state, req);
-    let mut read = 0u64;
-    while let Some(Ok(chunk)) = body.next().await {
-        read += chunk.len() as u64;
-        if read > DRAIN_AT_MOST {
-            return;
+    let drain = async {
+        let mut read = 0u64;
+        while let Some(Ok(chunk)) = body.next().await {
+            read += chunk.len() as u64;
+            if read > DRAIN_AT_MOST {
+                return;
+            }
         }
-    }
+    };
+    let _ = tokio::time::timeout(DRAIN_WITHIN, drain).await;
 }
 
 /// The decoded query string of a request.
