@@ -20,6 +20,9 @@ if command -v docker >/dev/null; then
 fi
 # The TLS tests make certificates with openssl; the conformance script too.
 command -v openssl >/dev/null || need+=(openssl)
+# The power-loss crash tests mount a FUSE filesystem (root mounts directly;
+# anyone else needs fusermount3).
+command -v fusermount3 >/dev/null || need+=(fuse3)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi

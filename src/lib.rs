@@ -13,6 +13,7 @@ pub mod api;
 pub mod blob;
 pub mod cluster;
 pub mod config;
+pub mod durable;
 pub mod meta;
 pub mod node;
 pub mod oci;

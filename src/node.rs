@@ -51,8 +51,12 @@ fn raft_config(cfg: &Config) -> anyhow::Result<Arc<openraft::Config>> {
 impl RunningNode {
     pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
         cfg.validate()?;
-        std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+        crate::durable::create_dir_all(&cfg.data_dir)
+            .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
         let db = meta::open_db(&cfg.data_dir.join("meta")).context("opening metadata database")?;
+        // RocksDB makes the names inside its directory durable, not the
+        // directory's own name, made just now on a first start.
+        crate::durable::sync_dir(&cfg.data_dir).context("syncing the data dir")?;
         let content = cfg.blob_dir.as_ref().unwrap_or(&cfg.data_dir);
         let store = BlobStore::new(content.join("blobs"))?.with_reserve(cfg.min_free_mib.saturating_mul(1 << 20));
         let uploads = Uploads::new(

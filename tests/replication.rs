@@ -232,6 +232,99 @@ async fn a_joining_node_receives_its_share() {
     .await;
 }
 
+/// A node that dies and never returns (no `cluster leave`, no drain): once
+/// it has been silent for `dead_after_secs`, the leader's repair rounds
+/// copy every blob it held to the survivors, within a bounded number of
+/// rounds; then a new node joins and receives exactly its share, the blobs
+/// whose placement over the live members now names it.
+#[tokio::test]
+async fn copies_lost_with_a_dead_node_are_restored_and_a_new_node_gets_its_share() {
+    let settings = "replicas = 3\nrepair_interval_secs = 1\ndead_after_secs = 3\n";
+    let mut cl = TestCluster::start_with(4, 10_000, |_| settings.into()).await;
+    let c = client();
+    let leader = cl.wait_leader_everywhere().await;
+    let mut digests = Vec::new();
+    for k in 0..16u32 {
+        let data: Vec<u8> = (0..30_000u32).map(|i| ((i + k * 29) % 241) as u8).collect();
+        digests.push(push_blob(&c, &cl.base((leader + k as usize) % 4), "lost", &data).await);
+    }
+    let on = |cl: &TestCluster, i: usize, d: &str| cl.blob_path(i, d).exists();
+    wait_for("three copies of every blob", Duration::from_secs(60), || {
+        let ok = digests.iter().all(|d| (0..4).filter(|i| on(&cl, *i, d)).count() >= 3);
+        async move { ok }
+    })
+    .await;
+
+    let gauge = |text: &str, name: &str| -> Option<i64> {
+        text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    };
+    let metrics_url = format!("{}/metrics", cl.base(leader));
+    let metrics = || {
+        let (c, url) = (c.clone(), metrics_url.clone());
+        async move { c.get(url).send().await.unwrap().text().await.unwrap() }
+    };
+    let dead = (0..4).find(|i| *i != leader && digests.iter().any(|d| on(&cl, *i, d))).unwrap();
+    let lost = digests.iter().filter(|d| on(&cl, dead, d)).count();
+    let rounds_at_death = gauge(&metrics().await, "berth_repair_rounds").unwrap();
+    cl.kill(dead);
+    let live: Vec<usize> = (0..4).filter(|i| *i != dead).collect();
+    wait_for("every blob back at three copies on live nodes", Duration::from_secs(90), || {
+        let ok = digests.iter().all(|d| live.iter().filter(|i| on(&cl, **i, d)).count() >= 3);
+        async move { ok }
+    })
+    .await;
+    let rounds = gauge(&metrics().await, "berth_repair_rounds").unwrap() - rounds_at_death;
+    // dead_after_secs / repair_interval_secs rounds before the node counts
+    // as dead, then one round restores everything (16 copies at once);
+    // a little slack for a round that starts just before the deadline.
+    assert!(rounds <= 3 + 3, "{lost} copies took {rounds} repair rounds to restore");
+    wait_for("nothing below target", Duration::from_secs(30), || {
+        let m = metrics();
+        async move { gauge(&m.await, "berth_blobs_below_target") == Some(0) }
+    })
+    .await;
+
+    // A new node joins: placement over the live members (the dead one is
+    // still a member, but not alive) names it for some blobs.
+    let (http, grpc) = (free_port(), free_port());
+    let data5 = cl.dir.path().join("data-new");
+    let rest = format!("join = \"{}\"\n{settings}", cl.grpc(leader));
+    let args = write_config(&cl.dir.path().join("new.toml"), 5, http, grpc, &data5, &rest);
+    let _n5 = spawn_serve(&args, http).await;
+    let path5 = |d: &str| {
+        let (alg, hex) = d.split_once(':').unwrap();
+        data5.join("blobs").join(alg).join(&hex[..2]).join(hex)
+    };
+    // Placement counts regions as the membership records them.
+    wait_for("node 5 in the membership", Duration::from_secs(60), || async {
+        cl.status(leader).await.is_some_and(|s| s.members.iter().any(|m| m.id == 5))
+    })
+    .await;
+    let members = cl.status(leader).await.unwrap().members;
+    let live_ids: Vec<u64> = live.iter().map(|i| cl.nodes[*i].id).chain([5]).collect();
+    let candidates: Vec<berth::blob::placement::Candidate> = members
+        .iter()
+        .filter(|m| live_ids.contains(&m.id))
+        .map(|m| berth::blob::placement::Candidate { id: m.id, region: m.region.clone() })
+        .collect();
+    assert_eq!(candidates.len(), 4);
+    let share: Vec<&String> = digests
+        .iter()
+        .filter(|d| {
+            let digest: berth::oci::Digest = d.parse().unwrap();
+            berth::blob::placement::rank(&digest, &candidates).iter().take(3).any(|c| c.id == 5)
+        })
+        .collect();
+    assert!(!share.is_empty(), "placement names the new node for none of 16 blobs");
+    wait_for("the new node to hold its share", Duration::from_secs(90), || {
+        let ok = share.iter().all(|d| path5(d).exists());
+        async move { ok }
+    })
+    .await;
+    let extra: Vec<&String> = digests.iter().filter(|d| path5(d).exists() && !share.contains(d)).collect();
+    assert!(extra.is_empty(), "the new node holds blobs placement does not name it for: {extra:?}");
+}
+
 /// A 201 means `min_copies` holders have the blob fsynced at that moment,
 /// not eventually: the holders are counted on disk as soon as the answer
 /// arrives, before a 16 MB copy started after the ack could have landed

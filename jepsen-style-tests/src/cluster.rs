@@ -34,6 +34,53 @@ pub struct Cluster {
     pub port: u16,
     pub image: String,
     pub targets: Targets,
+    /// Nodes 1-3's data dirs on power-loss filesystems, when the run cuts
+    /// power.
+    pub disks: Option<Disks>,
+}
+
+/// Each of nodes 1-3's `/data` on a power-loss filesystem (powerloss-fs)
+/// served by this process and bind-mounted into its container, so a fault
+/// can cut a node's power: what it had not fsynced is gone. (Node 3's blob
+/// disk, a tmpfs for the disk-full fault, is not among them.)
+pub struct Disks {
+    dir: PathBuf,
+    disks: HashMap<&'static str, powerloss_fs::PowerLossFs>,
+    /// The compose override binding each mount as the node's `/data`.
+    compose_file: PathBuf,
+}
+
+impl Disks {
+    pub fn mount(project: &str) -> anyhow::Result<Disks> {
+        powerloss_fs::PowerLossFs::available().map_err(anyhow::Error::msg)?;
+        let dir = std::env::temp_dir().join(format!("{project}-disks"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let mut disks = HashMap::new();
+        let mut yaml = String::from("version: \"3.9\"\nservices:\n");
+        for node in NODES {
+            let mnt = dir.join(node);
+            std::fs::create_dir_all(&mnt)?;
+            let fs = powerloss_fs::PowerLossFs::mount(&dir.join(format!("{node}-backing")), &mnt)
+                .with_context(|| format!("mounting {node}'s power-loss disk"))?;
+            disks.insert(node, fs);
+            yaml.push_str(&format!("  {node}:\n    volumes:\n      - {}:/data\n", mnt.display()));
+        }
+        let compose_file = dir.join("power-loss-disks.yml");
+        std::fs::write(&compose_file, yaml)?;
+        Ok(Disks { dir, disks, compose_file })
+    }
+
+    pub fn get(&self, node: &str) -> anyhow::Result<&powerloss_fs::PowerLossFs> {
+        self.disks.get(node).with_context(|| format!("{node} has no power-loss disk"))
+    }
+}
+
+impl Drop for Disks {
+    fn drop(&mut self) {
+        self.disks.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 async fn run(cmd: &mut Command) -> anyhow::Result<String> {
@@ -47,11 +94,18 @@ async fn run(cmd: &mut Command) -> anyhow::Result<String> {
 impl Cluster {
     fn compose(&self) -> Command {
         let mut c = Command::new("docker-compose");
-        c.current_dir(&self.root)
-            .args(["-p", &self.project, "-f", "docker-compose.yml", "-f", "jepsen-style-tests/compose/jepsen.yml"])
-            .args(["--profile", "join"])
-            .env("BERTH_IMAGE", &self.image)
-            .env("BERTH_PORT", self.port.to_string());
+        c.current_dir(&self.root).args([
+            "-p",
+            &self.project,
+            "-f",
+            "docker-compose.yml",
+            "-f",
+            "jepsen-style-tests/compose/jepsen.yml",
+        ]);
+        if let Some(d) = &self.disks {
+            c.arg("-f").arg(&d.compose_file);
+        }
+        c.args(["--profile", "join"]).env("BERTH_IMAGE", &self.image).env("BERTH_PORT", self.port.to_string());
         c
     }
 

@@ -91,12 +91,22 @@ async fn main() -> anyhow::Result<()> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let out = args.out.clone().unwrap_or_else(|| root.join("jepsen-style-tests/runs").join(format!("seed-{seed}")));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let project = format!("berth-jepsen-{}", std::process::id());
+    let kinds = if args.faults.is_empty() { Kind::ALL.to_vec() } else { args.faults.clone() };
+    // A power cut needs the nodes' data dirs on power-loss disks, served by
+    // this process for the whole run.
+    let disks = if kinds.iter().any(|k| k.cuts_power()) {
+        Some(cluster::Disks::mount(&project).context("power-loss disks (or run without the power-loss kinds)")?)
+    } else {
+        None
+    };
     let cluster = Cluster {
-        project: format!("berth-jepsen-{}", std::process::id()),
+        project,
         root: root.clone(),
         port: args.port,
         image: format!("berth:jepsen-{}", std::process::id()),
         targets: Targets::default(),
+        disks,
     };
     println!("jepsen: seed {seed}, {} s, output in {}", args.duration_secs, out.display());
     // Interrupted or not, the cluster is torn down.
@@ -109,6 +119,9 @@ async fn main() -> anyhow::Result<()> {
     if !args.keep {
         cluster.down().await;
     }
+    // Unmount the power-loss disks (exit skips destructors); with --keep
+    // the nodes then lose their data dirs.
+    drop(cluster);
     let clean = result?;
     std::process::exit(if clean { 0 } else { 1 });
 }

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
 use berth_jepsen::history::FaultWindow;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -18,6 +19,9 @@ pub enum Kind {
     Kill,
     /// kill -9 of the leader.
     KillLeader,
+    /// kill -9 of a random node, kept down past `dead_after_secs`: its
+    /// copies stop counting and repair runs without it; then it returns.
+    LongKill,
     /// SIGSTOP of a whole node (docker pause), then resume.
     Pause,
     /// The leader cut off from the other nodes (clients still reach it).
@@ -35,6 +39,13 @@ pub enum Kind {
     /// A random node killed, its data dir and blobs wiped (a lost disk),
     /// started again empty; healed by `berth cluster replace`.
     Wipe,
+    /// A random node's power cut: its data dir keeps only what was made
+    /// durable (powerloss-fs), the process dies with it; restarted after
+    /// the hold.
+    PowerLoss,
+    /// Every node's power cut at once (the failure only fsync survives);
+    /// all restarted after the hold.
+    PowerLossAll,
 }
 
 impl Kind {
@@ -42,6 +53,7 @@ impl Kind {
         match self {
             Kind::Kill => "kill",
             Kind::KillLeader => "kill-leader",
+            Kind::LongKill => "long-kill",
             Kind::Pause => "pause",
             Kind::IsolateLeader => "isolate-leader",
             Kind::Split => "split",
@@ -50,13 +62,21 @@ impl Kind {
             Kind::Membership => "membership",
             Kind::DiskFull => "disk-full",
             Kind::Wipe => "wipe",
+            Kind::PowerLoss => "power-loss",
+            Kind::PowerLossAll => "power-loss-all",
         }
     }
 
     /// The default set.
-    pub const ALL: [Kind; 10] = [
+    /// Whether the kind needs the nodes' data dirs on power-loss disks.
+    pub fn cuts_power(self) -> bool {
+        matches!(self, Kind::PowerLoss | Kind::PowerLossAll)
+    }
+
+    pub const ALL: [Kind; 13] = [
         Kind::Kill,
         Kind::KillLeader,
+        Kind::LongKill,
         Kind::Pause,
         Kind::IsolateLeader,
         Kind::Split,
@@ -65,12 +85,19 @@ impl Kind {
         Kind::Membership,
         Kind::DiskFull,
         Kind::Wipe,
+        Kind::PowerLoss,
+        Kind::PowerLossAll,
     ];
 }
+
+/// The compose nodes' `dead_after_secs` (cluster-config/compose): a
+/// long-kill holds past it.
+const DEAD_AFTER: Duration = Duration::from_secs(20);
 
 /// What must be undone to heal a fault.
 enum Undo {
     Start(String),
+    StartAll,
     Unpause(String),
     Network,
     Leave,
@@ -107,7 +134,7 @@ impl Nemesis<'_> {
         let c = self.cluster;
         let begun = self.clock.ms();
         let (detail, undo) = match kind {
-            Kind::Kill | Kind::KillLeader => {
+            Kind::Kill | Kind::KillLeader | Kind::LongKill => {
                 let node = if kind == Kind::KillLeader { self.leader_or_random().await } else { target.to_owned() };
                 c.docker(&["kill", "-s", "KILL", &c.container(&node).await?]).await?;
                 (node.clone(), Undo::Start(node))
@@ -178,8 +205,44 @@ impl Nemesis<'_> {
                     "rm -rf /data/* /blobdata/* 2>/dev/null; true",
                 ])
                 .await?;
+                // A lost disk is replaced by an empty one: on a power-loss
+                // disk the removals are made durable, as a new disk is.
+                if let Some(disks) = &c.disks {
+                    disks.get(target)?.sync();
+                }
                 c.docker(&["start", &container]).await?;
                 (format!("{target} wiped"), Undo::Replace(target.to_owned()))
+            }
+            Kind::PowerLoss => {
+                let disk = c.disks.as_ref().context("power-loss needs the nodes on power-loss disks")?.get(target)?;
+                let container = c.container(target).await?;
+                disk.power_off()?;
+                let killed = c.docker(&["kill", "-s", "KILL", &container]).await;
+                disk.power_on();
+                killed?;
+                (target.to_owned(), Undo::Start(target.to_owned()))
+            }
+            Kind::PowerLossAll => {
+                let disks = c.disks.as_ref().context("power-loss-all needs the nodes on power-loss disks")?;
+                let mut containers = Vec::new();
+                for node in NODES {
+                    containers.push(c.container(node).await?);
+                }
+                for node in NODES {
+                    disks.get(node)?.power_off()?;
+                }
+                let mut killed = Ok(String::new());
+                for container in &containers {
+                    let r = c.docker(&["kill", "-s", "KILL", container]).await;
+                    if killed.is_ok() {
+                        killed = r;
+                    }
+                }
+                for node in NODES {
+                    disks.get(node)?.power_on();
+                }
+                killed?;
+                ("every node".to_owned(), Undo::StartAll)
             }
             Kind::DiskFull => {
                 let node3 = c.container("node3").await?;
@@ -191,12 +254,18 @@ impl Nemesis<'_> {
         // The window opens once the fault is fully in effect (a restart is
         // in effect while it runs).
         let start_ms = if kind == Kind::Restart { begun } else { self.clock.ms() };
+        let hold = if kind == Kind::LongKill { DEAD_AFTER + hold } else { hold };
         if !matches!(undo, Undo::Nothing) {
             tokio::time::sleep(hold).await;
         }
         match undo {
             Undo::Start(node) => {
                 c.docker(&["start", &c.container(&node).await?]).await?;
+            }
+            Undo::StartAll => {
+                for node in NODES {
+                    c.docker(&["start", &c.container(node).await?]).await?;
+                }
             }
             Undo::Unpause(node) => {
                 c.docker(&["unpause", &c.container(&node).await?]).await?;

@@ -51,11 +51,11 @@ pub struct BlobReader {
 
 impl BlobStore {
     pub fn new(root: PathBuf) -> std::io::Result<BlobStore> {
-        std::fs::create_dir_all(&root)?;
+        crate::durable::create_dir_all(&root)?;
         // Leftovers of transfers interrupted by a crash are never valid.
         let incoming = root.join(INCOMING);
         let _ = std::fs::remove_dir_all(&incoming);
-        std::fs::create_dir_all(&incoming)?;
+        crate::durable::create_dir_all(&incoming)?;
         Ok(BlobStore { root, verified: Default::default(), reserve: 0 })
     }
 
@@ -241,11 +241,12 @@ impl BlobStore {
     pub fn commit_file(&self, src: &Path, d: &Digest) -> std::io::Result<()> {
         let dst = self.path(d);
         let dir = dst.parent().expect("blob path has a parent");
-        std::fs::create_dir_all(dir)?;
+        // A new fan-out directory's own name must be durable too, or the
+        // power takes the blob with it.
+        crate::durable::create_dir_all(dir)?;
         // Replacing an existing copy is harmless (same verified bytes) and
         // heals one that rotted on disk.
-        std::fs::rename(src, &dst)?;
-        std::fs::File::open(dir)?.sync_all()?;
+        crate::durable::rename_into_place(src, &dst)?;
         self.mark_verified(d);
         Ok(())
     }

@@ -447,7 +447,7 @@ struct SnapshotFiles {
 impl SnapshotFiles {
     /// Builds and transfers cut short by a crash leave scratch files behind.
     fn open(dir: PathBuf) -> std::io::Result<SnapshotFiles> {
-        std::fs::create_dir_all(&dir)?;
+        crate::durable::create_dir_all(&dir)?;
         let files = SnapshotFiles { dir, lock: std::sync::Mutex::new(()) };
         files.remove_where(is_scratch);
         Ok(files)
@@ -495,9 +495,8 @@ impl SnapshotFiles {
         let index = meta.last_log_id.map_or(0, |l| l.index);
         let name = format!("snap-{index}-{}.snap", Self::stamp());
         let path = self.dir.join(&name);
-        std::fs::rename(from, &path).map_err(io_err)?;
         // The rename must outlive a power loss before the state names it.
-        std::fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io_err)?;
+        crate::durable::rename_into_place(from, &path).map_err(io_err)?;
         let file = std::fs::File::open(&path).map_err(io_err)?;
         if get_sm::<StoredSnapshot>(db, KEY_SNAPSHOT)?.is_some_and(|s| s.meta.last_log_id > meta.last_log_id) {
             std::fs::remove_file(&path).map_err(io_err)?;

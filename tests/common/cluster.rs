@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use berth::cluster::NodeStatus;
 
+use powerloss_fs::PowerLossFs;
+
 use super::gate::Gate;
 use super::{free_port, spawn_serve, wait_for, write_config, Proc};
 
@@ -16,13 +18,18 @@ pub struct NodeSpec {
     pub config: PathBuf,
 }
 
+/// Fields drop in order: processes first, then the filesystems they used,
+/// then the directory holding it all.
 pub struct TestCluster {
-    pub dir: tempfile::TempDir,
-    pub nodes: Vec<NodeSpec>,
     pub procs: Vec<Option<Proc>>,
     /// With [`TestCluster::start_gated`]: the gate in front of each node's
     /// cluster port, which every other node sends its Raft traffic through.
     pub gates: Vec<Gate>,
+    /// With [`TestCluster::start_on_power_loss_disks`]: each node's data dir
+    /// is the mount of its own power-loss filesystem.
+    pub disks: Vec<PowerLossFs>,
+    pub nodes: Vec<NodeSpec>,
+    pub dir: tempfile::TempDir,
 }
 
 impl TestCluster {
@@ -33,16 +40,37 @@ impl TestCluster {
 
     /// Like `start`, with `extra(id)` added to node `id`'s top-level settings.
     pub async fn start_with(n: u64, snapshot_logs: u64, extra: impl Fn(u64) -> String) -> TestCluster {
-        Self::start_opts(n, snapshot_logs, extra, false).await
+        Self::start_opts(n, snapshot_logs, extra, false, false).await
+    }
+
+    /// Like `start_with`, with each node's data dir on a power-loss
+    /// filesystem (see [`TestCluster::power_cut`]). None, said as skipped,
+    /// where this machine cannot mount one.
+    pub async fn start_on_power_loss_disks(
+        n: u64,
+        snapshot_logs: u64,
+        extra: impl Fn(u64) -> String,
+    ) -> Option<TestCluster> {
+        if let Err(why) = PowerLossFs::available() {
+            super::skipped(&format!("power-loss crash tests: {why}"));
+            return None;
+        }
+        Some(Self::start_opts(n, snapshot_logs, extra, false, true).await)
     }
 
     /// Like `start`, with every node's cluster port behind a [`Gate`] the
     /// test can close (see `gates`).
     pub async fn start_gated(n: u64) -> TestCluster {
-        Self::start_opts(n, 10_000, |_| String::new(), true).await
+        Self::start_opts(n, 10_000, |_| String::new(), true, false).await
     }
 
-    async fn start_opts(n: u64, snapshot_logs: u64, extra: impl Fn(u64) -> String, gated: bool) -> TestCluster {
+    async fn start_opts(
+        n: u64,
+        snapshot_logs: u64,
+        extra: impl Fn(u64) -> String,
+        gated: bool,
+        power_loss_disks: bool,
+    ) -> TestCluster {
         let dir = tempfile::tempdir().unwrap();
         let nodes: Vec<NodeSpec> = (1..=n)
             .map(|id| NodeSpec {
@@ -82,7 +110,15 @@ impl TestCluster {
             );
             write_config(&s.config, s.id, s.http, s.grpc, &dir.path().join(format!("data{}", s.id)), &rest);
         }
-        let mut c = TestCluster { dir, nodes, procs: Vec::new(), gates };
+        let mut disks = Vec::new();
+        if power_loss_disks {
+            for s in &nodes {
+                let mnt = dir.path().join(format!("data{}", s.id));
+                std::fs::create_dir_all(&mnt).unwrap();
+                disks.push(PowerLossFs::mount(&dir.path().join(format!("backing{}", s.id)), &mnt).unwrap());
+            }
+        }
+        let mut c = TestCluster { procs: Vec::new(), gates, disks, nodes, dir };
         for i in 0..c.nodes.len() {
             c.procs.push(None);
             c.start_node(i).await;
@@ -102,6 +138,29 @@ impl TestCluster {
         if let Some(mut p) = self.procs[i].take() {
             p.0.kill().unwrap();
             p.0.wait().unwrap();
+        }
+    }
+
+    /// Cut node `i`'s power: its disk keeps only what was made durable, and
+    /// the process dies at once (it is killed as its disk stops answering).
+    /// Start it again with [`TestCluster::start_node`].
+    pub fn power_cut(&mut self, i: usize) {
+        self.disks[i].power_off().unwrap();
+        self.kill(i);
+        self.disks[i].power_on();
+    }
+
+    /// Cut every node's power at once (each disk first, then the processes):
+    /// the failure in which only fsync protects anything.
+    pub fn power_cut_all(&mut self) {
+        for d in &self.disks {
+            d.power_off().unwrap();
+        }
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+        for d in &self.disks {
+            d.power_on();
         }
     }
 

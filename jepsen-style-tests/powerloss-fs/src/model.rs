@@ -413,8 +413,10 @@ impl State {
             }
             self.unlink_name(newparent, newname)?;
         }
-        self.unlink_name(parent, name)?;
+        // The new name first: the inode is never without one (a sweep in
+        // between would take it).
         self.link_name(newparent, newname, ino)?;
+        self.unlink_name(parent, name)?;
         if let Kind::Dir(d) = &mut self.node_mut(ino)?.kind {
             d.parent = newparent;
         }
@@ -564,9 +566,8 @@ impl State {
         }
         let Kind::File(f) = &mut self.node_mut(ino)?.kind else { return Err(Errno::EISDIR) };
         // SAFETY: fallocate on a descriptor this inode owns; no memory is passed.
-        let rc = unsafe {
-            libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f.data), mode, offset as i64, length as i64)
-        };
+        let rc =
+            unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f.data), mode, offset as i64, length as i64) };
         if rc != 0 {
             return Err(io_errno(io::Error::last_os_error()));
         }
@@ -720,6 +721,19 @@ impl State {
         }
         self.sweep(true);
         Ok(())
+    }
+
+    /// Everything written so far becomes durable (`sync`).
+    pub fn sync_everything(&mut self) {
+        let inos: Vec<Ino> = self.nodes.keys().copied().collect();
+        for ino in inos {
+            let _ = match self.nodes.get(&ino).map(|n| matches!(n.kind, Kind::Dir(_))) {
+                Some(true) => self.dir_mut(ino).map(|d| drop(d.durable.take())),
+                Some(false) => self.fsync(ino),
+                None => Ok(()),
+            };
+        }
+        self.sweep(false);
     }
 
     /// The power comes back: the filesystem serves what survived.
