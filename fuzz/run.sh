@@ -14,7 +14,11 @@ export RUSTC_BOOTSTRAP=1
 # its C++ again; the fuzz build itself goes to fuzz/target.
 lib=$(for t in "${CARGO_TARGET_DIR:-}" ../target "$HOME/.cache/berth-target"; do
   [ -n "$t" ] && ls "$t"/release/build/librocksdb-sys-*/out/librocksdb.a 2>/dev/null; done | head -n1 || true)
-if [ -n "$lib" ] && [ -z "${ROCKSDB_LIB_DIR:-}" ]; then export ROCKSDB_LIB_DIR=${lib%/*} ROCKSDB_STATIC=1; fi
+# (absolute: the build script runs elsewhere).
+if [ -n "$lib" ] && [ -z "${ROCKSDB_LIB_DIR:-}" ]; then
+  ROCKSDB_LIB_DIR=$(cd "${lib%/*}" && pwd)
+  export ROCKSDB_LIB_DIR ROCKSDB_STATIC=1
+fi
 unset CARGO_TARGET_DIR
 flags=(--sanitizer none --release --debug-assertions)
 

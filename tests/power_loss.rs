@@ -363,3 +363,93 @@ async fn a_push_acknowledged_with_two_copies_survives_the_receiving_node_losing_
         cluster.wait_leader_everywhere().await;
     }
 }
+
+/// One writer per tag, writing a new value and deleting it in turn; every
+/// node is cut at once mid-sequence. Afterwards each tag holds what its
+/// last acknowledged operation left (or what the one in flight at the cut
+/// would leave): an overwrite or a delete acknowledged before the cut is
+/// never undone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn overwrites_and_deletes_acknowledged_before_a_power_cut_stay() {
+    let Some(mut cluster) = TestCluster::start_on_power_loss_disks(3, SNAPSHOT_LOGS, |_| String::new()).await else {
+        return;
+    };
+    let c = fast_client();
+    let base0 = cluster.base(0);
+    let config = b"{}".to_vec();
+    let layer = b"register layer".to_vec();
+    let cd = push_monolithic(&c, &base0, "power/reg", &config).await.unwrap();
+    let ld = push_monolithic(&c, &base0, "power/reg", &layer).await.unwrap();
+    let value = move |v: u64| {
+        image_manifest((&cd, config.len()), &[(&ld, layer.len())], &format!(r#","annotations":{{"v":"{v}"}}"#))
+    };
+    for round in 0..3 {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for w in 0..3usize {
+            let (c, stop) = (c.clone(), stop.clone());
+            let bases: Vec<String> = (0..3).map(|i| cluster.base(i)).collect();
+            let value = value.clone();
+            tasks.push(tokio::spawn(async move {
+                // (state after the last acknowledged op, state the op in flight would leave)
+                let tag = format!("r{w}");
+                let (mut acked, mut pending): (Option<u64>, Option<Option<u64>>) = (None, None);
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let base = &bases[(w + i as usize) % 3];
+                    let next = if i % 2 == 1 { Some(round * 1_000_000 + i) } else { None };
+                    pending = Some(next);
+                    let url = format!("{base}/v2/power/reg/manifests/{tag}");
+                    let ok = match next {
+                        Some(v) => c.put(&url).header("Content-Type", OCI_MANIFEST).body(value(v)).send().await,
+                        None => c.delete(&url).send().await,
+                    }
+                    .map(|r| r.status());
+                    match ok {
+                        Ok(s) if s == 201 || s == 202 => {
+                            acked = next;
+                            pending = None;
+                        }
+                        // A delete of a tag this writer just wrote must find it.
+                        Ok(s) if s == 404 => panic!("{tag}: delete answered 404 after an acknowledged write"),
+                        _ => break,
+                    }
+                }
+                (tag, acked, pending)
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        cluster.power_cut_all();
+        stop.store(true, Ordering::Relaxed);
+        let mut expect = Vec::new();
+        for t in tasks {
+            expect.push(t.await.unwrap());
+        }
+        for i in 0..3 {
+            cluster.start_node(i).await;
+        }
+        for i in 0..3 {
+            let base = cluster.base(i);
+            for (tag, acked, pending) in &expect {
+                let url = format!("{base}/v2/power/reg/manifests/{tag}");
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let seen = loop {
+                    match c.get(&url).header("Accept", OCI_MANIFEST).send().await {
+                        Ok(r) if r.status() == 200 => {
+                            let v: serde_json::Value = r.json().await.unwrap();
+                            break Some(v["annotations"]["v"].as_str().unwrap().parse::<u64>().unwrap());
+                        }
+                        Ok(r) if r.status() == 404 => break None,
+                        _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+                        other => panic!("node {i}: {tag}: {other:?}"),
+                    }
+                };
+                assert!(
+                    seen == *acked || Some(seen) == *pending,
+                    "round {round}, node {i}: {tag} reads {seen:?}; last acknowledged {acked:?}, in flight {pending:?}"
+                );
+            }
+        }
+    }
+}

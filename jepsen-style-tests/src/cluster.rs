@@ -263,6 +263,26 @@ impl Cluster {
         run(Command::new("docker").args(args)).await
     }
 
+    /// kill -9 a container and wait until its processes are gone; one
+    /// that already stopped (a node whose disk lost power exits by itself
+    /// on the I/O error) counts as killed. A power cut must not give the
+    /// power back before then: `docker kill` returns once the signal is
+    /// sent, and a process still dying when the power returns could act on
+    /// the disk with its memory of before the cut (unlink a log file that
+    /// the cut made live again, say), which no real power loss allows.
+    pub async fn kill_and_wait(&self, container: &str) -> anyhow::Result<()> {
+        if let Err(e) = self.docker(&["kill", "-s", "KILL", container]).await {
+            let running = self.docker(&["inspect", "-f", "{{.State.Running}}", container]).await?;
+            if running != "false" {
+                return Err(e);
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(30), self.docker(&["wait", container])).await {
+            Ok(r) => r.map(|_| ()),
+            Err(_) => bail!("container {container} still running 30 s after kill -9"),
+        }
+    }
+
     /// Run `berth` inside node 1's container (cluster join/leave).
     pub async fn berth_cli(&self, args: &[&str]) -> anyhow::Result<String> {
         let c = self.container("node1").await?;

@@ -24,6 +24,9 @@ pub enum Op {
     Write { key: String, value: u64 },
     /// Read the tag `key`; `value` is what was seen (None: no such tag).
     Read { key: String, value: Option<u64> },
+    /// Delete the tag `key` (register workload): afterwards it is absent,
+    /// whether it existed (202) or not (404, answered through Raft too).
+    Delete { key: String },
     /// Add tag `key` (set workload).
     Add { key: String },
     /// Push an image (blobs, then the manifest tagged `key`).
@@ -33,7 +36,11 @@ pub enum Op {
 impl Op {
     pub fn key(&self) -> &str {
         match self {
-            Op::Write { key, .. } | Op::Read { key, .. } | Op::Add { key } | Op::Push { key, .. } => key,
+            Op::Write { key, .. }
+            | Op::Read { key, .. }
+            | Op::Delete { key }
+            | Op::Add { key }
+            | Op::Push { key, .. } => key,
         }
     }
 }

@@ -47,7 +47,7 @@ pub struct Summary {
 
 fn workload(op: &Op) -> &'static str {
     match op {
-        Op::Write { .. } | Op::Read { .. } => "register",
+        Op::Write { .. } | Op::Read { .. } | Op::Delete { .. } => "register",
         Op::Add { .. } => "set",
         Op::Push { .. } => "no-lost-push",
     }

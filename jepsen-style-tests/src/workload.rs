@@ -93,6 +93,21 @@ pub async fn write(ctx: &Ctx, process: usize, target: &str, key: &str, value: u6
     ctx.rec.record(Event { process, target: target.to_owned(), op, invoke_ms, complete_ms, outcome, error });
 }
 
+/// Delete one register tag, recording it: 202 (it existed) and 404 (it did
+/// not) both leave it absent.
+pub async fn delete(ctx: &Ctx, process: usize, target: &str, key: &str) {
+    let Some(url) = ctx.targets.url(target) else { return };
+    let invoke_ms = ctx.rec.clock.ms();
+    let res = ctx.http.delete(format!("{url}/v2/{REG_REPO}/manifests/{key}")).send().await;
+    let (outcome, error) = match &res {
+        Ok(r) if r.status() == 404 => (Outcome::Ok, None),
+        _ => classify(&res, 202),
+    };
+    let complete_ms = (outcome != Outcome::Unknown).then(|| ctx.rec.clock.ms());
+    let op = Op::Delete { key: key.to_owned() };
+    ctx.rec.record(Event { process, target: target.to_owned(), op, invoke_ms, complete_ms, outcome, error });
+}
+
 /// Read one register tag, recording what was seen.
 pub async fn read(ctx: &Ctx, process: usize, target: &str, key: &str) {
     let Some(url) = ctx.targets.url(target) else { return };
@@ -115,13 +130,17 @@ pub async fn read(ctx: &Ctx, process: usize, target: &str, key: &str) {
     ctx.rec.record(Event { process, target: target.to_owned(), op, invoke_ms, complete_ms, outcome, error });
 }
 
-/// Register clients: reads and writes of a few tags, every value unique.
+/// Register clients: reads, writes and deletes of a few tags, every value
+/// unique.
 pub async fn register(ctx: Ctx, process: usize, seed: u64, keys: usize, next_value: Arc<Mutex<u64>>) {
     let mut rng = StdRng::seed_from_u64(seed);
     while !*ctx.stop.borrow() {
         let target = TARGETS[rng.gen_range(0..TARGETS.len())];
         let key = format!("t{}", rng.gen_range(0..keys));
-        if rng.gen_bool(0.4) {
+        let dice: f64 = rng.gen();
+        if dice < 0.1 {
+            delete(&ctx, process, target, &key).await;
+        } else if dice < 0.5 {
             let value = {
                 let mut n = next_value.lock().unwrap();
                 *n += 1;

@@ -48,6 +48,39 @@ fn timed_out_writes_may_or_may_not_take_effect() {
     assert_eq!(check_register(&h), vec![]);
 }
 
+fn delete(p: usize, t0: f64, t1: f64) -> Event {
+    ev(p, Op::Delete { key: "t".into() }, t0, Some(t1), Outcome::Ok)
+}
+
+#[test]
+fn deletes_are_register_writes_of_absence() {
+    // Read absent after an acknowledged delete; a concurrent read may see
+    // either; a timed-out delete may land late.
+    let ok = vec![
+        write(0, 1, 0., 1.),
+        delete(1, 2., 5.),
+        read(2, Some(1), 3., 4.),
+        read(2, None, 6., 7.),
+        write(0, 2, 8., 9.),
+        ev(1, Op::Delete { key: "t".into() }, 10., None, Outcome::Unknown),
+        read(2, Some(2), 11., 12.),
+        read(2, None, 50., 51.),
+    ];
+    assert_eq!(check_register(&ok), vec![]);
+    // A value read back after its delete was acknowledged (and nothing
+    // wrote it again) is a lost delete.
+    let lost = vec![write(0, 1, 0., 1.), delete(1, 2., 3.), read(2, Some(1), 4., 5.)];
+    let v = check_register(&lost);
+    assert_eq!(v.len(), 1, "{v:?}");
+    // A refused delete changed nothing.
+    let refused = vec![
+        write(0, 1, 0., 1.),
+        ev(1, Op::Delete { key: "t".into() }, 2., Some(3.), Outcome::Fail),
+        read(2, Some(1), 4., 5.),
+    ];
+    assert_eq!(check_register(&refused), vec![]);
+}
+
 #[test]
 fn a_stale_read_is_flagged() {
     // 2 was acknowledged before the read began, yet the read saw 1.

@@ -26,7 +26,9 @@ pub fn check_register(events: &[Event]) -> Vec<Violation> {
     for (id, e) in events.iter().enumerate() {
         let kind = match (&e.op, e.outcome) {
             (Op::Write { .. }, Outcome::Fail) => continue,
-            (Op::Write { value, .. }, _) => RegKind::Write(*value),
+            (Op::Write { value, .. }, _) => RegKind::Write(Some(*value)),
+            (Op::Delete { .. }, Outcome::Fail) => continue,
+            (Op::Delete { .. }, _) => RegKind::Write(None),
             (Op::Read { value, .. }, Outcome::Ok) => RegKind::Read(*value),
             _ => continue,
         };

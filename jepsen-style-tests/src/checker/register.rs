@@ -22,7 +22,8 @@ pub struct RegOp {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RegKind {
-    Write(u64),
+    /// A write of a value, or (None) a delete.
+    Write(Option<u64>),
     /// What the read returned (None: the tag did not exist).
     Read(Option<u64>),
 }
@@ -31,7 +32,7 @@ type State = Option<u64>;
 
 fn step(state: State, kind: RegKind) -> Option<State> {
     match kind {
-        RegKind::Write(v) => Some(Some(v)),
+        RegKind::Write(v) => Some(v),
         RegKind::Read(seen) => (seen == state).then_some(state),
     }
 }
@@ -48,10 +49,10 @@ pub struct NotLinearizable {
 /// changes nothing), which also keeps the search from branching on every
 /// timed-out write of a long partition.
 pub fn prune(ops: Vec<RegOp>) -> Vec<RegOp> {
-    let read: HashSet<u64> = ops
+    let read: HashSet<Option<u64>> = ops
         .iter()
         .filter_map(|o| match o.kind {
-            RegKind::Read(Some(v)) => Some(v),
+            RegKind::Read(v) => Some(v),
             _ => None,
         })
         .collect();
@@ -147,7 +148,7 @@ mod tests {
     use super::*;
 
     fn w(id: usize, call: f64, ret: f64, v: u64) -> RegOp {
-        RegOp { call, ret, kind: RegKind::Write(v), id }
+        RegOp { call, ret, kind: RegKind::Write(Some(v)), id }
     }
     fn r(id: usize, call: f64, ret: f64, v: Option<u64>) -> RegOp {
         RegOp { call, ret, kind: RegKind::Read(v), id }
