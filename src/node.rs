@@ -77,6 +77,7 @@ impl RunningNode {
         let meta = sm.reader();
         let log = LogStore::new(db.clone());
         let committed = log.commit_index();
+        let log_at_start = (log.last_index(), log.vote_term());
         let tls = cfg.cluster_tls.as_ref().map(ClusterTls::load).transpose().context("loading cluster_tls")?;
         if cfg.insecure_cluster {
             tracing::warn!(
@@ -86,7 +87,8 @@ impl RunningNode {
         }
         let network = Network::new(Peers::new(identity.clone(), tls.clone()));
         let raft = Raft::new(cfg.node_id, raft_config(&cfg)?, network, log, sm).await.context("starting raft")?;
-        let cluster = Cluster::new(identity.clone(), tls.clone(), raft.clone(), committed, cfg.consistency);
+        let cluster =
+            Cluster::new(identity.clone(), tls.clone(), raft.clone(), committed, log_at_start, cfg.consistency);
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = Vec::new();
 

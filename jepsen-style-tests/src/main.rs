@@ -44,8 +44,7 @@ struct Args {
     /// Replays the same fault schedule and workload choices (random if absent).
     #[arg(long)]
     seed: Option<u64>,
-    /// Fault kinds to inject (comma-separated; default: every kind but
-    /// power-loss-all).
+    /// Fault kinds to inject (comma-separated; default: every kind).
     #[arg(long, value_enum, value_delimiter = ',')]
     faults: Vec<Kind>,
     /// Shortest and longest time a fault is held, in milliseconds.

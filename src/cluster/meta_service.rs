@@ -27,7 +27,9 @@ impl Meta for MetaService {
     async fn read_index(&self, _req: Request<Empty>) -> Result<Response<ReadIndexReply>, Status> {
         match self.cluster.raft.get_read_log_id().await {
             Ok((read, _)) => {
-                Ok(Response::new(ReadIndexReply { not_leader: false, log_index: read.map(|l| l.index).unwrap_or(0) }))
+                let term = self.cluster.raft.metrics().borrow().current_term;
+                let log_index = self.cluster.read_floor.apply(read.map(|l| l.index), term).unwrap_or(0);
+                Ok(Response::new(ReadIndexReply { not_leader: false, log_index }))
             }
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => {
                 Ok(Response::new(ReadIndexReply { not_leader: true, log_index: 0 }))

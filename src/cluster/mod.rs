@@ -84,6 +84,8 @@ pub struct Cluster {
     batcher: batcher::Batcher,
     ids: std::sync::Arc<RequestIds>,
     reads: read_index::ReadIndexer,
+    /// See [`read_index::ReadFloor`].
+    pub(crate) read_floor: read_index::ReadFloor,
     consistency: Consistency,
 }
 
@@ -93,14 +95,28 @@ impl Cluster {
         tls: Option<tls::ClusterTls>,
         raft: Raft,
         committed: crate::meta::CommitIndex,
+        log_at_start: (u64, u64),
         consistency: Consistency,
     ) -> Cluster {
         let id = identity.node();
         let batcher = batcher::Batcher::start(raft.clone());
         let peers = Peers::new(identity.clone(), tls);
-        let reads = read_index::ReadIndexer::start(raft.clone(), peers.clone(), DEADLINE);
+        let floor = read_index::ReadFloor { index: log_at_start.0, term: log_at_start.1 };
+        let reads = read_index::ReadIndexer::start(raft.clone(), peers.clone(), DEADLINE, floor);
         let ids = std::sync::Arc::new(RequestIds::new(id));
-        Cluster { id, raft, peers, identity, drain: Drain::default(), committed, batcher, ids, reads, consistency }
+        Cluster {
+            id,
+            raft,
+            peers,
+            identity,
+            drain: Drain::default(),
+            committed,
+            batcher,
+            ids,
+            reads,
+            read_floor: floor,
+            consistency,
+        }
     }
 
     /// Wait until this node has applied the log up to `index`.

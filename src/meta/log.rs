@@ -82,6 +82,24 @@ impl LogStore {
         store
     }
 
+    /// The index of the last entry in the log as it is on disk (0: none).
+    /// A node restarted as leader reads no earlier than this: see
+    /// `cluster::read_index`.
+    pub fn last_index(&self) -> u64 {
+        match self.db.iterator_cf(self.cf_logs(), IteratorMode::End).next() {
+            Some(Ok((k, _))) => u64::from_be_bytes(k[..8].try_into().expect("8-byte key")),
+            _ => 0,
+        }
+    }
+
+    /// The term of the vote on disk (0: none).
+    pub fn vote_term(&self) -> u64 {
+        match self.get_raft::<Vote<NodeId>>(KEY_VOTE) {
+            Ok(Some(v)) => v.leader_id().get_term(),
+            _ => 0,
+        }
+    }
+
     /// A handle on the commit index this store records.
     pub fn commit_index(&self) -> CommitIndex {
         self.committed.clone()
