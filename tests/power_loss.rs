@@ -54,23 +54,6 @@ fn layer_bytes(w: usize, k: usize) -> Vec<u8> {
     out
 }
 
-/// Push `data` in one request; Ok(digest) only on 201.
-async fn push_monolithic(c: &reqwest::Client, base: &str, repo: &str, data: &[u8]) -> Result<String, String> {
-    let d = sha256(data);
-    let r = c
-        .post(format!("{base}/v2/{repo}/blobs/uploads/?digest={d}"))
-        .header("Content-Type", "application/octet-stream")
-        .body(data.to_vec())
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    if r.status() == 201 {
-        Ok(d)
-    } else {
-        Err(format!("monolithic push: {}", r.status()))
-    }
-}
-
 /// Push `data` in three chunks, each request through the next node of
 /// `bases`; Ok(digest) only on 201.
 async fn push_chunked(c: &reqwest::Client, bases: &[String], repo: &str, data: &[u8]) -> Result<String, String> {
@@ -132,7 +115,7 @@ async fn writer(w: usize, bases: Vec<String>, stop: Arc<AtomicBool>, acked: Arc<
             let order: Vec<String> = (0..n).map(|j| bases[(w + k + j) % n].clone()).collect();
             push_chunked(&c, &order, &repo, &layer).await
         } else {
-            push_monolithic(&c, base, &repo, &layer).await
+            try_push_blob(&c, base, &repo, &layer).await
         };
         let Ok(ld) = pushed else {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -140,7 +123,7 @@ async fn writer(w: usize, bases: Vec<String>, stop: Arc<AtomicBool>, acked: Arc<
         };
         acked.lock().unwrap().blobs.push((repo.clone(), ld.clone(), layer.clone()));
         let config = format!(r#"{{"writer":{w},"k":{k}}}"#).into_bytes();
-        let Ok(cd) = push_monolithic(&c, base, &repo, &config).await else { continue };
+        let Ok(cd) = try_push_blob(&c, base, &repo, &config).await else { continue };
         acked.lock().unwrap().blobs.push((repo.clone(), cd.clone(), config.clone()));
         let m = image_manifest((&cd, config.len()), &[(&ld, layer.len())], "");
         let tag = format!("t{k}");
@@ -244,16 +227,16 @@ async fn check_everything_acknowledged(cluster: &TestCluster, acked: &Acked) {
     for i in cluster.alive() {
         let base = cluster.base(i);
         let data = format!("after the cut, through node {i}").into_bytes();
-        let r = get_ok_push(&c, &base, &data).await;
+        let r = push_retrying(&c, &base, &data).await;
         assert!(r, "node {i} takes no write after the power came back");
     }
 }
 
 /// Push a blob, retrying (a node still catching up may refuse) for a minute.
-async fn get_ok_push(c: &reqwest::Client, base: &str, data: &[u8]) -> bool {
+async fn push_retrying(c: &reqwest::Client, base: &str, data: &[u8]) -> bool {
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
-        if push_monolithic(c, base, "power/after", data).await.is_ok() {
+        if try_push_blob(c, base, "power/after", data).await.is_ok() {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -332,14 +315,14 @@ async fn a_push_acknowledged_with_two_copies_survives_the_receiving_node_losing_
         let repo = format!("power/copies{round}");
         let layer = layer_bytes(9, round + 1);
         let config = format!(r#"{{"round":{round}}}"#).into_bytes();
-        let ld = push_monolithic(&c, &base, &repo, &layer).await.unwrap();
-        let cd = push_monolithic(&c, &base, &repo, &config).await.unwrap();
+        let ld = try_push_blob(&c, &base, &repo, &layer).await.unwrap();
+        let cd = try_push_blob(&c, &base, &repo, &config).await.unwrap();
         let m = image_manifest((&cd, config.len()), &[(&ld, layer.len())], "");
         put_manifest(&c, &base, &repo, "v1", &m).await;
         // Then a blob large enough that a copy begun only after its 201 (as
         // with min_copies = 1) is still on its way when the power goes.
         let big: Vec<u8> = layer_bytes(8, round + 1).repeat(256); // 13-17 MB
-        let bd = push_monolithic(&c, &base, &repo, &big).await.unwrap();
+        let bd = try_push_blob(&c, &base, &repo, &big).await.unwrap();
         // The 201 is in: cut the receiver now, then the two others.
         cluster.power_cut(receiver);
         let others: Vec<usize> = (0..3).filter(|i| *i != receiver).collect();
@@ -378,8 +361,8 @@ async fn overwrites_and_deletes_acknowledged_before_a_power_cut_stay() {
     let base0 = cluster.base(0);
     let config = b"{}".to_vec();
     let layer = b"register layer".to_vec();
-    let cd = push_monolithic(&c, &base0, "power/reg", &config).await.unwrap();
-    let ld = push_monolithic(&c, &base0, "power/reg", &layer).await.unwrap();
+    let cd = try_push_blob(&c, &base0, "power/reg", &config).await.unwrap();
+    let ld = try_push_blob(&c, &base0, "power/reg", &layer).await.unwrap();
     let value = move |v: u64| {
         image_manifest((&cd, config.len()), &[(&ld, layer.len())], &format!(r#","annotations":{{"v":"{v}"}}"#))
     };

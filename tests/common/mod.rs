@@ -74,6 +74,12 @@ pub async fn expect_error(resp: reqwest::Response, status: u16, code: &str) {
 
 /// Push a blob monolithically; returns its digest.
 pub async fn push_blob(c: &reqwest::Client, base: &str, repo: &str, data: &[u8]) -> String {
+    try_push_blob(c, base, repo, data).await.expect("push blob")
+}
+
+/// Push a blob monolithically; Ok(digest) only on 201 (for tests where a
+/// refusal or a dead node is expected now and then).
+pub async fn try_push_blob(c: &reqwest::Client, base: &str, repo: &str, data: &[u8]) -> Result<String, String> {
     let d = sha256(data);
     let r = c
         .post(format!("{base}/v2/{repo}/blobs/uploads/?digest={d}"))
@@ -81,9 +87,12 @@ pub async fn push_blob(c: &reqwest::Client, base: &str, repo: &str, data: &[u8])
         .body(data.to_vec())
         .send()
         .await
-        .unwrap();
-    assert_eq!(r.status(), 201, "push blob");
-    d
+        .map_err(|e| e.to_string())?;
+    if r.status() == 201 {
+        Ok(d)
+    } else {
+        Err(format!("push blob: {}", r.status()))
+    }
 }
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
