@@ -271,6 +271,12 @@ pub struct Config {
     pub scrub_interval_secs: u64,
     /// A member unanswering this long no longer counts as holding copies.
     pub dead_after_secs: u64,
+    /// How often the leader collects garbage and every node deletes the
+    /// copies no one claims (0: only by `berth gc`).
+    pub gc_interval_secs: u64,
+    /// Nothing younger than this is collected: blobs pushed for a manifest
+    /// that has not come yet, copies not yet recorded. Longer than any push.
+    pub gc_grace_secs: u64,
     /// Authentication (htpasswd users, token service).
     pub auth: Option<AuthSettings>,
     /// Per-repository access rules, in order (`[[access]]` tables).
@@ -315,6 +321,8 @@ impl Default for Config {
             repair_interval_secs: 10,
             scrub_interval_secs: 24 * 3600,
             dead_after_secs: 60,
+            gc_interval_secs: 24 * 3600,
+            gc_grace_secs: 3600,
             auth: None,
             access: Vec::new(),
             tls: None,

@@ -71,8 +71,20 @@ enum Cmd {
         #[command(subcommand)]
         command: ClusterCmd,
     },
-    /// Make a development CA and certificates for mutual TLS between nodes: ca.pem/ca.key,
-    /// node<N>.pem/.key for each node, admin.pem/.key for `berth cluster` (keys are 0600).
+    /// Collect garbage across the cluster: blobs no manifest uses (older than gc_grace_secs) are
+    /// unlinked and removed from the index through Raft, then every member deletes the copies no
+    /// one claims. Prints what was (or, with --dry-run, would be) freed, per repository.
+    Gc {
+        /// gRPC address of any member (it runs the collection).
+        #[arg(long)]
+        node: String,
+        /// Only report what would be freed.
+        #[arg(long)]
+        dry_run: bool,
+        /// Directory made by `berth certs` (its ca.pem, admin.pem, admin.key), as for `berth cluster`.
+        #[arg(long, env = "BERTH_CLUSTER_TLS_DIR")]
+        tls_dir: Option<PathBuf>,
+    },
     /// Print an htpasswd line (bcrypt) for `[auth] htpasswd`. The password
     /// is read from standard input when not given.
     Htpasswd {
@@ -82,6 +94,8 @@ enum Cmd {
         #[arg(long, default_value_t = bcrypt::DEFAULT_COST)]
         cost: u32,
     },
+    /// Make a development CA and certificates for mutual TLS between nodes: ca.pem/ca.key,
+    /// node<N>.pem/.key for each node, admin.pem/.key for `berth cluster` (keys are 0600).
     Certs {
         /// Directory to write to (existing files are never overwritten).
         #[arg(long)]
@@ -198,6 +212,15 @@ fn main() -> anyhow::Result<()> {
         Cmd::Cluster { tls_dir, command } => {
             let tls = tls_dir.map(|d| ClusterTls::load(&TlsFiles::admin_in(&d))).transpose()?;
             rt.block_on(cluster(command, tls))
+        }
+        Cmd::Gc { node, dry_run, tls_dir } => {
+            let tls = tls_dir.map(|d| ClusterTls::load(&TlsFiles::admin_in(&d))).transpose()?;
+            rt.block_on(async move {
+                ClusterAdmin::new(&node, tls)
+                    .gc(dry_run, |line| println!("{line}"))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{}", e.message()))
+            })
         }
         Cmd::Certs { out, nodes } => {
             for path in berth::cluster::tls::generate(&out, &nodes)? {

@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
 
 use crate::api::{self, AppState};
-use crate::blob::{repair, BlobStore, Policy, Replicator, SessionLimits, Throttle, Transfer, Uploads};
+use crate::blob::{gc, repair, BlobStore, Policy, Replicator, SessionLimits, Throttle, Transfer, Uploads};
 use crate::cluster::identity::Guard;
 use crate::cluster::listener;
 use crate::cluster::tls::ClusterTls;
@@ -111,8 +111,21 @@ impl RunningNode {
         let transfer =
             Transfer::new(uploads.store().clone(), cluster.peers.clone(), Throttle::new(cfg.transfer.clone()));
         let replicator = Replicator::new(cluster.clone(), meta.clone(), transfer.clone(), policy);
-        let admin_svc =
-            AdminServer::new(AdminService { cluster: cluster.clone(), evacuator: Arc::new(replicator.clone()) });
+        let gc_report = Arc::new(gc::GcReport::default());
+        let collector = gc::Collector::new(
+            replicator.clone(),
+            meta.clone(),
+            gc::GcSettings {
+                grace: Duration::from_secs(cfg.gc_grace_secs),
+                every: (cfg.gc_interval_secs > 0).then(|| Duration::from_secs(cfg.gc_interval_secs)),
+            },
+            gc_report.clone(),
+        );
+        let admin_svc = AdminServer::new(AdminService {
+            cluster: cluster.clone(),
+            evacuator: Arc::new(replicator.clone()),
+            collector: Arc::new(collector.clone()),
+        });
         let admin_svc = InterceptedService::new(admin_svc, guard.clone());
         let blob_svc = InterceptedService::new(BlobsServer::new(transfer.clone()), guard);
         let mut grpc_stop = rx.clone();
@@ -180,9 +193,11 @@ impl RunningNode {
             repair_report.clone(),
             rx.clone(),
         )));
+        tasks.push(tokio::spawn(collector.run(rx.clone())));
         let state = AppState {
             meta,
             repair: repair_report,
+            gc: gc_report,
             replicator,
             cluster: cluster.clone(),
             uploads: uploads.clone(),

@@ -107,11 +107,17 @@ pub async fn delete(state: &AppState, name: &Name, digest: &Digest) -> ApiResult
     }
 }
 
-/// Link a blob into `name`, recording `holders` as having it fsynced.
-async fn link(state: &AppState, name: &Name, digest: &Digest, size: u64, holders: Vec<NodeId>) -> Result<(), Error> {
-    let cmd = Command::LinkBlob { repo: name.clone(), digest: digest.clone(), size, holders };
+/// Link a blob into `name`, recording `holders` as having it fsynced (none:
+/// a mount). The link is stamped with this node's clock: garbage
+/// collection leaves it for its grace period, the time a client has to
+/// push the manifest that uses it. False when a mount found the blob
+/// collected in the meantime.
+async fn link(state: &AppState, name: &Name, digest: &Digest, size: u64, holders: Vec<NodeId>) -> Result<bool, Error> {
+    let at_ms = crate::blob::gc::Collector::clock_ms();
+    let cmd = Command::LinkBlobAt { repo: name.clone(), digest: digest.clone(), size, holders, at_ms };
     match state.cluster.propose(cmd).await? {
-        Outcome(Ok(())) => Ok(()),
+        Outcome(Ok(())) => Ok(true),
+        Outcome(Err(crate::meta::Rejection::BlobUnknown)) => Ok(false),
         Outcome(Err(r)) => Err(super::response::internal(format!("link rejected: {r:?}"))),
     }
 }
@@ -119,7 +125,10 @@ async fn link(state: &AppState, name: &Name, digest: &Digest, size: u64, holders
 /// A blob just stored here: copy it to enough nodes, then link it.
 async fn replicate_and_link(state: &AppState, name: &Name, digest: &Digest, size: u64) -> Result<(), Error> {
     let holders = state.replicator.replicate(digest, size, &[state.cluster.id]).await?;
-    link(state, name, digest, size, holders).await
+    match link(state, name, digest, size, holders).await? {
+        true => Ok(()),
+        false => Err(super::response::internal("a link with holders was refused")),
+    }
 }
 
 /// Cross-repository mount: with `from`, the blob must be linked there; without,
@@ -150,8 +159,10 @@ pub async fn start_upload(
         // read could be taken by its digest.
         let allowed = from.is_some() || state.auth.mount_anywhere();
         if let Some(size) = if allowed { mountable(state, &digest, from.as_ref()).await? } else { None } {
-            link(state, name, &digest, size, Vec::new()).await?;
-            return blob_created(name, &digest);
+            // Refused when the blob was collected since it was looked up.
+            if link(state, name, &digest, size, Vec::new()).await? {
+                return blob_created(name, &digest);
+            }
         }
         // Not mountable: fall back to a normal upload session, as the spec says.
     }

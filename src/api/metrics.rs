@@ -10,6 +10,7 @@ use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, 
 
 use super::response::{builder, finish, full, ApiResult};
 use super::Route;
+use crate::blob::gc::GcReport;
 use crate::blob::repair::RepairReport;
 use crate::cluster::Cluster;
 
@@ -20,7 +21,11 @@ pub struct Metrics {
     latency: HistogramVec,
     raft: RaftGauges,
     repair: RepairGauges,
+    gc: Vec<GcGauge>,
 }
+
+/// A garbage collection gauge and how to read it from the report.
+type GcGauge = (IntGauge, fn(&GcReport) -> u64);
 
 struct RepairGauges {
     rounds: IntGauge,
@@ -86,7 +91,30 @@ impl Default for Metrics {
                  -1 unless this node leads repair.",
             ),
         };
-        Metrics { registry, requests, latency, raft, repair }
+        use std::sync::atomic::Ordering::Relaxed;
+        let gc: Vec<GcGauge> = vec![
+            (g("berth_gc_runs_total", "Garbage collections this node ran since it started."), |r| r.runs.load(Relaxed)),
+            (g("berth_gc_blobs_freed_total", "Blobs this node's collections removed from the index."), |r| {
+                r.blobs_freed.load(Relaxed)
+            }),
+            (
+                g("berth_gc_bytes_freed_total", "Bytes of the blobs this node's collections removed (once per blob)."),
+                |r| r.bytes_freed.load(Relaxed),
+            ),
+            (g("berth_gc_links_removed_total", "Unused repository links this node's collections removed."), |r| {
+                r.links_removed.load(Relaxed)
+            }),
+            (g("berth_gc_last_duration_ms", "How long this node's last collection took."), |r| {
+                r.last_run_ms.load(Relaxed)
+            }),
+            (g("berth_gc_files_swept_total", "Local copies no one claims that this node deleted."), |r| {
+                r.files_swept.load(Relaxed)
+            }),
+            (g("berth_gc_bytes_swept_total", "Bytes of the local copies this node deleted."), |r| {
+                r.bytes_swept.load(Relaxed)
+            }),
+        ];
+        Metrics { registry, requests, latency, raft, repair, gc }
     }
 }
 
@@ -99,7 +127,7 @@ impl Metrics {
     }
 
     /// The text exposition of every metric, Raft's read now.
-    pub fn render(&self, cluster: &Cluster, repair: &RepairReport) -> ApiResult {
+    pub fn render(&self, cluster: &Cluster, repair: &RepairReport, gc: &GcReport) -> ApiResult {
         let s = cluster.status();
         let r = &self.raft;
         let voters = s.members.iter().filter(|m| m.voter).count();
@@ -119,6 +147,9 @@ impl Metrics {
         }
         self.repair.rounds.set(repair.rounds() as i64);
         self.repair.below_target.set(repair.below_target().map_or(-1, |b| b as i64));
+        for (gauge, read) in &self.gc {
+            gauge.set(read(gc) as i64);
+        }
         let encoder = TextEncoder::new();
         let mut out = Vec::new();
         encoder.encode(&self.registry.gather(), &mut out).map_err(super::response::internal)?;
@@ -155,6 +186,8 @@ impl Route {
             Route::Referrers(..) => "referrers",
 
             Route::Metrics => "metrics",
+            Route::Healthz => "healthz",
+            Route::Readyz => "readyz",
         }
     }
 }

@@ -42,6 +42,8 @@ pub struct AppState {
     pub replicator: Replicator,
     /// What this node's repair rounds found (for `/metrics`).
     pub repair: Arc<RepairReport>,
+    /// What this node's garbage collections did (for `/metrics`).
+    pub gc: Arc<crate::blob::gc::GcReport>,
     pub max_manifest_bytes: usize,
     /// For streaming upload requests to the node that owns the session.
     pub http: forward::HttpClient,
@@ -263,12 +265,34 @@ async fn handle(state: &AppState, req: Request<Incoming>, caller: &Caller) -> Re
     .await
 }
 
+/// `/readyz`: 200 when this node should get clients, else 503 saying why.
+fn ready(state: &AppState, head: bool) -> ApiResult {
+    let s = state.cluster.status();
+    let why = if !state.cluster.serving() {
+        Some(state.cluster.identity.problem().unwrap_or_else(|| {
+            "not serving: no leader known, not a cluster member, or draining before it leaves".into()
+        }))
+    } else if s.applied_index < s.commit_index {
+        Some(format!("catching up: applied {} of {} committed entries", s.applied_index, s.commit_index))
+    } else {
+        None
+    };
+    let (status, text) = match why {
+        None => (StatusCode::OK, "ready\n".to_owned()),
+        Some(w) => (StatusCode::SERVICE_UNAVAILABLE, format!("{w}\n")),
+    };
+    Ok(builder(status)
+        .header(http::header::CONTENT_TYPE, "text/plain")
+        .body(if head { response::empty() } else { full(text) })
+        .expect("static response"))
+}
+
 /// What an endpoint needs of its caller: the one table of who may do what.
 fn needs(method: &Method, route: &Route, query: &Query) -> auth::Needs {
     use auth::{Action, Needs};
     let one = |n: &crate::oci::Name, a| Needs::Repo(vec![(n.clone(), a)]);
     match (method, route) {
-        (_, Route::Metrics) => Needs::Nothing,
+        (_, Route::Metrics | Route::Healthz | Route::Readyz) => Needs::Nothing,
         (_, Route::Base) => Needs::Login,
         (_, Route::Catalog) => Needs::Catalog,
         (&Method::DELETE, Route::Manifest(n, _) | Route::Blob(n, _)) => one(n, Action::Delete),
@@ -320,7 +344,8 @@ async fn dispatch(state: &AppState, route: Route, req: Request<Incoming>, caller
         None => caller.clone(),
     };
     // A drain waits for client work, not for load-balancer health checks.
-    let _active = (!matches!(route, Route::Base | Route::Metrics)).then(|| state.cluster.drain.track());
+    let _active = (!matches!(route, Route::Base | Route::Metrics | Route::Healthz | Route::Readyz))
+        .then(|| state.cluster.drain.track());
     if caller.via_peer && !forward::from_this_cluster(state, &req) {
         return Err(Error::new(ErrorCode::Denied, "a request passed on by a member of another cluster"));
     }
@@ -334,7 +359,12 @@ async fn dispatch(state: &AppState, route: Route, req: Request<Incoming>, caller
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(if head { response::empty() } else { full("{}") })
             .expect("static response")),
-        (Method::GET, Route::Metrics) => state.metrics.render(&state.cluster, &state.repair),
+        (Method::GET, Route::Metrics) => state.metrics.render(&state.cluster, &state.repair, &state.gc),
+        (Method::GET | Method::HEAD, Route::Healthz) => Ok(builder(StatusCode::OK)
+            .header(http::header::CONTENT_TYPE, "text/plain")
+            .body(if head { response::empty() } else { full("ok\n") })
+            .expect("static response")),
+        (Method::GET | Method::HEAD, Route::Readyz) => ready(state, head),
         (Method::GET, Route::Catalog) => lists::catalog(state, &query, &principal).await,
         (Method::GET, Route::Tags(name)) => lists::tags(state, &name, &query).await,
         (Method::GET, Route::Referrers(name, digest)) => lists::referrers(state, &name, &digest, &query).await,

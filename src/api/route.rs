@@ -24,6 +24,11 @@ pub enum Route {
     Referrers(Name, Digest),
     /// `/metrics`: Prometheus text exposition.
     Metrics,
+    /// `/healthz`: the process answers.
+    Healthz,
+    /// `/readyz`: a member that knows a leader, has applied what it knows
+    /// to be committed, and is not draining: send it clients.
+    Readyz,
 }
 
 fn not_found() -> Error {
@@ -32,8 +37,11 @@ fn not_found() -> Error {
 
 impl Route {
     pub fn parse(path: &str) -> Result<Route, Error> {
-        if path == "/metrics" {
-            return Ok(Route::Metrics);
+        match path {
+            "/metrics" => return Ok(Route::Metrics),
+            "/healthz" => return Ok(Route::Healthz),
+            "/readyz" => return Ok(Route::Readyz),
+            _ => {}
         }
         let rest = path.strip_prefix("/v2").ok_or_else(not_found)?;
         if rest.is_empty() || rest == "/" {
@@ -75,6 +83,8 @@ mod tests {
         let d = format!("sha256:{}", "a".repeat(64));
         assert_eq!(Route::parse("/v2/").unwrap(), Route::Base);
         assert_eq!(Route::parse("/metrics").unwrap(), Route::Metrics);
+        assert_eq!(Route::parse("/healthz").unwrap(), Route::Healthz);
+        assert_eq!(Route::parse("/readyz").unwrap(), Route::Readyz);
         assert!(Route::parse("/metrics/x").is_err());
         assert!(matches!(Route::parse("/v2/a/b/tags/list"), Ok(Route::Tags(n)) if n.as_str() == "a/b"));
         assert!(matches!(Route::parse("/v2/x/blobs/uploads/"), Ok(Route::UploadStart(_))));

@@ -3,6 +3,7 @@
 //! when their digest matches, so a partial or wrong blob is never visible.
 
 mod evacuate;
+pub mod gc;
 pub mod placement;
 pub mod repair;
 mod replicate;

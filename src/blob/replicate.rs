@@ -297,6 +297,12 @@ impl Replicator {
         false
     }
 
+    /// Wait until this node has applied everything committed before now,
+    /// whatever its read consistency (see [`Cluster::caught_up_barrier`]).
+    pub async fn barrier(&self) -> Result<(), crate::cluster::ClusterError> {
+        self.cluster.caught_up_barrier().await
+    }
+
     pub async fn propose(&self, cmd: Command) -> Result<(), crate::cluster::ClusterError> {
         self.cluster.propose(cmd).await.map(|_| ())
     }

@@ -37,7 +37,13 @@ pub struct BlobStore {
     /// Free space (bytes) below which this node takes no new content it
     /// can do without: uploads start elsewhere, read-throughs are not cached.
     reserve: u64,
+    /// Striped by digest: a file put in place (or claimed again) and the
+    /// garbage sweep's check-then-delete of the same digest never
+    /// interleave, so the sweep never deletes a copy just written.
+    placing: Arc<[Mutex<()>; PLACING_STRIPES]>,
 }
+
+const PLACING_STRIPES: usize = 64;
 
 /// Bound on the verified set; past it the set restarts empty (reads then
 /// verify again), so memory stays bounded for any number of blobs.
@@ -56,7 +62,12 @@ impl BlobStore {
         let incoming = root.join(INCOMING);
         let _ = std::fs::remove_dir_all(&incoming);
         crate::durable::create_dir_all(&incoming)?;
-        Ok(BlobStore { root, verified: Default::default(), reserve: 0 })
+        Ok(BlobStore {
+            root,
+            verified: Default::default(),
+            reserve: 0,
+            placing: Arc::new(std::array::from_fn(|_| Mutex::new(()))),
+        })
     }
 
     /// Keep `bytes` free: see [`BlobStore::short_of_space`].
@@ -236,9 +247,100 @@ impl BlobStore {
         }
     }
 
+    fn placing(&self, d: &Digest) -> std::sync::MutexGuard<'_, ()> {
+        let h = d.hex().as_bytes().iter().take(8).fold(0usize, |a, b| a.wrapping_mul(31).wrapping_add(*b as usize));
+        self.placing[h % PLACING_STRIPES].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The size of the local copy of `d`, if there is one, claimed afresh:
+    /// its modification time is set to now, so the garbage sweep leaves it
+    /// alone for a grace period while the caller records it in the index.
+    pub async fn claim_existing(&self, d: &Digest) -> std::io::Result<Option<u64>> {
+        let store = self.clone();
+        let d = d.clone();
+        tokio::task::spawn_blocking(move || {
+            let _placing = store.placing(&d);
+            match std::fs::OpenOptions::new().write(true).open(store.path(&d)) {
+                Ok(f) => {
+                    f.set_modified(std::time::SystemTime::now())?;
+                    Ok(Some(f.metadata()?.len()))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
+            }
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+
+    /// Delete the local copy of `d` if it was last written or claimed more
+    /// than `grace` ago; its size if it was deleted. The caller has checked
+    /// that the index does not name this node as a holder: a copy written
+    /// since then is younger than `grace` and stays.
+    pub async fn remove_unclaimed(&self, d: &Digest, grace: std::time::Duration) -> std::io::Result<Option<u64>> {
+        let store = self.clone();
+        let d = d.clone();
+        tokio::task::spawn_blocking(move || {
+            let _placing = store.placing(&d);
+            let path = store.path(&d);
+            let meta = match std::fs::metadata(&path) {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let age = meta.modified()?.elapsed().unwrap_or_default();
+            if age < grace {
+                return Ok(None);
+            }
+            std::fs::remove_file(&path)?;
+            store.verified.lock().unwrap().remove(&d);
+            Ok(Some(meta.len()))
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+
+    /// The fan-out directories of the store (`<algorithm>/<two hex>`), for
+    /// a walk over every file a directory at a time.
+    pub fn fan_out_dirs(&self) -> std::io::Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        for alg in std::fs::read_dir(&self.root)? {
+            let alg = alg?;
+            if alg.file_name().to_string_lossy().starts_with('.') || !alg.file_type()?.is_dir() {
+                continue;
+            }
+            for sub in std::fs::read_dir(alg.path())? {
+                let sub = sub?;
+                if sub.file_type()?.is_dir() {
+                    out.push(sub.path());
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The blobs stored in one fan-out directory (names that are not a
+    /// digest of that directory are left out).
+    pub fn blobs_in(&self, dir: &Path) -> std::io::Result<Vec<Digest>> {
+        let alg = dir.parent().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned());
+        let Some(alg) = alg else { return Ok(Vec::new()) };
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir)? {
+            let name = e?.file_name().to_string_lossy().into_owned();
+            if let Ok(d) = format!("{alg}:{name}").parse::<Digest>() {
+                if self.path(&d).parent() == Some(dir) {
+                    out.push(d);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Move a verified, fsynced file into place. Blocking: call from a
     /// blocking context.
     pub fn commit_file(&self, src: &Path, d: &Digest) -> std::io::Result<()> {
+        let _placing = self.placing(d);
         let dst = self.path(d);
         let dir = dst.parent().expect("blob path has a parent");
         // A new fan-out directory's own name must be durable too, or the
@@ -296,4 +398,45 @@ impl BlobReader {
 
 fn tokio_stream_of<T: Send + 'static>(rx: tokio::sync::mpsc::Receiver<T>) -> impl Stream<Item = T> + Send + 'static {
     futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+
+    fn age(store: &BlobStore, d: &Digest, by: Duration) {
+        let f = std::fs::OpenOptions::new().write(true).open(store.path(d)).unwrap();
+        f.set_modified(SystemTime::now() - by).unwrap();
+    }
+
+    /// The garbage sweep takes only copies nothing wrote or claimed for the
+    /// grace period: a copy just put in place, or one already here that a
+    /// replication claims again, stays while its holder is being recorded.
+    #[tokio::test]
+    async fn the_sweep_takes_only_copies_untouched_for_the_grace_period() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::new(dir.path().join("blobs")).unwrap();
+        let data = Bytes::from_static(b"some blob");
+        let mut h = crate::oci::Algorithm::Sha256.hasher();
+        h.update(&data);
+        let d = h.finish();
+        store.ingest(&d, futures::stream::iter([Ok(data.clone())])).await.unwrap();
+        let grace = Duration::from_secs(60);
+
+        assert_eq!(store.remove_unclaimed(&d, grace).await.unwrap(), None, "just written: kept");
+        age(&store, &d, 2 * grace);
+        assert_eq!(store.claim_existing(&d).await.unwrap(), Some(data.len() as u64));
+        assert_eq!(store.remove_unclaimed(&d, grace).await.unwrap(), None, "claimed again: kept");
+        assert!(store.contains(&d).await);
+
+        age(&store, &d, 2 * grace);
+        assert_eq!(store.remove_unclaimed(&d, grace).await.unwrap(), Some(data.len() as u64));
+        assert!(!store.contains(&d).await);
+        assert_eq!(store.claim_existing(&d).await.unwrap(), None, "nothing left to claim");
+        let dirs = store.fan_out_dirs().unwrap();
+        assert_eq!(dirs.len(), 1);
+        assert!(store.blobs_in(&dirs[0]).unwrap().is_empty());
+    }
 }

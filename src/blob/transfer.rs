@@ -203,8 +203,10 @@ impl Transfer {
     /// Copy `digest` into the local store from the first of `sources`
     /// (cluster addresses) that has it intact. Returns its size.
     pub async fn copy_from(&self, digest: &Digest, sources: &[String]) -> Result<u64, TransferError> {
-        if let Some(r) = self.store.open(digest).await.map_err(BlobError::from)? {
-            return Ok(r.size);
+        // A copy already here is claimed afresh: the caller records it in
+        // the index next, and the garbage sweep must not take it meanwhile.
+        if let Some(size) = self.store.claim_existing(digest).await.map_err(BlobError::from)? {
+            return Ok(size);
         }
         let mut last = TransferError::NoSource("no holder is known".into());
         for src in sources {

@@ -15,7 +15,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::pb::{
-    admin_server::Admin, AdminReply, DrainRequest, Empty, JoinRequest, LeaveRequest, Member, NodeStatus, ReplaceRequest,
+    admin_server::Admin, AdminReply, DrainRequest, Empty, GcRequest, JoinRequest, LeaveRequest, Member, NodeStatus,
+    ReplaceRequest,
 };
 use super::Cluster;
 use crate::{NodeId, NodeInfo};
@@ -36,13 +37,33 @@ pub trait Evacuate: Send + Sync + 'static {
     async fn evacuate(&self, node: NodeId, progress: &Progress) -> Result<(), String>;
 }
 
+/// Garbage collection, as the blob layer runs it (see `blob::gc`): cluster/
+/// carries the command to every member, the collector does the work.
+#[tonic::async_trait]
+pub trait Collect: Send + Sync + 'static {
+    /// Mark and (unless `dry_run`) sweep through Raft; the report.
+    async fn collect(&self, dry_run: bool, progress: &Progress) -> Result<String, String>;
+    /// Delete this node's copies no one claims; what was freed.
+    async fn sweep(&self) -> Result<String, String>;
+}
+
+/// How long a member gets to sweep its blob disk when asked.
+const SWEEP_WITHIN: Duration = Duration::from_secs(600);
+
 /// Where a long admin operation reports what it is doing, as it does it.
 pub struct Progress(mpsc::Sender<Result<AdminReply, Status>>);
 
 impl Progress {
     pub async fn say(&self, message: String) {
-        tracing::info!(%message, "leave");
+        tracing::info!(%message, "admin");
         let _ = self.0.send(Ok(AdminReply { message })).await;
+    }
+
+    /// [`Progress::say`] from code that cannot wait: dropped when the
+    /// caller reads slower than the operation reports.
+    pub fn note(&self, message: String) {
+        tracing::info!(%message, "admin");
+        let _ = self.0.try_send(Ok(AdminReply { message }));
     }
 }
 
@@ -50,6 +71,7 @@ impl Progress {
 pub struct AdminService {
     pub cluster: Cluster,
     pub evacuator: Arc<dyn Evacuate>,
+    pub collector: Arc<dyn Collect>,
 }
 
 /// Stop taking clients and wait for the ones in flight; the answer says
@@ -238,6 +260,56 @@ impl Admin for AdminService {
     }
 
     type LeaveStream = Pin<Box<dyn Stream<Item = Result<AdminReply, Status>> + Send>>;
+    type GcStream = Pin<Box<dyn Stream<Item = Result<AdminReply, Status>> + Send>>;
+
+    async fn gc(&self, req: Request<GcRequest>) -> Result<Response<Self::GcStream>, Status> {
+        let dry_run = req.into_inner().dry_run;
+        let (tx, rx) = mpsc::channel(16);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let progress = Progress(tx);
+            let report = match this.collector.collect(dry_run, &progress).await {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = progress.0.send(Err(Status::unavailable(format!("garbage collection: {e}")))).await;
+                    return;
+                }
+            };
+            progress.say(report).await;
+            if dry_run {
+                return;
+            }
+            // Every member deletes its copies of what was collected.
+            let members: Vec<(NodeId, String)> = {
+                let m = this.cluster.raft.metrics().borrow().membership_config.clone();
+                m.membership().nodes().map(|(id, n)| (*id, n.grpc.clone())).collect()
+            };
+            for (id, addr) in members {
+                let line = if id == this.cluster.id {
+                    this.collector.sweep().await
+                } else {
+                    let asked = async {
+                        let mut c = this.cluster.peers.admin(&addr).map_err(|e| e.to_string())?;
+                        let mut req = Request::new(Empty {});
+                        req.set_timeout(SWEEP_WITHIN);
+                        c.sweep(req).await.map(|r| r.into_inner().message).map_err(|s| s.message().to_owned())
+                    };
+                    asked.await
+                };
+                let line = match line {
+                    Ok(l) => format!("node {id}: {l}"),
+                    Err(e) => format!("node {id}: not swept now ({e}); it sweeps on its own schedule and at start"),
+                };
+                progress.say(line).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx).boxed()))
+    }
+
+    async fn sweep(&self, _req: Request<Empty>) -> Result<Response<AdminReply>, Status> {
+        let message = self.collector.sweep().await.map_err(Status::unavailable)?;
+        Ok(Response::new(AdminReply { message }))
+    }
 
     async fn leave(&self, req: Request<LeaveRequest>) -> Result<Response<Self::LeaveStream>, Status> {
         let req = req.into_inner();
@@ -495,6 +567,24 @@ impl ClusterAdmin {
     }
 
     /// Remove a node; `progress` sees each step as the leader reports it.
+    /// Run garbage collection on the contacted member; `progress` hears each
+    /// line of its report.
+    pub async fn gc(&self, dry_run: bool, mut progress: impl FnMut(String)) -> Result<(), Status> {
+        let mut c = self.peers.admin(&self.node).map_err(|e| Status::unavailable(e.to_string()))?;
+        let mut lines = c.gc(GcRequest { dry_run }).await?.into_inner();
+        while let Some(line) = lines.message().await? {
+            progress(line.message);
+        }
+        Ok(())
+    }
+
+    /// Ask the contacted member to delete its copies no one claims (what
+    /// `gc` asks of every member after a collection); what it freed.
+    pub async fn sweep(&self) -> Result<String, Status> {
+        let mut c = self.peers.admin(&self.node).map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(c.sweep(Empty {}).await?.into_inner().message)
+    }
+
     pub async fn leave(&self, req: LeaveRequest, mut progress: impl FnMut(String)) -> Result<(), Status> {
         let mut steps = retry_unavailable(|| async {
             let mut c = self.peers.admin(&self.node).map_err(|e| Status::unavailable(e.to_string()))?;

@@ -19,7 +19,7 @@ pub mod tls;
 
 use std::time::{Duration, Instant};
 
-pub use admin::{AdminService, ClusterAdmin, Evacuate, MemberStatus, Progress, DEFAULT_DRAIN};
+pub use admin::{AdminService, ClusterAdmin, Collect, Evacuate, MemberStatus, Progress, DEFAULT_DRAIN};
 pub use drain::Drain;
 pub use identity::Identity;
 pub use meta_service::MetaService;
@@ -205,6 +205,16 @@ impl Cluster {
         }
         if self.consistency == Consistency::Local {
             return Ok(());
+        }
+        self.caught_up_barrier().await
+    }
+
+    /// [`Cluster::read_barrier`] whatever the read consistency: what must
+    /// see every committed write (garbage collection deciding that no one
+    /// claims a file) waits here even on a node that serves local reads.
+    pub async fn caught_up_barrier(&self) -> Result<(), ClusterError> {
+        if let Some(why) = self.identity.problem() {
+            return Err(ClusterError::Refused(why));
         }
         let deadline = Instant::now() + DEADLINE;
         loop {

@@ -52,6 +52,29 @@ pub enum Command {
         repo: Name,
         digest: Digest,
     },
+    /// [`Command::LinkBlob`] stamped with the proposer's clock (ms since
+    /// the Unix epoch): garbage collection never takes a link younger than
+    /// its grace period, so a blob pushed for a manifest not yet written
+    /// stays. Empty `holders` (a cross-repository mount) links only a blob
+    /// the index still has: a mount of a collected blob is refused.
+    LinkBlobAt {
+        repo: Name,
+        digest: Digest,
+        size: u64,
+        holders: Vec<NodeId>,
+        at_ms: u64,
+    },
+    /// Garbage collection's sweep of a batch of blobs: for each, the
+    /// repositories whose link to it the collector found unreferenced and
+    /// older than `cutoff_ms`. Apply checks each again against the state
+    /// as of this entry (the fence: a manifest ordered before it keeps its
+    /// blobs, one ordered after it finds them gone), removes the links that
+    /// still qualify, and drops the blob from the index once no repository
+    /// links it. Holders then delete their files (see `blob::gc`).
+    Collect {
+        cutoff_ms: u64,
+        blobs: Vec<(Digest, Vec<Name>)>,
+    },
 }
 
 impl Command {
@@ -62,6 +85,7 @@ impl Command {
         const SMALL: usize = 512;
         match self {
             Command::PutManifest { bytes, tags, .. } => SMALL + bytes.len() + tags.len() * 136,
+            Command::Collect { blobs, .. } => SMALL + blobs.iter().map(|(_, r)| 80 + r.len() * 260).sum::<usize>(),
             _ => SMALL,
         }
     }

@@ -37,6 +37,12 @@ const CF_REQUESTS: &str = "requests";
 /// The same ids keyed by the log index that applied them, oldest first, so
 /// expiring them touches only what expires.
 const CF_REQUEST_AGE: &str = "request_age";
+/// Which manifests reference which blob in a repository:
+/// `repo \0 blob \0 manifest`. Derived from the manifests (rebuilt, never
+/// sent in snapshots); garbage collection asks it whether a link is used.
+const CF_BLOB_REFS: &str = "blob_refs";
+/// Which repositories link a blob: `blob \0 repo`. Derived from the links.
+const CF_BLOB_REPOS: &str = "blob_repos";
 
 /// The largest command a Raft entry may carry, in bytes. Manifests travel
 /// in commands, so `max_manifest_bytes` must stay below it (config
@@ -75,6 +81,51 @@ mod keys {
         k
     }
 
+    /// `repo \0 blob \0`: the prefix of the references to `blob` in `repo`.
+    pub fn blob_refs_prefix(repo: &Name, blob: &str) -> Vec<u8> {
+        let mut k = repo_item(repo, blob);
+        k.push(0);
+        k
+    }
+
+    pub fn blob_ref(repo: &Name, blob: &str, manifest: &str) -> Vec<u8> {
+        let mut k = blob_refs_prefix(repo, blob);
+        k.extend_from_slice(manifest.as_bytes());
+        k
+    }
+
+    /// `blob \0`: the prefix of the repositories linking `blob`.
+    pub fn blob_repos_prefix(blob: &str) -> Vec<u8> {
+        let mut k = blob.as_bytes().to_vec();
+        k.push(0);
+        k
+    }
+
+    pub fn blob_repo(blob: &str, repo: &Name) -> Vec<u8> {
+        let mut k = blob_repos_prefix(blob);
+        k.extend_from_slice(repo.as_str().as_bytes());
+        k
+    }
+
+    /// A link's value: the blob's size, then when it was linked (ms since
+    /// the epoch; links written before GC existed carry no time: 0).
+    pub fn link_value(size: u64, at_ms: u64) -> [u8; 16] {
+        let mut v = [0u8; 16];
+        v[..8].copy_from_slice(&size.to_be_bytes());
+        v[8..].copy_from_slice(&at_ms.to_be_bytes());
+        v
+    }
+
+    /// (size, linked at) of a link value; None if malformed.
+    pub fn parse_link(v: &[u8]) -> Option<(u64, u64)> {
+        let size = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+        let at = match v.get(8..16) {
+            Some(t) => u64::from_be_bytes(t.try_into().ok()?),
+            None => 0,
+        };
+        Some((size, at))
+    }
+
     pub fn referrer(repo: &Name, subject: &Digest, digest: &Digest) -> Vec<u8> {
         let mut k = repo_item(repo, &subject.to_string());
         k.push(0);
@@ -100,6 +151,8 @@ pub fn open_db(path: &Path) -> Result<Arc<DB>, rocksdb::Error> {
         CF_REPOS,
         CF_REQUESTS,
         CF_REQUEST_AGE,
+        CF_BLOB_REFS,
+        CF_BLOB_REPOS,
     ]
     .into_iter()
     .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
@@ -134,6 +187,36 @@ pub struct Page {
     pub items: Vec<String>,
     pub more: bool,
 }
+
+/// A blob that garbage collection would unlink from some repositories,
+/// and free if no other repository links it.
+#[derive(Debug, Clone)]
+pub struct GcCandidate {
+    pub digest: Digest,
+    pub size: u64,
+    /// Copies recorded in the index.
+    pub copies: usize,
+    /// Repositories whose link to it no manifest references and that were
+    /// linked before the cutoff.
+    pub unlink: Vec<Name>,
+    /// No other repository links it: with these links, the blob goes.
+    pub freed: bool,
+}
+
+/// One page of [`MetaReader::gc_page`].
+#[derive(Debug, Default)]
+pub struct GcPage {
+    pub candidates: Vec<GcCandidate>,
+    /// Blobs looked at.
+    pub scanned: usize,
+    /// Where the next page starts (exclusive); None when this one is last.
+    pub next: Option<Digest>,
+}
+
+/// Links of one blob looked at per GC pass: a base layer linked into more
+/// repositories than this loses its unused links over several passes, and
+/// a candidate stays small enough for one Raft entry.
+const GC_LINKS_PER_BLOB: usize = 2048;
 
 impl MetaReader {
     /// A reader of `db`; `fence` is the state machine's (see
@@ -179,7 +262,7 @@ impl MetaReader {
         self.fenced(|| {
             Ok(self
                 .get(CF_LINKS, &keys::repo_item(repo, &digest.to_string()))?
-                .and_then(|v| Some(u64::from_be_bytes(v.as_slice().try_into().ok()?))))
+                .and_then(|v| keys::parse_link(&v).map(|(size, _)| size)))
         })
     }
 
@@ -235,6 +318,77 @@ impl MetaReader {
                 }
             }
             Ok(out)
+        })
+    }
+
+    /// Garbage collection's mark, a page at a time: blobs of the index after
+    /// `after` (exclusive), up to `n` of them, each with the repositories
+    /// whose link no manifest there references and that is no younger than
+    /// `cutoff_ms`. Only blobs with something to collect are returned.
+    pub fn gc_page(&self, after: Option<&Digest>, n: usize, cutoff_ms: u64) -> ReadResult<GcPage> {
+        self.fenced(|| {
+            let mut page = GcPage::default();
+            let start = after.map(|d| d.to_string()).unwrap_or_default();
+            let iter = self
+                .db
+                .iterator_cf(self.cf(CF_BLOBS), IteratorMode::From(start.as_bytes(), rocksdb::Direction::Forward));
+            for item in iter {
+                let (k, v) = item?;
+                if after.is_some() && *k == *start.as_bytes() {
+                    continue;
+                }
+                let Some(digest) = std::str::from_utf8(&k).ok().and_then(|s| s.parse::<Digest>().ok()) else {
+                    continue;
+                };
+                if page.scanned >= n {
+                    break;
+                }
+                page.scanned += 1;
+                page.next = Some(digest.clone());
+                let Ok(info) = bincode::deserialize::<BlobInfo>(&v) else { continue };
+                let d = digest.to_string();
+                let (mut unlink, mut kept) = (Vec::new(), false);
+                let prefix = keys::blob_repos_prefix(&d);
+                for (i, item) in self.db.prefix_iterator_cf(self.cf(CF_BLOB_REPOS), &prefix).enumerate() {
+                    let (rk, _) = item?;
+                    if !rk.starts_with(&prefix) {
+                        break;
+                    }
+                    if i >= GC_LINKS_PER_BLOB {
+                        kept = true;
+                        break;
+                    }
+                    let Some(repo) = std::str::from_utf8(&rk[prefix.len()..]).ok().and_then(|r| r.parse::<Name>().ok())
+                    else {
+                        continue;
+                    };
+                    let at = self.get(CF_LINKS, &keys::repo_item(&repo, &d))?.and_then(|v| keys::parse_link(&v));
+                    let referenced = {
+                        let rp = keys::blob_refs_prefix(&repo, &d);
+                        match self.db.prefix_iterator_cf(self.cf(CF_BLOB_REFS), &rp).next() {
+                            Some(r) => r?.0.starts_with(&rp),
+                            None => false,
+                        }
+                    };
+                    match at {
+                        Some((_, at)) if at <= cutoff_ms && !referenced => unlink.push(repo),
+                        _ => kept = true,
+                    }
+                }
+                if !unlink.is_empty() || !kept {
+                    page.candidates.push(GcCandidate {
+                        digest,
+                        size: info.size,
+                        copies: info.holders.len(),
+                        unlink,
+                        freed: !kept,
+                    });
+                }
+            }
+            if page.scanned < n {
+                page.next = None;
+            }
+            Ok(page)
         })
     }
 

@@ -26,10 +26,10 @@ use serde::{Deserialize, Serialize};
 use super::command::{Batch, Command, Outcome, Outcomes, Proposal, Rejection, RequestId};
 use super::fence::InstallFence;
 use super::{
-    keys, BlobInfo, ManifestRecord, CF_BLOBS, CF_LINKS, CF_MANIFESTS, CF_REFERRERS, CF_REPOS, CF_REQUESTS,
-    CF_REQUEST_AGE, CF_SM, CF_TAGS,
+    keys, BlobInfo, ManifestRecord, CF_BLOBS, CF_BLOB_REFS, CF_BLOB_REPOS, CF_LINKS, CF_MANIFESTS, CF_REFERRERS,
+    CF_REPOS, CF_REQUESTS, CF_REQUEST_AGE, CF_SM, CF_TAGS,
 };
-use crate::oci::{Descriptor, Manifest};
+use crate::oci::{Descriptor, Digest, Manifest, Name};
 use crate::{NodeId, NodeInfo, TypeConfig};
 
 type SResult<T> = Result<T, StorageError<NodeId>>;
@@ -41,6 +41,14 @@ const KEY_SNAPSHOT: &[u8] = b"snapshot";
 /// Present while a snapshot install may have replaced part of the state:
 /// the [`StoredSnapshot`] being installed.
 const KEY_INSTALLING: &[u8] = b"installing";
+/// Present once the derived column families ([`DERIVED_CFS`]) match the
+/// state: written by [`rebuild_derived`].
+const KEY_DERIVED: &[u8] = b"derived-v1";
+
+/// Column families computed from the state (indexes for garbage
+/// collection): never sent in snapshots, rebuilt after an install and on
+/// the first start over a data dir written before they existed.
+const DERIVED_CFS: [&str; 2] = [CF_BLOB_REFS, CF_BLOB_REPOS];
 
 /// Column families that make up the replicated state, in snapshot order
 /// (new ones go at the end: the order numbers the snapshot records).
@@ -101,6 +109,14 @@ impl StateMachine {
             })?;
             load_snapshot(&sm.db, &sm.snapshots, file, &pending.meta)?;
         }
+        if get_sm::<u8>(&sm.db, KEY_DERIVED).map_err(|e| std::io::Error::other(e.to_string()))?.is_none() {
+            tracing::info!("building the garbage collection indexes from the stored manifests and links");
+            rebuild_derived(&sm.db)?;
+            let mut opts = rocksdb::WriteOptions::default();
+            opts.set_sync(true);
+            let marker = bincode::serialize(&1u8).map_err(std::io::Error::other)?;
+            sm.db.put_cf_opt(cf(&sm.db, CF_SM), KEY_DERIVED, marker, &opts).map_err(std::io::Error::other)?;
+        }
         Ok(sm)
     }
 
@@ -142,6 +158,10 @@ impl StateMachine {
                 for t in &tags {
                     batch.put_cf(cf(db, CF_TAGS), keys::repo_item(&repo, t.as_str()), digest.to_string());
                 }
+                let md = digest.to_string();
+                for b in &m.blobs {
+                    batch.put_cf(cf(db, CF_BLOB_REFS), keys::blob_ref(&repo, &b.to_string(), &md), b"");
+                }
                 if let Some(subject) = &m.subject {
                     let desc = Descriptor {
                         media_type,
@@ -179,6 +199,9 @@ impl StateMachine {
                             }
                         }
                         if let Ok(m) = Manifest::parse(Some(&rec.media_type), &rec.bytes) {
+                            for b in &m.blobs {
+                                batch.delete_cf(cf(db, CF_BLOB_REFS), keys::blob_ref(&repo, &b.to_string(), &d));
+                            }
                             if let Some(subject) = m.subject {
                                 batch.delete_cf(cf(db, CF_REFERRERS), keys::referrer(&repo, &subject, &digest));
                             }
@@ -196,15 +219,21 @@ impl StateMachine {
                     Err(Rejection::ManifestUnknown)
                 }
             }
-            Command::LinkBlob { repo, digest, size, holders } => {
-                let d = digest.to_string();
-                batch.put_cf(cf(db, CF_LINKS), keys::repo_item(&repo, &d), size.to_be_bytes());
-                self.add_holders(batch, &d, size, &holders)?;
-                batch.put_cf(cf(db, CF_REPOS), repo.as_str(), b"");
-                Ok(())
+            Command::LinkBlob { repo, digest, size, holders } => self.link(batch, &repo, &digest, size, &holders, 0)?,
+            Command::LinkBlobAt { repo, digest, size, holders, at_ms } => {
+                self.link(batch, &repo, &digest, size, &holders, at_ms)?
             }
             Command::AddHolders { digest, size, holders } => {
-                self.add_holders(batch, &digest.to_string(), size, &holders)?;
+                // A copy that lands after its blob was collected records
+                // nothing: the blob stays collected (and the file is swept).
+                let d = digest.to_string();
+                if exists(CF_BLOBS, d.as_bytes())? {
+                    self.add_holders(batch, &d, size, &holders)?;
+                }
+                Ok(())
+            }
+            Command::Collect { cutoff_ms, blobs } => {
+                self.collect(batch, cutoff_ms, blobs)?;
                 Ok(())
             }
             Command::RemoveHolders { digest, holders } => {
@@ -217,9 +246,11 @@ impl StateMachine {
                 Ok(())
             }
             Command::UnlinkBlob { repo, digest } => {
-                let k = keys::repo_item(&repo, &digest.to_string());
+                let d = digest.to_string();
+                let k = keys::repo_item(&repo, &d);
                 if exists(CF_LINKS, &k)? {
                     batch.delete_cf(cf(db, CF_LINKS), k);
+                    batch.delete_cf(cf(db, CF_BLOB_REPOS), keys::blob_repo(&d, &repo));
                     Ok(())
                 } else {
                     Err(Rejection::BlobUnknown)
@@ -227,6 +258,78 @@ impl StateMachine {
             }
         };
         Ok(Outcome(result))
+    }
+
+    /// Link `digest` into `repo` at `at_ms`, recording `holders`. With no
+    /// holders (a mount) the blob must still be in the index.
+    fn link(
+        &self,
+        batch: &mut WriteBatch,
+        repo: &Name,
+        digest: &Digest,
+        size: u64,
+        holders: &[NodeId],
+        at_ms: u64,
+    ) -> SResult<Result<(), Rejection>> {
+        let db = &self.db;
+        let d = digest.to_string();
+        if holders.is_empty() && db.get_pinned_cf(cf(db, CF_BLOBS), &d).map_err(io_err)?.is_none() {
+            return Ok(Err(Rejection::BlobUnknown));
+        }
+        batch.put_cf(cf(db, CF_LINKS), keys::repo_item(repo, &d), keys::link_value(size, at_ms));
+        batch.put_cf(cf(db, CF_BLOB_REPOS), keys::blob_repo(&d, repo), b"");
+        self.add_holders(batch, &d, size, holders)?;
+        batch.put_cf(cf(db, CF_REPOS), repo.as_str(), b"");
+        Ok(Ok(()))
+    }
+
+    /// Apply a [`Command::Collect`]: every check made again here, against
+    /// the state as of this entry.
+    fn collect(&self, batch: &mut WriteBatch, cutoff_ms: u64, blobs: Vec<(Digest, Vec<Name>)>) -> SResult<()> {
+        let db = &self.db;
+        let mut unlinked: std::collections::HashSet<(String, Name)> = Default::default();
+        for (digest, repos) in blobs {
+            let d = digest.to_string();
+            for repo in repos {
+                if unlinked.contains(&(d.clone(), repo.clone())) {
+                    continue;
+                }
+                let k = keys::repo_item(&repo, &d);
+                let Some(v) = db.get_pinned_cf(cf(db, CF_LINKS), &k).map_err(io_err)? else { continue };
+                if keys::parse_link(&v).is_none_or(|(_, at)| at > cutoff_ms) {
+                    continue;
+                }
+                let rp = keys::blob_refs_prefix(&repo, &d);
+                if let Some(r) = db.prefix_iterator_cf(cf(db, CF_BLOB_REFS), &rp).next() {
+                    if r.map_err(io_err)?.0.starts_with(&rp) {
+                        continue;
+                    }
+                }
+                batch.delete_cf(cf(db, CF_LINKS), k);
+                batch.delete_cf(cf(db, CF_BLOB_REPOS), keys::blob_repo(&d, &repo));
+                unlinked.insert((d.clone(), repo));
+            }
+            let prefix = keys::blob_repos_prefix(&d);
+            let mut linked = false;
+            for item in db.prefix_iterator_cf(cf(db, CF_BLOB_REPOS), &prefix) {
+                let (k, _) = item.map_err(io_err)?;
+                if !k.starts_with(&prefix) {
+                    break;
+                }
+                let still = std::str::from_utf8(&k[prefix.len()..])
+                    .ok()
+                    .and_then(|r| r.parse::<Name>().ok())
+                    .is_none_or(|r| !unlinked.contains(&(d.clone(), r)));
+                if still {
+                    linked = true;
+                    break;
+                }
+            }
+            if !linked {
+                batch.delete_cf(cf(db, CF_BLOBS), &d);
+            }
+        }
+        Ok(())
     }
 
     /// Merge `holders` into the blob index entry of `d`.
@@ -421,14 +524,62 @@ fn replace_state(db: &DB, ssts: &[Option<PathBuf>], meta: &SnapshotMeta<NodeId, 
             db.ingest_external_file_cf_opts(cf(db, name), &ingest, vec![path.as_path()]).map_err(db_err)?;
         }
     }
+    rebuild_derived(db)?;
     let enc = |e: bincode::Error| std::io::Error::other(e);
     let mut done = WriteBatch::default();
+    done.put_cf(cf(db, CF_SM), KEY_DERIVED, bincode::serialize(&1u8).map_err(enc)?);
     done.put_cf(cf(db, CF_SM), KEY_APPLIED, bincode::serialize(&meta.last_log_id).map_err(enc)?);
     done.put_cf(cf(db, CF_SM), KEY_MEMBERSHIP, bincode::serialize(&meta.last_membership).map_err(enc)?);
     done.delete_cf(cf(db, CF_SM), KEY_INSTALLING);
     let mut opts = rocksdb::WriteOptions::default();
     opts.set_sync(true);
     db.write_opt(done, &opts).map_err(db_err)
+}
+
+/// Compute the [`DERIVED_CFS`] from the state, streaming (memory holds one
+/// bounded write batch). Deterministic: every replica at the same applied
+/// state derives the same keys.
+fn rebuild_derived(db: &DB) -> std::io::Result<()> {
+    let db_err = std::io::Error::other;
+    let mut clear = WriteBatch::default();
+    for name in DERIVED_CFS {
+        clear.delete_range_cf(cf(db, name), &b""[..], &[0xffu8; 300][..]);
+    }
+    db.write(clear).map_err(db_err)?;
+    let mut batch = WriteBatch::default();
+    let flush = |batch: &mut WriteBatch, force: bool| -> std::io::Result<()> {
+        if force || batch.len() >= 4096 {
+            db.write(std::mem::take(batch)).map_err(db_err)?;
+        }
+        Ok(())
+    };
+    for item in db.iterator_cf(cf(db, CF_MANIFESTS), IteratorMode::Start) {
+        let (k, v) = item.map_err(db_err)?;
+        let Some(sep) = k.iter().position(|b| *b == 0) else { continue };
+        let (Ok(repo), Ok(manifest)) =
+            (std::str::from_utf8(&k[..sep]).map(str::parse::<Name>), std::str::from_utf8(&k[sep + 1..]))
+        else {
+            continue;
+        };
+        let Ok(repo) = repo else { continue };
+        let Ok(rec) = bincode::deserialize::<ManifestRecord>(&v) else { continue };
+        let Ok(m) = Manifest::parse(Some(&rec.media_type), &rec.bytes) else { continue };
+        for b in &m.blobs {
+            batch.put_cf(cf(db, CF_BLOB_REFS), keys::blob_ref(&repo, &b.to_string(), manifest), b"");
+        }
+        flush(&mut batch, false)?;
+    }
+    for item in db.iterator_cf(cf(db, CF_LINKS), IteratorMode::Start) {
+        let (k, _) = item.map_err(db_err)?;
+        let Some(sep) = k.iter().position(|b| *b == 0) else { continue };
+        let (Ok(repo), Ok(blob)) = (std::str::from_utf8(&k[..sep]), std::str::from_utf8(&k[sep + 1..])) else {
+            continue;
+        };
+        let Ok(repo) = repo.parse::<Name>() else { continue };
+        batch.put_cf(cf(db, CF_BLOB_REPOS), keys::blob_repo(blob, &repo), b"");
+        flush(&mut batch, false)?;
+    }
+    flush(&mut batch, true)
 }
 
 /// Prefix of the SST files an install writes before ingesting them.
@@ -930,6 +1081,99 @@ mod tests {
             hwm()
         );
         assert_eq!(tag_value(&db), "v");
+    }
+
+    fn blob_digest(data: &[u8]) -> Digest {
+        let mut h = crate::oci::Algorithm::Sha256.hasher();
+        h.update(data);
+        h.finish()
+    }
+
+    fn p(seq: u64, cmd: Command) -> Proposal {
+        Proposal { id: RequestId { origin: 1, boot: 9, seq }, cmd }
+    }
+
+    fn link_at(repo: &str, d: &Digest, holders: Vec<NodeId>, at_ms: u64) -> Command {
+        Command::LinkBlobAt { repo: repo.parse().unwrap(), digest: d.clone(), size: 3, holders, at_ms }
+    }
+
+    fn image_over(d: &Digest) -> (Digest, Command) {
+        let bytes = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{d}","size":3}},"layers":[]}}"#
+        )
+        .into_bytes();
+        let md = blob_digest(&bytes);
+        let cmd = Command::PutManifest {
+            repo: "r".parse().unwrap(),
+            digest: md.clone(),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            bytes,
+            tags: vec![],
+        };
+        (md, cmd)
+    }
+
+    /// The collector's fence is the log order: apply checks every
+    /// candidate again. A manifest ordered before the sweep keeps its blob;
+    /// one ordered after it is refused; a link younger than the cutoff
+    /// stays; a blob no repository links leaves the index, and neither a
+    /// late copy nor a mount brings it back.
+    #[tokio::test]
+    async fn a_collection_decides_against_the_state_of_its_own_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, mut sm) = machine(dir.path());
+        let r = sm.reader();
+        let repo: Name = "r".parse().unwrap();
+        let (used, unused, young) = (blob_digest(b"one"), blob_digest(b"two"), blob_digest(b"new"));
+        sm.apply([entry(
+            1,
+            vec![p(1, link_at("r", &used, vec![1], 100)), p(2, link_at("r", &unused, vec![1, 2], 100))],
+        )])
+        .await
+        .unwrap();
+        sm.apply([entry(2, vec![p(3, link_at("r", &young, vec![1], 5_000))])]).await.unwrap();
+        // The mark (as a collector would see it at cutoff 1000): all but
+        // the young link are unused.
+        let page = r.gc_page(None, 100, 1_000).unwrap();
+        let marked: Vec<_> = page.candidates.iter().map(|c| c.digest.clone()).collect();
+        assert_eq!(marked.len(), 2, "{marked:?}");
+        assert!(page.candidates.iter().all(|c| c.freed && c.unlink == vec![repo.clone()]));
+        // A manifest using `used` is ordered between the mark and the sweep.
+        let (m1, put_used) = image_over(&used);
+        sm.apply([entry(3, vec![p(4, put_used)])]).await.unwrap();
+        let everything = vec![
+            (used.clone(), vec![repo.clone()]),
+            (unused.clone(), vec![repo.clone()]),
+            (young.clone(), vec![repo.clone()]),
+        ];
+        let out =
+            sm.apply([entry(4, vec![p(5, Command::Collect { cutoff_ms: 1_000, blobs: everything })])]).await.unwrap();
+        assert_eq!(out[0].0, vec![Outcome(Ok(()))]);
+        assert_eq!(r.blob_link(&repo, &used).unwrap(), Some(3), "referenced before the sweep: kept");
+        assert!(r.blob(&used).unwrap().is_some());
+        assert_eq!(r.blob_link(&repo, &young).unwrap(), Some(3), "younger than the cutoff: kept");
+        assert_eq!(r.blob_link(&repo, &unused).unwrap(), None);
+        assert!(r.blob(&unused).unwrap().is_none(), "no link left: out of the index");
+        // Ordered after the sweep: a manifest over the collected blob is
+        // refused, a late copy records nothing, a mount is refused.
+        let (_, put_unused) = image_over(&unused);
+        let late = Command::AddHolders { digest: unused.clone(), size: 3, holders: vec![3] };
+        let out = sm
+            .apply([entry(5, vec![p(6, put_unused), p(7, late), p(8, link_at("other", &unused, vec![], 9_000))])])
+            .await
+            .unwrap();
+        assert_eq!(out[0].0[0], Outcome(Err(Rejection::MissingReference(unused.clone()))));
+        assert_eq!(out[0].0[2], Outcome(Err(Rejection::BlobUnknown)));
+        assert!(r.blob(&unused).unwrap().is_none());
+        // Deleting the manifest makes `used` collectable; the indexes are
+        // derived, so a rebuild (what an install or an upgrade does) gives
+        // the same answer as the live ones.
+        sm.apply([entry(6, vec![p(9, Command::DeleteManifest { repo: repo.clone(), digest: m1 })])]).await.unwrap();
+        let live: Vec<_> = r.gc_page(None, 100, 1_000).unwrap().candidates.into_iter().map(|c| c.digest).collect();
+        assert_eq!(live, vec![used.clone()]);
+        rebuild_derived(&db).unwrap();
+        let rebuilt: Vec<_> = r.gc_page(None, 100, 1_000).unwrap().candidates.into_iter().map(|c| c.digest).collect();
+        assert_eq!(rebuilt, live);
     }
 
     /// A write that reaches the log twice (a forward whose answer was lost,
