@@ -11,6 +11,8 @@ E2E_NAME=e2e E2E_PORT=5090
 # shellcheck source=docker/e2e-lib.sh
 source docker/e2e-lib.sh
 REG="127.0.0.1:$BERTH_PORT"
+# Garbage collection's grace period in this cluster (see the gc step).
+export BERTH_GC_GRACE_SECS=5
 cleanup() {
   dc --profile join down -v --remove-orphans >/dev/null 2>&1 || true
   for i in app:1 app:2 app:3 copy:1; do docker rmi -f "$REG/e2e/$i" >/dev/null 2>&1 || true; done
@@ -125,4 +127,27 @@ for i in app:1 app:2 app:3 copy:1; do
   pull_again "$REG/e2e/$i"
 done
 step "every image survived down/up"
+
+# Garbage collection: delete an image, collect through the cluster, and see
+# its bytes leave every node's disk (the grace period is BERTH_GC_GRACE_SECS).
+blob_bytes() { dc exec -T "$1" du -sb /data/blobs | cut -f1; }
+declare -A before
+for n in node1 node2 node3; do before[$n]=$(blob_bytes $n); done
+digest=$(curl -sI -H "Accept: application/vnd.docker.distribution.manifest.v2+json" "http://$REG/v2/e2e/app/manifests/3" \
+  | awk 'tolower($1) == "docker-content-digest:" { print $2 }' | tr -d '\r')
+[ -n "$digest" ] || fail "no digest for e2e/app:3"
+code=$(curl -s -o /dev/null -w '%{http_code}' -X DELETE "http://$REG/v2/e2e/app/manifests/$digest")
+[ "$code" = 202 ] || fail "DELETE e2e/app:3 answered $code"
+gc_frees() { dc exec -T node2 berth gc --node node2:5001 > "$WORK/gc.out" 2>&1; grep -q "; freed [1-9]" "$WORK/gc.out"; }
+wait_until "berth gc to free the deleted image" 60 gc_frees
+sed 's/^/e2e   gc: /' "$WORK/gc.out"
+for n in node1 node2 node3; do
+  after=$(blob_bytes $n)
+  [ $(( ${before[$n]} - after )) -ge 4000000 ] || fail "$n's blob disk went from ${before[$n]} to $after bytes"
+  step "$n: blob disk ${before[$n]} -> $after bytes"
+done
+code=$(curl -s -o /dev/null -w '%{http_code}' -H "Accept: application/vnd.docker.distribution.manifest.v2+json" "http://$REG/v2/e2e/app/manifests/1")
+[ "$code" = 200 ] || fail "e2e/app:1 after gc: HTTP $code"
+pull_again "$REG/e2e/app:1"
+step "delete, berth gc through the cluster, space freed on every node: ok"
 echo "e2e: 1 passed, 0 failed"

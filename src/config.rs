@@ -387,6 +387,57 @@ impl Config {
         merged.try_into().map_err(|e| ConfigError::Parse(named, e))
     }
 
+    /// Lay environment variables over this config: `BERTH_<KEY>` sets a
+    /// top-level key (`BERTH_GC_GRACE_SECS=60`), `BERTH_<TABLE>__<KEY>` a
+    /// key of a table (`BERTH_RAFT__SNAPSHOT_LOGS=50000`). A value is read
+    /// as TOML (a number, a boolean, an array) and otherwise as a string.
+    /// Variables that name no key (BERTH_CONFIG, tools' own) are left
+    /// alone; one that names a key with a value of the wrong type is an
+    /// error naming the variable.
+    pub fn with_env(self, vars: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
+        let invalid = |e: String| ConfigError::Invalid(e);
+        let mut merged = toml::Table::try_from(&self).map_err(|e| invalid(format!("config: {e}")))?;
+        for (name, value) in vars {
+            let Some(key) = name.strip_prefix("BERTH_") else { continue };
+            let path: Vec<String> = key.split("__").map(str::to_ascii_lowercase).collect();
+            if path.iter().any(|p| p.is_empty()) {
+                continue;
+            }
+            let layer = |v: toml::Value| {
+                let mut t = toml::Table::new();
+                let mut v = v;
+                for k in path.iter().skip(1).rev() {
+                    let mut inner = toml::Table::new();
+                    inner.insert(k.clone(), v);
+                    v = toml::Value::Table(inner);
+                }
+                t.insert(path[0].clone(), v);
+                t
+            };
+            let typed = toml::from_str::<toml::Table>(&format!("v = {value}")).ok().and_then(|mut t| t.remove("v"));
+            let mut tried = Vec::new();
+            for v in typed.into_iter().chain([toml::Value::String(value.clone())]) {
+                let mut candidate = merged.clone();
+                lay_over(&mut candidate, layer(v));
+                match candidate.clone().try_into::<Config>() {
+                    Ok(_) => {
+                        merged = candidate;
+                        tried.clear();
+                        break;
+                    }
+                    Err(e) => tried.push(e.to_string()),
+                }
+            }
+            if let Some(e) = tried.last() {
+                if e.contains("unknown field") {
+                    continue;
+                }
+                return Err(invalid(format!("{name}: {}", e.trim())));
+            }
+        }
+        merged.try_into().map_err(|e: toml::de::Error| invalid(format!("environment: {e}")))
+    }
+
     /// Whether this node talks to other nodes: a one-node cluster (no
     /// initial members, no join, not on standby) never does.
     pub fn has_peers(&self) -> bool {
@@ -467,6 +518,35 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every key can come from the environment, nested ones too; other
+    /// BERTH_ variables are not keys and are left alone; a wrong type names
+    /// the variable.
+    #[test]
+    fn environment_variables_set_keys() {
+        let var = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        let c = Config::default()
+            .with_env([
+                var("BERTH_GC_GRACE_SECS", "60"),
+                var("BERTH_RAFT__SNAPSHOT_LOGS", "5000"),
+                var("BERTH_REGION", "west"),
+                var("BERTH_MIN_COPIES", "2"),
+                var("BERTH_BLOB_DIR", "/big/blobs"),
+                var("BERTH_CACHE_ON_READ", "false"),
+                var("BERTH_CONFIG", "/a.toml:/b.toml"),
+                var("BERTH_PORT", "5000"),
+                var("PATH", "/bin"),
+            ])
+            .unwrap();
+        assert_eq!(c.gc_grace_secs, 60);
+        assert_eq!(c.raft.snapshot_logs, 5000);
+        assert_eq!(c.region, "west");
+        assert_eq!(c.min_copies, Some(2));
+        assert_eq!(c.blob_dir, Some(PathBuf::from("/big/blobs")));
+        assert!(!c.cache_on_read);
+        let e = Config::default().with_env([var("BERTH_REPLICAS", "many")]).unwrap_err().to_string();
+        assert!(e.contains("BERTH_REPLICAS"), "{e}");
+    }
 
     #[test]
     fn min_regions_needs_regions_on_initial_members() {

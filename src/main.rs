@@ -183,7 +183,9 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Cmd::Serve { config, node_id, http, grpc, data_dir, join, learner, cluster_tls_dir, insecure_cluster } => {
             // Validated once the flags are applied (RunningNode::start).
-            let mut cfg = if config.is_empty() { Config::default() } else { Config::from_files(&config)? };
+            let cfg = if config.is_empty() { Config::default() } else { Config::from_files(&config)? };
+            // BERTH_<KEY> variables over the files, flags over both.
+            let mut cfg = cfg.with_env(std::env::vars())?;
             cfg.node_id = node_id.unwrap_or(cfg.node_id);
             cfg.http = http.unwrap_or(cfg.http);
             cfg.grpc = grpc.unwrap_or(cfg.grpc);
