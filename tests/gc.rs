@@ -457,3 +457,100 @@ async fn a_node_away_during_a_collection_deletes_its_copies_when_back_and_a_new_
         assert!(!path4(d).exists(), "the new node was given collected blob {d}");
     }
 }
+
+/// Pushes (blob, then a manifest over it) back to back through every node
+/// until `stop` is set; their latencies in ms.
+async fn push_latencies(bases: &[String], tag: &str, stop: Arc<AtomicBool>) -> Vec<f64> {
+    let tasks: Vec<_> = (0..8)
+        .map(|t| {
+            let (bases, tag, stop) = (bases.to_vec(), tag.to_owned(), stop.clone());
+            tokio::spawn(async move {
+                let c = client();
+                let mut out = Vec::new();
+                let mut k = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let base = &bases[(t + k) % bases.len()];
+                    let started = std::time::Instant::now();
+                    let config = format!(r#"{{"{tag}":{t},"k":{k}}}"#).into_bytes();
+                    let cd = push_blob(&c, base, "bench/live", &config).await;
+                    let m = image_manifest((&cd, config.len()), &[], "");
+                    put_manifest(&c, base, "bench/live", &format!("{tag}-{t}-{k}"), &m).await;
+                    out.push(started.elapsed().as_secs_f64() * 1000.0);
+                    k += 1;
+                }
+                out
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.sort_by(f64::total_cmp);
+    all
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+/// The figure for the record (run by hand: `cargo test --release --test gc
+/// -- --ignored --nocapture ten_thousand`): a collection over 10,000
+/// unused blobs on three nodes, its duration, and the p99 of pushes with
+/// and without it running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore]
+async fn ten_thousand_blobs() {
+    let cl = TestCluster::start_with(3, 100_000, |_| settings_with(1)).await;
+    let bases: Vec<String> = (0..3).map(|i| cl.base(i)).collect();
+    let started = std::time::Instant::now();
+    let loaders: Vec<_> = (0..16)
+        .map(|t| {
+            let bases = bases.clone();
+            tokio::spawn(async move {
+                let c = client();
+                for k in 0..625 {
+                    let data = format!("unused blob {t}-{k}").repeat(50).into_bytes();
+                    push_blob(&c, &bases[k % 3], &format!("bench/junk{}", t % 4), &data).await;
+                }
+            })
+        })
+        .collect();
+    for l in loaders {
+        l.await.unwrap();
+    }
+    eprintln!("loaded 10,000 unused blobs in {:.1} s", started.elapsed().as_secs_f64());
+    wait_for("the blobs to pass the grace period", Duration::from_secs(60), || async {
+        gc(&cl, 0, true).await.is_ok_and(|r| r.join("\n").contains("would free 10000 blobs"))
+    })
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let timer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(15)).await;
+            stop.store(true, Ordering::Relaxed);
+        })
+    };
+    let quiet = push_latencies(&bases, "quiet", stop).await;
+    timer.await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let collecting = {
+        let (grpc, stop) = (cl.grpc(0), stop.clone());
+        tokio::spawn(async move {
+            let t = std::time::Instant::now();
+            let mut lines = Vec::new();
+            admin(&grpc).gc(false, |l| lines.push(l)).await.unwrap();
+            stop.store(true, Ordering::Relaxed);
+            (t.elapsed().as_secs_f64(), lines)
+        })
+    };
+    let busy = push_latencies(&bases, "busy", stop).await;
+    let (took, lines) = collecting.await.unwrap();
+    eprintln!("{}", lines.join("\n"));
+    eprintln!("collection of 10,000 blobs on 3 nodes (mark, sweep through Raft, 3 file sweeps): {took:.1} s");
+    for (what, l) in [("without a collection", &quiet), ("during the collection", &busy)] {
+        eprintln!("pushes {what}: {}, p50 {:.1} ms, p99 {:.1} ms", l.len(), pct(l, 0.5), pct(l, 0.99));
+    }
+    assert!(lines.iter().any(|l| l.contains("freed 10000 blobs")), "{lines:?}");
+}

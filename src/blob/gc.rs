@@ -37,8 +37,11 @@ use super::Replicator;
 use crate::meta::{Command, GcCandidate, MetaReader};
 use crate::oci::Digest;
 
-/// Blobs per Raft entry of a sweep, and per page of the mark.
+/// Blobs per page of the mark (and at most per Raft entry of the sweep).
 const PAGE: usize = 256;
+/// Links one Raft entry of the sweep names at most (about 260 bytes each,
+/// well under an entry's bound).
+const LINKS_PER_ENTRY: usize = 4096;
 
 #[derive(Debug, Clone)]
 pub struct GcSettings {
@@ -159,8 +162,22 @@ impl Collector {
                         summary.add(c, c.freed);
                     }
                 } else {
-                    let blobs = page.candidates.iter().map(|c| (c.digest.clone(), c.unlink.clone())).collect();
-                    self.r.propose(Command::Collect { cutoff_ms: cutoff, blobs }).await?;
+                    // Entries stay small whatever the fan-in: a base layer may
+                    // be linked into thousands of repositories.
+                    let mut blobs = Vec::new();
+                    let mut links = 0;
+                    for c in &page.candidates {
+                        links += c.unlink.len() + 1;
+                        blobs.push((c.digest.clone(), c.unlink.clone()));
+                        if links >= LINKS_PER_ENTRY {
+                            let batch = std::mem::take(&mut blobs);
+                            self.r.propose(Command::Collect { cutoff_ms: cutoff, blobs: batch }).await?;
+                            links = 0;
+                        }
+                    }
+                    if !blobs.is_empty() {
+                        self.r.propose(Command::Collect { cutoff_ms: cutoff, blobs }).await?;
+                    }
                     // What the entry really did: apply checked everything again.
                     for c in &page.candidates {
                         let gone = self.meta.blob(&c.digest)?.is_none();
