@@ -554,3 +554,37 @@ async fn ten_thousand_blobs() {
     }
     assert!(lines.iter().any(|l| l.contains("freed 10000 blobs")), "{lines:?}");
 }
+
+/// On a schedule, with no command: the leader collects and every member
+/// deletes its copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_schedule_collects_and_every_node_deletes_its_copies() {
+    let cl =
+        TestCluster::start_with(3, 100_000, |_| settings().replace("gc_interval_secs = 0", "gc_interval_secs = 1"))
+            .await;
+    let c = client();
+    let base = cl.base(0);
+    let (md, m) = push_image(&c, &base, "sched", "v1", "scheduled").await;
+    let (_, kept) = push_image(&c, &base, "sched", "v2", "kept").await;
+    let digests = |m: &[u8]| {
+        let v: serde_json::Value = serde_json::from_slice(m).unwrap();
+        [v["config"]["digest"].as_str().unwrap().to_owned(), v["layers"][0]["digest"].as_str().unwrap().to_owned()]
+    };
+    wait_for("every node to hold both images", Duration::from_secs(60), || async {
+        (0..3).all(|i| digests(&m).iter().chain(&digests(&kept)).all(|d| cl.blob_path(i, d).exists()))
+    })
+    .await;
+    let r = c.delete(format!("{base}/v2/sched/manifests/{md}")).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    wait_for("the schedule to free the deleted image on every node", Duration::from_secs(60), || async {
+        (0..3).all(|i| digests(&m).iter().all(|d| !cl.blob_path(i, d).exists()))
+    })
+    .await;
+    for i in 0..3 {
+        for d in digests(&kept) {
+            assert!(cl.blob_path(i, &d).exists(), "node {i} keeps {d}");
+        }
+    }
+    let metrics = c.get(format!("{}/metrics", cl.base(0))).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("berth_gc_files_swept_total"), "GC metrics exported");
+}

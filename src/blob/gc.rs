@@ -39,6 +39,9 @@ use crate::oci::Digest;
 
 /// Blobs per page of the mark (and at most per Raft entry of the sweep).
 const PAGE: usize = 256;
+/// How long a member gets to sweep its blob disk when asked.
+const SWEEP_WITHIN: Duration = Duration::from_secs(600);
+
 /// Links one Raft entry of the sweep names at most (about 260 bytes each,
 /// well under an entry's bound).
 const LINKS_PER_ENTRY: usize = 4096;
@@ -113,6 +116,15 @@ pub struct Swept {
     pub files: u64,
     pub bytes: u64,
     pub kept: u64,
+}
+
+impl Swept {
+    fn render(&self) -> String {
+        format!(
+            "deleted {} unclaimed copies, {} bytes ({} unclaimed copies younger than the grace period kept)",
+            self.files, self.bytes, self.kept
+        )
+    }
 }
 
 /// Owns garbage collection: the mark and sweep through Raft, and this
@@ -261,6 +273,31 @@ impl Collector {
         Ok(swept)
     }
 
+    /// Ask every member to sweep its files (this node directly), one after
+    /// the other; a line per member saying what it freed, or why not (a
+    /// member that is down sweeps once it is back).
+    pub async fn sweep_everywhere(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        for (id, addr) in self.r.member_addrs() {
+            let swept = if id == self.r.node_id() {
+                self.sweep_local().await.map(|s| s.render()).map_err(|e| e.to_string())
+            } else {
+                let asked = async {
+                    let mut c = self.r.peers().admin(&addr).map_err(|e| e.to_string())?;
+                    let mut req = tonic::Request::new(crate::cluster::pb::Empty {});
+                    req.set_timeout(SWEEP_WITHIN);
+                    c.sweep(req).await.map(|r| r.into_inner().message).map_err(|s| s.message().to_owned())
+                };
+                asked.await
+            };
+            lines.push(match swept {
+                Ok(l) => format!("node {id}: {l}"),
+                Err(e) => format!("node {id}: not swept now ({e}); it sweeps on its own schedule and at start"),
+            });
+        }
+        lines
+    }
+
     /// The schedule: every node sweeps its files once it has caught up
     /// after a start (what it held of blobs collected while it was away),
     /// then on every interval; the leader collects on every interval.
@@ -279,8 +316,16 @@ impl Collector {
                 _ = stop.changed() => return,
             }
             if self.r.is_leader() {
-                if let Err(e) = self.collect(false, &|_| {}).await {
-                    tracing::warn!(error = %e, "scheduled garbage collection");
+                match self.collect(false, &|_| {}).await {
+                    // Every member deletes what was collected now, not at its
+                    // own next interval.
+                    Ok(_) => {
+                        for line in self.sweep_everywhere().await {
+                            tracing::info!(%line, "scheduled sweep");
+                        }
+                        continue;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "scheduled garbage collection"),
                 }
             }
             if let Err(e) = self.sweep_local().await {
@@ -299,10 +344,10 @@ impl crate::cluster::Collect for Collector {
     }
 
     async fn sweep(&self) -> Result<String, String> {
-        let s = self.sweep_local().await.map_err(|e| e.to_string())?;
-        Ok(format!(
-            "deleted {} unclaimed copies, {} bytes ({} unclaimed copies younger than the grace period kept)",
-            s.files, s.bytes, s.kept
-        ))
+        Ok(self.sweep_local().await.map_err(|e| e.to_string())?.render())
+    }
+
+    async fn sweep_everywhere(&self) -> Vec<String> {
+        Collector::sweep_everywhere(self).await
     }
 }

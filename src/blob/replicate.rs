@@ -297,6 +297,11 @@ impl Replicator {
         false
     }
 
+    /// Clients of the other members (for garbage collection's sweeps).
+    pub(super) fn peers(&self) -> &crate::cluster::Peers {
+        &self.cluster.peers
+    }
+
     /// Wait until this node has applied everything committed before now,
     /// whatever its read consistency (see [`Cluster::caught_up_barrier`]).
     pub async fn barrier(&self) -> Result<(), crate::cluster::ClusterError> {

@@ -45,10 +45,9 @@ pub trait Collect: Send + Sync + 'static {
     async fn collect(&self, dry_run: bool, progress: &Progress) -> Result<String, String>;
     /// Delete this node's copies no one claims; what was freed.
     async fn sweep(&self) -> Result<String, String>;
+    /// Ask every member to sweep (this one included); a line per member.
+    async fn sweep_everywhere(&self) -> Vec<String>;
 }
-
-/// How long a member gets to sweep its blob disk when asked.
-const SWEEP_WITHIN: Duration = Duration::from_secs(600);
 
 /// Where a long admin operation reports what it is doing, as it does it.
 pub struct Progress(mpsc::Sender<Result<AdminReply, Status>>);
@@ -276,31 +275,11 @@ impl Admin for AdminService {
                 }
             };
             progress.say(report).await;
-            if dry_run {
-                return;
-            }
-            // Every member deletes its copies of what was collected.
-            let members: Vec<(NodeId, String)> = {
-                let m = this.cluster.raft.metrics().borrow().membership_config.clone();
-                m.membership().nodes().map(|(id, n)| (*id, n.grpc.clone())).collect()
-            };
-            for (id, addr) in members {
-                let line = if id == this.cluster.id {
-                    this.collector.sweep().await
-                } else {
-                    let asked = async {
-                        let mut c = this.cluster.peers.admin(&addr).map_err(|e| e.to_string())?;
-                        let mut req = Request::new(Empty {});
-                        req.set_timeout(SWEEP_WITHIN);
-                        c.sweep(req).await.map(|r| r.into_inner().message).map_err(|s| s.message().to_owned())
-                    };
-                    asked.await
-                };
-                let line = match line {
-                    Ok(l) => format!("node {id}: {l}"),
-                    Err(e) => format!("node {id}: not swept now ({e}); it sweeps on its own schedule and at start"),
-                };
-                progress.say(line).await;
+            if !dry_run {
+                // Every member deletes its copies of what was collected.
+                for line in this.collector.sweep_everywhere().await {
+                    progress.say(line).await;
+                }
             }
         });
         Ok(Response::new(ReceiverStream::new(rx).boxed()))
