@@ -16,6 +16,10 @@ use crate::meta::{Command, MetaReader};
 use crate::oci::{Algorithm, Digest};
 use crate::{NodeId, NodeInfo};
 
+/// How long a copy that landed after a push was acknowledged waits for the
+/// push's link before it is recorded (a proposal's deadline, with room).
+const LINK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// How many copies a blob gets and how many must exist before a push is
 /// acknowledged.
 #[derive(Debug, Clone)]
@@ -163,11 +167,21 @@ impl Replicator {
         if done < launched {
             // The rest land in the background and are recorded as they do.
             let cluster = self.cluster.clone();
+            let meta = self.meta.clone();
             let d = digest.clone();
             tokio::spawn(async move {
                 for _ in done..launched {
                     let Some((id, res)) = rx.recv().await else { return };
                     if res.is_ok() {
+                        // A push links the blob as this returns; a copy
+                        // recorded before that finds no index entry and
+                        // records nothing (a collected blob stays collected).
+                        let in_index = || meta.blob(&d).is_ok_and(|b| b.is_some());
+                        let wait = cluster.raft.wait(Some(LINK_WAIT));
+                        if wait.metrics(|_| in_index(), "blob in the index").await.is_err() {
+                            tracing::debug!(digest = %d, node = id, "blob never indexed; its late copy is left to the sweep");
+                            continue;
+                        }
                         let cmd = Command::AddHolders { digest: d.clone(), size, holders: vec![id] };
                         if let Err(e) = cluster.propose(cmd).await {
                             tracing::warn!(digest = %d, error = %e, "recording a replica failed");
