@@ -188,6 +188,22 @@ pub struct Page {
     pub more: bool,
 }
 
+/// Garbage collection's rule for one link, the same for the mark and for
+/// apply's second look: linked into `repo` no later than `cutoff_ms`, and
+/// no manifest there references the blob `d`.
+fn link_collectable(db: &DB, repo: &Name, d: &str, cutoff_ms: u64) -> Result<bool, rocksdb::Error> {
+    let cf = |n| db.cf_handle(n).expect("column family exists");
+    let Some(v) = db.get_pinned_cf(cf(CF_LINKS), keys::repo_item(repo, d))? else { return Ok(false) };
+    if keys::parse_link(&v).is_none_or(|(_, at)| at > cutoff_ms) {
+        return Ok(false);
+    }
+    let rp = keys::blob_refs_prefix(repo, d);
+    match db.prefix_iterator_cf(cf(CF_BLOB_REFS), &rp).next() {
+        Some(r) => Ok(!r?.0.starts_with(&rp)),
+        None => Ok(true),
+    }
+}
+
 /// A blob that garbage collection would unlink from some repositories,
 /// and free if no other repository links it.
 #[derive(Debug, Clone)]
@@ -362,17 +378,10 @@ impl MetaReader {
                     else {
                         continue;
                     };
-                    let at = self.get(CF_LINKS, &keys::repo_item(&repo, &d))?.and_then(|v| keys::parse_link(&v));
-                    let referenced = {
-                        let rp = keys::blob_refs_prefix(&repo, &d);
-                        match self.db.prefix_iterator_cf(self.cf(CF_BLOB_REFS), &rp).next() {
-                            Some(r) => r?.0.starts_with(&rp),
-                            None => false,
-                        }
-                    };
-                    match at {
-                        Some((_, at)) if at <= cutoff_ms && !referenced => unlink.push(repo),
-                        _ => kept = true,
+                    if link_collectable(&self.db, &repo, &d, cutoff_ms)? {
+                        unlink.push(repo);
+                    } else {
+                        kept = true;
                     }
                 }
                 if !unlink.is_empty() || !kept {

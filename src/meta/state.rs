@@ -294,17 +294,10 @@ impl StateMachine {
                 if unlinked.contains(&(d.clone(), repo.clone())) {
                     continue;
                 }
-                let k = keys::repo_item(&repo, &d);
-                let Some(v) = db.get_pinned_cf(cf(db, CF_LINKS), &k).map_err(io_err)? else { continue };
-                if keys::parse_link(&v).is_none_or(|(_, at)| at > cutoff_ms) {
+                if !super::link_collectable(db, &repo, &d, cutoff_ms).map_err(io_err)? {
                     continue;
                 }
-                let rp = keys::blob_refs_prefix(&repo, &d);
-                if let Some(r) = db.prefix_iterator_cf(cf(db, CF_BLOB_REFS), &rp).next() {
-                    if r.map_err(io_err)?.0.starts_with(&rp) {
-                        continue;
-                    }
-                }
+                let k = keys::repo_item(&repo, &d);
                 batch.delete_cf(cf(db, CF_LINKS), k);
                 batch.delete_cf(cf(db, CF_BLOB_REPOS), keys::blob_repo(&d, &repo));
                 unlinked.insert((d.clone(), repo));
