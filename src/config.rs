@@ -206,6 +206,101 @@ pub struct AccessRule {
     pub delete: Vec<String>,
 }
 
+/// Tags that never move or go once they exist (`[[immutable]]`): a
+/// manifest PUT that would point such a tag elsewhere, or a DELETE of it or
+/// of its manifest, answers DENIED naming the rule. Every rule whose
+/// `repos` matches applies.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImmutableRule {
+    /// Named in the DENIED message (default: `immutable[i]`).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Repository pattern, as in `[[access]]`.
+    pub repos: String,
+    /// Tag pattern: `*` any characters, `?` one (`v*`, `release-?.*`).
+    pub tags: String,
+}
+
+/// What retention removes in the repositories `repos` matches
+/// (`[[retention]]`, the first matching rule decides). Tags and manifests
+/// pushed before push times were kept have none, and are never removed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionRule {
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Repository pattern, as in `[[access]]`.
+    pub repos: String,
+    /// Keep this many most recently pushed tags (those `keep_tags` matches
+    /// and immutable ones not counted); older ones are removed.
+    #[serde(default)]
+    pub keep_last: Option<usize>,
+    /// Remove tags last pushed longer ago than this (`30d`, `12h`, `90s`).
+    #[serde(default)]
+    pub max_age: Option<String>,
+    /// Tag patterns kept forever (`*` and `?`).
+    #[serde(default)]
+    pub keep_tags: Vec<String>,
+    /// Remove manifests untagged (now, or once this run removes their
+    /// tags) and pushed longer ago than this (`7d`), unless an index in
+    /// the repository lists them or their subject is still there (a
+    /// signature of a kept image).
+    #[serde(default)]
+    pub untagged_after: Option<String>,
+}
+
+/// A webhook endpoint (`[[webhooks]]`): events in Distribution's
+/// envelope, POSTed as `application/vnd.docker.distribution.events.v2+json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSettings {
+    /// Names the endpoint's delivery cursor (unique; renaming restarts it).
+    pub name: String,
+    /// `http://` or `https://` (verified against `ca`, else the system's roots).
+    pub url: String,
+    /// Extra request headers (`Authorization` for the receiver, say).
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// One delivery attempt's deadline.
+    #[serde(default = "webhook_timeout_ms")]
+    pub timeout_ms: u64,
+    /// First retry delay after a failed delivery, doubled per failure up
+    /// to `max_backoff_ms`.
+    #[serde(default = "webhook_backoff_ms")]
+    pub backoff_ms: u64,
+    #[serde(default = "webhook_max_backoff_ms")]
+    pub max_backoff_ms: u64,
+    /// Events per request at most.
+    #[serde(default = "webhook_batch")]
+    pub max_events: usize,
+    /// Only these actions (`push`, `pull`, `mount`, `delete`); empty: all.
+    #[serde(default)]
+    pub actions: Vec<String>,
+    /// Only repositories matching one of these patterns; empty: all.
+    #[serde(default)]
+    pub repos: Vec<String>,
+    /// Leave out events whose target has one of these media types.
+    #[serde(default)]
+    pub ignored_media_types: Vec<String>,
+    /// CA certificate (PEM) for an https receiver.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+}
+
+fn webhook_timeout_ms() -> u64 {
+    5000
+}
+fn webhook_backoff_ms() -> u64 {
+    1000
+}
+fn webhook_max_backoff_ms() -> u64 {
+    60_000
+}
+fn webhook_batch() -> usize {
+    32
+}
+
 /// A member of the initial cluster, as named in every node's config.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -284,6 +379,23 @@ pub struct Config {
     /// TLS on the registry API. Without it the API speaks plain HTTP (for
     /// a node behind a load balancer that terminates TLS).
     pub tls: Option<ApiTlsFiles>,
+    /// Tags that never move (`[[immutable]]`). Every node must carry the
+    /// same rules (a site-wide config file laid over each node's): the
+    /// node that takes a write decides which apply, apply enforces them.
+    pub immutable: Vec<ImmutableRule>,
+    /// Retention policies (`[[retention]]`), the first matching rule per
+    /// repository; run by the leader every `retention_interval_secs` and
+    /// by `berth retention`.
+    pub retention: Vec<RetentionRule>,
+    /// How often the leader applies the retention policies (0: only by
+    /// `berth retention`).
+    pub retention_interval_secs: u64,
+    /// Webhook endpoints (`[[webhooks]]`).
+    pub webhooks: Vec<WebhookSettings>,
+    /// Events kept for webhooks not yet delivered, cluster-wide: past it
+    /// the oldest are dropped (logged, counted) so a receiver down for
+    /// days cannot fill the disk.
+    pub webhook_queue_max: usize,
     /// Mutual TLS on the cluster listener and on every call to a peer.
     /// Required for a node with peers, unless `insecure_cluster`.
     pub cluster_tls: Option<TlsFiles>,
@@ -325,6 +437,11 @@ impl Default for Config {
             gc_grace_secs: 3600,
             auth: None,
             access: Vec::new(),
+            immutable: Vec::new(),
+            retention: Vec::new(),
+            retention_interval_secs: 3600,
+            webhooks: Vec::new(),
+            webhook_queue_max: 100_000,
             tls: None,
             cluster_tls: None,
             insecure_cluster: false,
@@ -503,6 +620,11 @@ impl Config {
             ));
         }
         crate::api::auth::Access::validate(self.auth.as_ref(), &self.access).map_err(ConfigError::Invalid)?;
+        crate::policy::Policies::compile(self).map_err(ConfigError::Invalid)?;
+        crate::notify::validate(&self.webhooks).map_err(ConfigError::Invalid)?;
+        if self.webhook_queue_max == 0 {
+            return Err(ConfigError::Invalid("webhook_queue_max must be at least 1".into()));
+        }
         if self.max_manifest_bytes == 0 {
             return Err(ConfigError::Invalid("max_manifest_bytes must be positive".into()));
         }

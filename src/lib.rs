@@ -16,7 +16,9 @@ pub mod config;
 pub mod durable;
 pub mod meta;
 pub mod node;
+pub mod notify;
 pub mod oci;
+pub mod policy;
 pub mod rewind;
 
 use std::fmt;

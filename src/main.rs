@@ -85,6 +85,20 @@ enum Cmd {
         #[arg(long, env = "BERTH_CLUSTER_TLS_DIR")]
         tls_dir: Option<PathBuf>,
     },
+    /// Apply the retention policies (`[[retention]]` in the contacted member's config): remove
+    /// the tags and untagged manifests they name, through Raft. Prints, per repository, what was
+    /// (or, with --dry-run, would be) removed; `berth gc` then frees the blobs.
+    Retention {
+        /// gRPC address of any member (it runs the policies).
+        #[arg(long)]
+        node: String,
+        /// Only report what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+        /// Directory made by `berth certs` (its ca.pem, admin.pem, admin.key), as for `berth cluster`.
+        #[arg(long, env = "BERTH_CLUSTER_TLS_DIR")]
+        tls_dir: Option<PathBuf>,
+    },
     /// Print an htpasswd line (bcrypt) for `[auth] htpasswd`. The password
     /// is read from standard input when not given.
     Htpasswd {
@@ -220,6 +234,15 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(async move {
                 ClusterAdmin::new(&node, tls)
                     .gc(dry_run, |line| println!("{line}"))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{}", e.message()))
+            })
+        }
+        Cmd::Retention { node, dry_run, tls_dir } => {
+            let tls = tls_dir.map(|d| ClusterTls::load(&TlsFiles::admin_in(&d))).transpose()?;
+            rt.block_on(async move {
+                ClusterAdmin::new(&node, tls)
+                    .retention(dry_run, |line| println!("{line}"))
                     .await
                     .map_err(|e| anyhow::anyhow!("{}", e.message()))
             })

@@ -121,10 +121,18 @@ impl RunningNode {
             },
             gc_report.clone(),
         );
+        let policies = Arc::new(crate::policy::Policies::compile(&cfg).map_err(|e| anyhow::anyhow!(e))?);
+        let retainer = crate::policy::Retainer::new(
+            policies.clone(),
+            meta.clone(),
+            cluster.clone(),
+            (cfg.retention_interval_secs > 0).then(|| Duration::from_secs(cfg.retention_interval_secs)),
+        );
         let admin_svc = AdminServer::new(AdminService {
             cluster: cluster.clone(),
             evacuator: Arc::new(replicator.clone()),
             collector: Arc::new(collector.clone()),
+            retainer: Arc::new(retainer.clone()),
         });
         let admin_svc = InterceptedService::new(admin_svc, guard.clone());
         let blob_svc = InterceptedService::new(BlobsServer::new(transfer.clone()), guard);
@@ -194,6 +202,18 @@ impl RunningNode {
             rx.clone(),
         )));
         tasks.push(tokio::spawn(collector.run(rx.clone())));
+        tasks.push(tokio::spawn(retainer.run(rx.clone())));
+        let metrics = Arc::new(api::Metrics::default());
+        let notifier = crate::notify::Notifier::new(
+            &cfg.webhooks,
+            cfg.webhook_queue_max,
+            cfg.tls.is_some(),
+            meta.clone(),
+            cluster.clone(),
+            metrics.registry(),
+        )
+        .map_err(|e| anyhow::anyhow!(e))?;
+        tasks.push(tokio::spawn(notifier.clone().run(rx.clone())));
         let state = AppState {
             meta,
             repair: repair_report,
@@ -203,7 +223,9 @@ impl RunningNode {
             uploads: uploads.clone(),
             max_manifest_bytes: cfg.max_manifest_bytes,
             http: AppState::http_client(tls.clone()),
-            metrics: Default::default(),
+            metrics,
+            policies,
+            notifier,
             limits: Arc::new(api::ApiLimits::new(&cfg.limits)),
             auth: api::auth::Auth::load(cfg.auth.as_ref(), &cfg.access).map_err(|e| anyhow::anyhow!(e))?,
         };

@@ -152,7 +152,7 @@ struct Rule {
 
 /// A repository pattern as a regex: `**` any characters, `*` any within
 /// one path component, `?` one character other than `/`.
-fn pattern(p: &str) -> Result<Regex, String> {
+pub(crate) fn pattern(p: &str) -> Result<Regex, String> {
     if p.is_empty() {
         return Err("an empty pattern".into());
     }

@@ -5,7 +5,7 @@ use http::{header, HeaderMap, Request, StatusCode};
 use hyper::body::Incoming;
 
 use super::response::{blob_error, builder, empty, finish, stream, ApiResult};
-use super::{AppState, Query};
+use super::{AppState, Origin, Query};
 use crate::blob::UploadId;
 use crate::meta::{Command, Outcome};
 use crate::oci::{range, Digest, Error, ErrorCode, Name};
@@ -52,8 +52,18 @@ async fn linked_size(state: &AppState, name: &Name, digest: &Digest) -> Result<u
     state.meta.blob_link(name, digest)?.ok_or_else(|| Error::new(ErrorCode::BlobUnknown, "blob unknown to registry"))
 }
 
-pub async fn get(state: &AppState, name: &Name, digest: &Digest, headers: &HeaderMap, head: bool) -> ApiResult {
+pub async fn get(
+    state: &AppState,
+    name: &Name,
+    digest: &Digest,
+    headers: &HeaderMap,
+    head: bool,
+    origin: &Origin,
+) -> ApiResult {
     let size = linked_size(state, name, digest).await?;
+    if !head && headers.get(header::RANGE).is_none() {
+        state.pulled(origin, name, digest, "application/octet-stream", size, None);
+    }
     let common = |status| {
         builder(status)
             .header("Docker-Content-Digest", digest.to_string())
@@ -99,9 +109,9 @@ pub async fn get(state: &AppState, name: &Name, digest: &Digest, headers: &Heade
     finish(b, stream(reader.stream(start, end).await?))
 }
 
-pub async fn delete(state: &AppState, name: &Name, digest: &Digest) -> ApiResult {
+pub async fn delete(state: &AppState, name: &Name, digest: &Digest, origin: &Origin) -> ApiResult {
     let cmd = Command::UnlinkBlob { repo: name.clone(), digest: digest.clone() };
-    match state.cluster.propose(cmd).await? {
+    match state.cluster.propose(state.write(origin, name, cmd)).await? {
         Outcome(Ok(())) => finish(builder(StatusCode::ACCEPTED).header(header::CONTENT_LENGTH, 0), empty()),
         Outcome(Err(_)) => Err(Error::new(ErrorCode::BlobUnknown, "blob unknown to repository")),
     }
@@ -112,10 +122,17 @@ pub async fn delete(state: &AppState, name: &Name, digest: &Digest) -> ApiResult
 /// collection leaves it for its grace period, the time a client has to
 /// push the manifest that uses it. False when a mount found the blob
 /// collected in the meantime.
-async fn link(state: &AppState, name: &Name, digest: &Digest, size: u64, holders: Vec<NodeId>) -> Result<bool, Error> {
+async fn link(
+    state: &AppState,
+    name: &Name,
+    digest: &Digest,
+    size: u64,
+    holders: Vec<NodeId>,
+    origin: &Origin,
+) -> Result<bool, Error> {
     let at_ms = crate::blob::gc::Collector::clock_ms();
     let cmd = Command::LinkBlobAt { repo: name.clone(), digest: digest.clone(), size, holders, at_ms };
-    match state.cluster.propose(cmd).await? {
+    match state.cluster.propose(state.write(origin, name, cmd)).await? {
         Outcome(Ok(())) => Ok(true),
         Outcome(Err(crate::meta::Rejection::BlobUnknown)) => Ok(false),
         Outcome(Err(r)) => Err(super::response::internal(format!("link rejected: {r:?}"))),
@@ -123,9 +140,15 @@ async fn link(state: &AppState, name: &Name, digest: &Digest, size: u64, holders
 }
 
 /// A blob just stored here: copy it to enough nodes, then link it.
-async fn replicate_and_link(state: &AppState, name: &Name, digest: &Digest, size: u64) -> Result<(), Error> {
+async fn replicate_and_link(
+    state: &AppState,
+    name: &Name,
+    digest: &Digest,
+    size: u64,
+    origin: &Origin,
+) -> Result<(), Error> {
     let holders = state.replicator.replicate(digest, size, &[state.cluster.id]).await?;
-    match link(state, name, digest, size, holders).await? {
+    match link(state, name, digest, size, holders, origin).await? {
         true => Ok(()),
         false => Err(super::response::internal("a link with holders was refused")),
     }
@@ -149,6 +172,7 @@ pub async fn start_upload(
     query: &Query,
     req: Request<Incoming>,
     caller: &super::Caller,
+    origin: &Origin,
 ) -> ApiResult {
     if let Some(m) = query.get("mount") {
         // A malformed mount is a bad request, not a reason to open a session.
@@ -160,7 +184,7 @@ pub async fn start_upload(
         let allowed = from.is_some() || state.auth.mount_anywhere();
         if let Some(size) = if allowed { mountable(state, &digest, from.as_ref()).await? } else { None } {
             // Refused when the blob was collected since it was looked up.
-            if link(state, name, &digest, size, Vec::new()).await? {
+            if link(state, name, &digest, size, Vec::new(), origin).await? {
                 return blob_created(name, &digest);
             }
         }
@@ -184,7 +208,7 @@ pub async fn start_upload(
                 return Err(blob_error(e));
             }
         };
-        replicate_and_link(state, name, &digest, size).await?;
+        replicate_and_link(state, name, &digest, size, origin).await?;
         return blob_created(name, &digest);
     }
     let id = state.uploads.start(name, &caller.key()).await.map_err(blob_error)?;
@@ -237,6 +261,7 @@ pub async fn finish_upload(
     id: &UploadId,
     query: &Query,
     req: Request<Incoming>,
+    origin: &Origin,
 ) -> ApiResult {
     let digest: Digest = query
         .get("digest")
@@ -249,7 +274,7 @@ pub async fn finish_upload(
         }
     }
     let size = state.uploads.finish(id, name, &digest, super::body_stream(state, req)).await.map_err(blob_error)?;
-    replicate_and_link(state, name, &digest, size).await?;
+    replicate_and_link(state, name, &digest, size, origin).await?;
     blob_created(name, &digest)
 }
 

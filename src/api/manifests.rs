@@ -6,7 +6,7 @@ use http::{header, Request, StatusCode};
 use hyper::body::Incoming;
 
 use super::response::{builder, empty, finish, full, ApiResult};
-use super::{AppState, Query};
+use super::{AppState, Origin, Query};
 use crate::meta::{Command, ManifestRecord, Outcome};
 use crate::oci::{manifest, Algorithm, Digest, Error, ErrorCode, Manifest, Name, Reference, Tag};
 
@@ -47,7 +47,14 @@ fn accepts(req_headers: &http::HeaderMap, media_type: &str) -> bool {
     !any
 }
 
-pub async fn get(state: &AppState, name: &Name, r: &Reference, req: &Request<Incoming>, head: bool) -> ApiResult {
+pub async fn get(
+    state: &AppState,
+    name: &Name,
+    r: &Reference,
+    req: &Request<Incoming>,
+    head: bool,
+    origin: &Origin,
+) -> ApiResult {
     let (digest, rec) = lookup(state, name, r).await?;
     if matches!(r, Reference::Tag(_)) && !accepts(req.headers(), &rec.media_type) {
         return Err(Error::new(
@@ -60,6 +67,13 @@ pub async fn get(state: &AppState, name: &Name, r: &Reference, req: &Request<Inc
         .header(header::CONTENT_LENGTH, rec.bytes.len())
         .header("Docker-Content-Digest", digest.to_string())
         .header(header::ETAG, format!("\"{digest}\""));
+    if !head {
+        let tag = match r {
+            Reference::Tag(t) => Some(t.as_str()),
+            Reference::Digest(_) => None,
+        };
+        state.pulled(origin, name, &digest, &rec.media_type, rec.bytes.len() as u64, tag);
+    }
     finish(b, if head { empty() } else { full(rec.bytes) })
 }
 
@@ -92,7 +106,14 @@ async fn read_limited(
     Ok((ct, buf.freeze()))
 }
 
-pub async fn put(state: &AppState, name: &Name, r: &Reference, query: &Query, req: Request<Incoming>) -> ApiResult {
+pub async fn put(
+    state: &AppState,
+    name: &Name,
+    r: &Reference,
+    query: &Query,
+    req: Request<Incoming>,
+    origin: &Origin,
+) -> ApiResult {
     let (content_type, bytes) = read_limited(state, req, state.max_manifest_bytes).await?;
     let parsed = Manifest::parse(content_type.as_deref(), &bytes)?;
     let (digest, mut tags) = match r {
@@ -134,7 +155,7 @@ pub async fn put(state: &AppState, name: &Name, r: &Reference, query: &Query, re
         bytes: bytes.to_vec(),
         tags,
     };
-    let Outcome(res) = state.cluster.propose(cmd).await?;
+    let Outcome(res) = state.cluster.propose(state.write(origin, name, cmd)).await?;
     res?;
     let mut b = builder(StatusCode::CREATED)
         .header(header::LOCATION, format!("/v2/{name}/manifests/{digest}"))
@@ -149,12 +170,12 @@ pub async fn put(state: &AppState, name: &Name, r: &Reference, query: &Query, re
     finish(b, empty())
 }
 
-pub async fn delete(state: &AppState, name: &Name, r: &Reference) -> ApiResult {
+pub async fn delete(state: &AppState, name: &Name, r: &Reference, origin: &Origin) -> ApiResult {
     let cmd = match r {
         Reference::Digest(d) => Command::DeleteManifest { repo: name.clone(), digest: d.clone() },
         Reference::Tag(t) => Command::DeleteTag { repo: name.clone(), tag: t.clone() },
     };
-    let Outcome(res) = state.cluster.propose(cmd).await?;
+    let Outcome(res) = state.cluster.propose(state.write(origin, name, cmd)).await?;
     res?;
     finish(builder(StatusCode::ACCEPTED).header(header::CONTENT_LENGTH, 0), empty())
 }

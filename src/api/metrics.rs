@@ -119,6 +119,12 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The registry, for the owners of other instruments (webhooks) to
+    /// register theirs into the same `/metrics`.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// Count one answered request.
     pub fn observe(&self, method: &Method, route: &str, status: StatusCode, took: Duration) {
         let method = method_label(method);

@@ -50,6 +50,81 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub limits: Arc<ApiLimits>,
     pub auth: auth::Auth,
+    /// Immutable tags (and retention, which runs elsewhere).
+    pub policies: Arc<crate::policy::Policies>,
+    /// Where pull events go (push and delete events come from the log).
+    pub notifier: crate::notify::Notifier,
+}
+
+/// Who and which request a write or a pull came from: the context its Raft
+/// command carries and its events describe.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    actor: Option<String>,
+    request: crate::meta::RequestInfo,
+}
+
+impl Origin {
+    fn of<B>(req: &Request<B>, caller: &Caller, principal: &auth::Principal) -> Origin {
+        use crate::meta::RequestInfo;
+        let header = |h: http::header::HeaderName| {
+            RequestInfo::bounded(req.headers().get(h).and_then(|v| v.to_str().ok()).unwrap_or(""))
+        };
+        let actor = principal
+            .name()
+            .map(str::to_owned)
+            .or_else(|| caller.on_behalf_of.as_deref().and_then(|b| b.strip_prefix("user:")).map(str::to_owned));
+        let host = req.uri().authority().map(|a| a.to_string()).unwrap_or_else(|| header(http::header::HOST));
+        Origin {
+            actor: actor.map(|a| RequestInfo::bounded(&a)),
+            request: RequestInfo {
+                id: format!("{:016x}", rand::random::<u64>()),
+                addr: caller.addr.to_string(),
+                host: RequestInfo::bounded(&host),
+                method: req.method().as_str().chars().take(16).collect(),
+                useragent: header(http::header::USER_AGENT),
+            },
+        }
+    }
+}
+
+impl AppState {
+    /// `cmd` as a client's write to `repo`: stamped with this node's clock
+    /// and the request, under the immutability rules for `repo`.
+    fn write(&self, origin: &Origin, repo: &crate::oci::Name, cmd: crate::meta::Command) -> crate::meta::Command {
+        let ctx = crate::meta::Context {
+            at_ms: crate::blob::gc::Collector::clock_ms(),
+            actor: origin.actor.clone(),
+            request: origin.request.clone(),
+            source: self.cluster.id,
+            immutable: self.policies.immutable_for(repo),
+        };
+        crate::meta::Command::With { ctx: Box::new(ctx), cmd: Box::new(cmd) }
+    }
+
+    /// Tell webhooks about a pull this node served (best effort).
+    fn pulled(
+        &self,
+        origin: &Origin,
+        repo: &crate::oci::Name,
+        digest: &crate::oci::Digest,
+        media_type: &str,
+        size: u64,
+        tag: Option<&str>,
+    ) {
+        let ctx = crate::meta::Context {
+            at_ms: crate::blob::gc::Collector::clock_ms(),
+            actor: origin.actor.clone(),
+            request: origin.request.clone(),
+            source: self.cluster.id,
+            immutable: Vec::new(),
+        };
+        let mut e = crate::meta::StoredEvent::new(crate::meta::EventAction::Pull, repo, Some(&ctx))
+            .digest(digest)
+            .target(media_type, size);
+        e.tag = tag.map(str::to_owned);
+        self.notifier.pulled(e);
+    }
 }
 
 /// The client bounds the API enforces (see [`limits`]), from `[limits]`.
@@ -339,10 +414,12 @@ async fn dispatch(state: &AppState, route: Route, req: Request<Incoming>, caller
             }
         }
     };
+    let origin = Origin::of(&req, caller, &principal);
     let caller = &match principal.name() {
         Some(name) => Caller { on_behalf_of: Some(format!("user:{name}")), ..caller.clone() },
         None => caller.clone(),
     };
+    let origin = &origin;
     // A drain waits for client work, not for load-balancer health checks.
     let _active = (!matches!(route, Route::Base | Route::Metrics | Route::Healthz | Route::Readyz))
         .then(|| state.cluster.drain.track());
@@ -368,17 +445,21 @@ async fn dispatch(state: &AppState, route: Route, req: Request<Incoming>, caller
         (Method::GET, Route::Catalog) => lists::catalog(state, &query, &principal).await,
         (Method::GET, Route::Tags(name)) => lists::tags(state, &name, &query).await,
         (Method::GET, Route::Referrers(name, digest)) => lists::referrers(state, &name, &digest, &query).await,
-        (Method::GET | Method::HEAD, Route::Manifest(name, r)) => manifests::get(state, &name, &r, &req, head).await,
-        (Method::PUT, Route::Manifest(name, r)) => manifests::put(state, &name, &r, &query, req).await,
-        (Method::DELETE, Route::Manifest(name, r)) => manifests::delete(state, &name, &r).await,
-        (Method::GET | Method::HEAD, Route::Blob(name, digest)) => {
-            blobs::get(state, &name, &digest, req.headers(), head).await
+        (Method::GET | Method::HEAD, Route::Manifest(name, r)) => {
+            manifests::get(state, &name, &r, &req, head, origin).await
         }
-        (Method::DELETE, Route::Blob(name, digest)) => blobs::delete(state, &name, &digest).await,
-        (Method::POST, Route::UploadStart(name)) => blobs::start_upload(state, &name, &query, req, caller).await,
+        (Method::PUT, Route::Manifest(name, r)) => manifests::put(state, &name, &r, &query, req, origin).await,
+        (Method::DELETE, Route::Manifest(name, r)) => manifests::delete(state, &name, &r, origin).await,
+        (Method::GET | Method::HEAD, Route::Blob(name, digest)) => {
+            blobs::get(state, &name, &digest, req.headers(), head, origin).await
+        }
+        (Method::DELETE, Route::Blob(name, digest)) => blobs::delete(state, &name, &digest, origin).await,
+        (Method::POST, Route::UploadStart(name)) => {
+            blobs::start_upload(state, &name, &query, req, caller, origin).await
+        }
         (Method::GET, Route::Upload(name, id)) => blobs::upload_status(state, &name, &id).await,
         (Method::PATCH, Route::Upload(name, id)) => blobs::patch_upload(state, &name, &id, req).await,
-        (Method::PUT, Route::Upload(name, id)) => blobs::finish_upload(state, &name, &id, &query, req).await,
+        (Method::PUT, Route::Upload(name, id)) => blobs::finish_upload(state, &name, &id, &query, req, origin).await,
         (Method::DELETE, Route::Upload(name, id)) => blobs::cancel_upload(state, &name, &id).await,
         (m, r) => Err(Error::new(ErrorCode::Unsupported, format!("{m} is not supported on {r:?}"))),
     }

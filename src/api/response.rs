@@ -120,6 +120,7 @@ impl From<Rejection> for Error {
             Rejection::ManifestInvalid(m) => Error::new(ErrorCode::ManifestInvalid, m),
             Rejection::ManifestUnknown => Error::new(ErrorCode::ManifestUnknown, "manifest unknown"),
             Rejection::BlobUnknown => Error::new(ErrorCode::BlobUnknown, "blob unknown"),
+            Rejection::Denied(why) => Error::new(ErrorCode::Denied, why),
         }
     }
 }

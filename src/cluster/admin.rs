@@ -49,6 +49,14 @@ pub trait Collect: Send + Sync + 'static {
     async fn sweep_everywhere(&self) -> Vec<String>;
 }
 
+/// Retention, as `policy` runs it: cluster/ carries the command.
+#[tonic::async_trait]
+pub trait Retain: Send + Sync + 'static {
+    /// Apply the retention policies (or, with `dry_run`, say what they
+    /// would remove); the summary.
+    async fn retain(&self, dry_run: bool, progress: &Progress) -> Result<String, String>;
+}
+
 /// Where a long admin operation reports what it is doing, as it does it.
 pub struct Progress(mpsc::Sender<Result<AdminReply, Status>>);
 
@@ -71,6 +79,7 @@ pub struct AdminService {
     pub cluster: Cluster,
     pub evacuator: Arc<dyn Evacuate>,
     pub collector: Arc<dyn Collect>,
+    pub retainer: Arc<dyn Retain>,
 }
 
 /// Stop taking clients and wait for the ones in flight; the answer says
@@ -279,6 +288,24 @@ impl Admin for AdminService {
                 // Every member deletes its copies of what was collected.
                 for line in this.collector.sweep_everywhere().await {
                     progress.say(line).await;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx).boxed()))
+    }
+
+    type RetentionStream = Pin<Box<dyn Stream<Item = Result<AdminReply, Status>> + Send>>;
+
+    async fn retention(&self, req: Request<GcRequest>) -> Result<Response<Self::RetentionStream>, Status> {
+        let dry_run = req.into_inner().dry_run;
+        let (tx, rx) = mpsc::channel(64);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let progress = Progress(tx);
+            match this.retainer.retain(dry_run, &progress).await {
+                Ok(report) => progress.say(report).await,
+                Err(e) => {
+                    let _ = progress.0.send(Err(Status::unavailable(format!("retention: {e}")))).await;
                 }
             }
         });
@@ -551,6 +578,17 @@ impl ClusterAdmin {
     pub async fn gc(&self, dry_run: bool, mut progress: impl FnMut(String)) -> Result<(), Status> {
         let mut c = self.peers.admin(&self.node).map_err(|e| Status::unavailable(e.to_string()))?;
         let mut lines = c.gc(GcRequest { dry_run }).await?.into_inner();
+        while let Some(line) = lines.message().await? {
+            progress(line.message);
+        }
+        Ok(())
+    }
+
+    /// Apply the retention policies on the contacted member; `progress`
+    /// hears each repository's result.
+    pub async fn retention(&self, dry_run: bool, mut progress: impl FnMut(String)) -> Result<(), Status> {
+        let mut c = self.peers.admin(&self.node).map_err(|e| Status::unavailable(e.to_string()))?;
+        let mut lines = c.retention(GcRequest { dry_run }).await?.into_inner();
         while let Some(line) = lines.message().await? {
             progress(line.message);
         }

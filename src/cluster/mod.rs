@@ -19,7 +19,7 @@ pub mod tls;
 
 use std::time::{Duration, Instant};
 
-pub use admin::{AdminService, ClusterAdmin, Collect, Evacuate, MemberStatus, Progress, DEFAULT_DRAIN};
+pub use admin::{AdminService, ClusterAdmin, Collect, Evacuate, MemberStatus, Progress, Retain, DEFAULT_DRAIN};
 pub use drain::Drain;
 pub use identity::Identity;
 pub use meta_service::MetaService;
@@ -209,6 +209,11 @@ impl Cluster {
         self.caught_up_barrier().await
     }
 
+    /// Whether this node leads now (for work one node does for all).
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.id)
+    }
+
     /// [`Cluster::read_barrier`] whatever the read consistency: what must
     /// see every committed write (garbage collection deciding that no one
     /// claims a file) waits here even on a node that serves local reads.
@@ -240,6 +245,12 @@ impl Cluster {
         }
         let m = self.raft.metrics().borrow().clone();
         m.current_leader.is_some() && m.membership_config.membership().get_node(&self.id).is_some()
+    }
+
+    /// The API address of member `id`, if it is one.
+    pub fn member_api(&self, id: NodeId) -> Option<String> {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        m.membership().get_node(&id).map(|n| n.api.clone())
     }
 
     /// This node's view of the leader, if it has one.

@@ -3,6 +3,7 @@
 //! over the applied state. Knows nothing of HTTP or gRPC.
 
 mod command;
+mod events;
 mod fence;
 mod identity;
 mod log;
@@ -14,7 +15,11 @@ use std::sync::Arc;
 use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, DB};
 use serde::{Deserialize, Serialize};
 
-pub use command::{Batch, Command, Outcome, Outcomes, Proposal, Rejection, RequestId, RequestIds};
+pub use command::{
+    glob_match, Batch, Command, Context, EventKey, ImmutableTags, Outcome, Outcomes, Proposal, Rejection, RequestId,
+    RequestIds, RequestInfo,
+};
+pub use events::{EventAction, StoredEvent, TagStamp};
 pub use fence::{InstallFence, Installing};
 pub use identity::{IdentityError, IdentityStore, StoredIdentity};
 pub use log::{CommitIndex, LogStore};
@@ -37,12 +42,20 @@ const CF_REQUESTS: &str = "requests";
 /// The same ids keyed by the log index that applied them, oldest first, so
 /// expiring them touches only what expires.
 const CF_REQUEST_AGE: &str = "request_age";
-/// Which manifests reference which blob in a repository:
-/// `repo \0 blob \0 manifest`. Derived from the manifests (rebuilt, never
+/// Which manifests reference which blob or child manifest in a
+/// repository: `repo \0 blob \0 manifest`. Derived from the manifests (rebuilt, never
 /// sent in snapshots); garbage collection asks it whether a link is used.
 const CF_BLOB_REFS: &str = "blob_refs";
 /// Which repositories link a blob: `blob \0 repo`. Derived from the links.
 const CF_BLOB_REPOS: &str = "blob_repos";
+/// When each manifest and tag was last pushed (`repo \0 digest` or
+/// `repo \0 tag`, a u64 of ms since the epoch, the proposer's clock):
+/// what retention counts and ages by. Items pushed before it existed have
+/// no time, and retention never removes them.
+const CF_STAMPS: &str = "stamps";
+/// Events for webhooks (`e`, then the [`EventKey`]), each a JSON
+/// [`StoredEvent`], and each endpoint's delivery cursor (`c` + name).
+const CF_EVENTS: &str = "events";
 
 /// The largest command a Raft entry may carry, in bytes. Manifests travel
 /// in commands, so `max_manifest_bytes` must stay below it (config
@@ -153,6 +166,8 @@ pub fn open_db(path: &Path) -> Result<Arc<DB>, rocksdb::Error> {
         CF_REQUEST_AGE,
         CF_BLOB_REFS,
         CF_BLOB_REPOS,
+        CF_STAMPS,
+        CF_EVENTS,
     ]
     .into_iter()
     .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
@@ -197,10 +212,17 @@ fn link_collectable(db: &DB, repo: &Name, d: &str, cutoff_ms: u64) -> Result<boo
     if keys::parse_link(&v).is_none_or(|(_, at)| at > cutoff_ms) {
         return Ok(false);
     }
+    Ok(!referenced(db, repo, d)?)
+}
+
+/// Whether a manifest of `repo` references `d` (a blob, or an index's
+/// child manifest).
+fn referenced(db: &DB, repo: &Name, d: &str) -> Result<bool, rocksdb::Error> {
     let rp = keys::blob_refs_prefix(repo, d);
-    match db.prefix_iterator_cf(cf(CF_BLOB_REFS), &rp).next() {
-        Some(r) => Ok(!r?.0.starts_with(&rp)),
-        None => Ok(true),
+    let refs = db.cf_handle(CF_BLOB_REFS).expect("column family exists");
+    match db.prefix_iterator_cf(refs, &rp).next() {
+        Some(r) => Ok(r?.0.starts_with(&rp)),
+        None => Ok(false),
     }
 }
 

@@ -23,11 +23,12 @@ use openraft::{
 use rocksdb::{IngestExternalFileOptions, IteratorMode, SstFileWriter, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 
-use super::command::{Batch, Command, Outcome, Outcomes, Proposal, Rejection, RequestId};
+use super::command::{Batch, Command, Context, EventKey, Outcome, Outcomes, Proposal, Rejection, RequestId};
+use super::events::{cursor_key, stamp_value, EventAction, StoredEvent};
 use super::fence::InstallFence;
 use super::{
-    keys, BlobInfo, ManifestRecord, CF_BLOBS, CF_BLOB_REFS, CF_BLOB_REPOS, CF_LINKS, CF_MANIFESTS, CF_REFERRERS,
-    CF_REPOS, CF_REQUESTS, CF_REQUEST_AGE, CF_SM, CF_TAGS,
+    keys, BlobInfo, ManifestRecord, CF_BLOBS, CF_BLOB_REFS, CF_BLOB_REPOS, CF_EVENTS, CF_LINKS, CF_MANIFESTS,
+    CF_REFERRERS, CF_REPOS, CF_REQUESTS, CF_REQUEST_AGE, CF_SM, CF_STAMPS, CF_TAGS,
 };
 use crate::oci::{Descriptor, Digest, Manifest, Name};
 use crate::{NodeId, NodeInfo, TypeConfig};
@@ -43,7 +44,7 @@ const KEY_SNAPSHOT: &[u8] = b"snapshot";
 const KEY_INSTALLING: &[u8] = b"installing";
 /// Present once the derived column families ([`DERIVED_CFS`]) match the
 /// state: written by [`rebuild_derived`].
-const KEY_DERIVED: &[u8] = b"derived-v1";
+const KEY_DERIVED: &[u8] = b"derived-v2";
 
 /// Column families computed from the state (indexes for garbage
 /// collection): never sent in snapshots, rebuilt after an install and on
@@ -52,8 +53,22 @@ const DERIVED_CFS: [&str; 2] = [CF_BLOB_REFS, CF_BLOB_REPOS];
 
 /// Column families that make up the replicated state, in snapshot order
 /// (new ones go at the end: the order numbers the snapshot records).
-const STATE_CFS: [&str; 8] =
-    [CF_MANIFESTS, CF_TAGS, CF_LINKS, CF_BLOBS, CF_REFERRERS, CF_REPOS, CF_REQUESTS, CF_REQUEST_AGE];
+const STATE_CFS: [&str; 10] = [
+    CF_MANIFESTS,
+    CF_TAGS,
+    CF_LINKS,
+    CF_BLOBS,
+    CF_REFERRERS,
+    CF_REPOS,
+    CF_REQUESTS,
+    CF_REQUEST_AGE,
+    CF_STAMPS,
+    CF_EVENTS,
+];
+
+/// The media type blob events carry (Distribution's, for layers it does
+/// not know the type of).
+const BLOB_MEDIA_TYPE: &str = "application/octet-stream";
 
 /// How many log entries a request id is remembered for. A retry reaches the
 /// log within the proposer's deadline (10 s), a small fraction of this even
@@ -127,8 +142,20 @@ impl StateMachine {
 
     /// Apply one command's effects into `batch`, reading current state from
     /// the database. Deterministic: depends only on the state and the command.
-    fn apply_command(&self, batch: &mut WriteBatch, cmd: Command) -> SResult<Outcome> {
+    fn apply_command(
+        &self,
+        batch: &mut WriteBatch,
+        cmd: Command,
+        ctx: Option<&Context>,
+        events: &mut Vec<StoredEvent>,
+    ) -> SResult<Outcome> {
         let db = &self.db;
+        let event = |action, repo: &Name| StoredEvent::new(action, repo, ctx);
+        let stamp = |batch: &mut WriteBatch, repo: &Name, item: &str| {
+            if let Some(c) = ctx.filter(|c| c.at_ms > 0) {
+                batch.put_cf(cf(db, CF_STAMPS), keys::repo_item(repo, item), stamp_value(c.at_ms));
+            }
+        };
         let exists = |cf_name: &str, k: &[u8]| -> SResult<bool> {
             Ok(db.get_pinned_cf(cf(db, cf_name), k).map_err(io_err)?.is_some())
         };
@@ -155,11 +182,19 @@ impl StateMachine {
                     keys::repo_item(&repo, &digest.to_string()),
                     bincode::serialize(&record).map_err(io_err)?,
                 );
-                for t in &tags {
-                    batch.put_cf(cf(db, CF_TAGS), keys::repo_item(&repo, t.as_str()), digest.to_string());
-                }
                 let md = digest.to_string();
-                for b in &m.blobs {
+                stamp(batch, &repo, &md);
+                for t in &tags {
+                    batch.put_cf(cf(db, CF_TAGS), keys::repo_item(&repo, t.as_str()), &md);
+                    stamp(batch, &repo, t.as_str());
+                    events.push(
+                        event(EventAction::Push, &repo).digest(&digest).target(&media_type, size).tag(t.as_str()),
+                    );
+                }
+                if tags.is_empty() {
+                    events.push(event(EventAction::Push, &repo).digest(&digest).target(&media_type, size));
+                }
+                for b in m.blobs.iter().chain(&m.children) {
                     batch.put_cf(cf(db, CF_BLOB_REFS), keys::blob_ref(&repo, &b.to_string(), &md), b"");
                 }
                 if let Some(subject) = &m.subject {
@@ -187,19 +222,19 @@ impl StateMachine {
                     Some(v) => {
                         let rec: ManifestRecord = bincode::deserialize(&v).map_err(io_err)?;
                         batch.delete_cf(cf(db, CF_MANIFESTS), &k);
+                        batch.delete_cf(cf(db, CF_STAMPS), &k);
                         let d = digest.to_string();
-                        let prefix = keys::repo_prefix(&repo);
-                        for item in db.prefix_iterator_cf(cf(db, CF_TAGS), &prefix) {
-                            let (tk, tv) = item.map_err(io_err)?;
-                            if !tk.starts_with(&prefix) {
-                                break;
-                            }
-                            if *tv == *d.as_bytes() {
-                                batch.delete_cf(cf(db, CF_TAGS), tk);
-                            }
+                        for tk in self.tags_at(&repo, &d)? {
+                            batch.delete_cf(cf(db, CF_TAGS), &tk);
+                            batch.delete_cf(cf(db, CF_STAMPS), &tk);
                         }
+                        events.push(
+                            event(EventAction::Delete, &repo)
+                                .digest(&digest)
+                                .target(&rec.media_type, rec.bytes.len() as u64),
+                        );
                         if let Ok(m) = Manifest::parse(Some(&rec.media_type), &rec.bytes) {
-                            for b in &m.blobs {
+                            for b in m.blobs.iter().chain(&m.children) {
                                 batch.delete_cf(cf(db, CF_BLOB_REFS), keys::blob_ref(&repo, &b.to_string(), &d));
                             }
                             if let Some(subject) = m.subject {
@@ -212,16 +247,26 @@ impl StateMachine {
             }
             Command::DeleteTag { repo, tag } => {
                 let k = keys::repo_item(&repo, tag.as_str());
-                if exists(CF_TAGS, &k)? {
-                    batch.delete_cf(cf(db, CF_TAGS), k);
-                    Ok(())
-                } else {
-                    Err(Rejection::ManifestUnknown)
+                match db.get_cf(cf(db, CF_TAGS), &k).map_err(io_err)? {
+                    Some(v) => {
+                        batch.delete_cf(cf(db, CF_TAGS), &k);
+                        batch.delete_cf(cf(db, CF_STAMPS), &k);
+                        let mut e = event(EventAction::Delete, &repo).tag(tag.as_str());
+                        e.digest = String::from_utf8(v).ok();
+                        events.push(e);
+                        Ok(())
+                    }
+                    None => Err(Rejection::ManifestUnknown),
                 }
             }
             Command::LinkBlob { repo, digest, size, holders } => self.link(batch, &repo, &digest, size, &holders, 0)?,
             Command::LinkBlobAt { repo, digest, size, holders, at_ms } => {
-                self.link(batch, &repo, &digest, size, &holders, at_ms)?
+                let linked = self.link(batch, &repo, &digest, size, &holders, at_ms)?;
+                if linked.is_ok() {
+                    let action = if holders.is_empty() { EventAction::Mount } else { EventAction::Push };
+                    events.push(event(action, &repo).digest(&digest).target(BLOB_MEDIA_TYPE, size));
+                }
+                linked
             }
             Command::AddHolders { digest, size, holders } => {
                 // A copy that lands after its blob was collected records
@@ -251,13 +296,168 @@ impl StateMachine {
                 if exists(CF_LINKS, &k)? {
                     batch.delete_cf(cf(db, CF_LINKS), k);
                     batch.delete_cf(cf(db, CF_BLOB_REPOS), keys::blob_repo(&d, &repo));
+                    events.push(event(EventAction::Delete, &repo).digest(&digest));
                     Ok(())
                 } else {
                     Err(Rejection::BlobUnknown)
                 }
             }
+            Command::With { ctx, cmd } => {
+                if let Some(why) = self.immutable_violation(&ctx, &cmd)? {
+                    return Ok(Outcome(Err(Rejection::Denied(why))));
+                }
+                return self.apply_command(batch, *cmd, Some(&ctx), events);
+            }
+            Command::Retire { repo, tags, manifests } => {
+                self.retire(batch, &repo, tags, manifests, ctx, events)?;
+                Ok(())
+            }
+            Command::Delivered { endpoint, next } => {
+                batch.put_cf(cf(db, CF_EVENTS), cursor_key(&endpoint), next.to_bytes());
+                Ok(())
+            }
+            Command::TrimEvents { below, forget } => {
+                batch.delete_range_cf(cf(db, CF_EVENTS), &b"e"[..], &below.to_bytes()[..]);
+                for name in forget {
+                    batch.delete_cf(cf(db, CF_EVENTS), cursor_key(&name));
+                }
+                Ok(())
+            }
         };
         Ok(Outcome(result))
+    }
+
+    /// The keys (`repo \0 tag`) of the tags of `repo` pointing at `digest`.
+    fn tags_at(&self, repo: &Name, digest: &str) -> SResult<Vec<Vec<u8>>> {
+        let db = &self.db;
+        let prefix = keys::repo_prefix(repo);
+        let mut out = Vec::new();
+        for item in db.prefix_iterator_cf(cf(db, CF_TAGS), &prefix) {
+            let (tk, tv) = item.map_err(io_err)?;
+            if !tk.starts_with(&prefix) {
+                break;
+            }
+            if *tv == *digest.as_bytes() {
+                out.push(tk.to_vec());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Why `cmd` may not apply under the immutability rules in `ctx`: a
+    /// tag they cover that exists would move or go. Checked against the
+    /// state as of this entry, so of two racing pushes of a new immutable
+    /// tag, the one ordered second is refused.
+    fn immutable_violation(&self, ctx: &Context, cmd: &Command) -> SResult<Option<String>> {
+        if ctx.immutable.is_empty() {
+            return Ok(None);
+        }
+        let db = &self.db;
+        let rule_for = |tag: &str| ctx.immutable.iter().find(|r| r.covers(tag));
+        let denied = |tag: &str, rule: &str, what: &str| {
+            Some(format!("tag {tag} is immutable (rule {rule:?}): it cannot be {what}"))
+        };
+        match cmd {
+            Command::PutManifest { repo, digest, tags, .. } => {
+                for t in tags {
+                    let Some(rule) = rule_for(t.as_str()) else { continue };
+                    let current = db.get_cf(cf(db, CF_TAGS), keys::repo_item(repo, t.as_str())).map_err(io_err)?;
+                    if current.is_some_and(|v| *v != *digest.to_string().as_bytes()) {
+                        return Ok(denied(t.as_str(), &rule.rule, "moved to another manifest"));
+                    }
+                }
+            }
+            Command::DeleteTag { repo, tag } => {
+                if let Some(rule) = rule_for(tag.as_str()) {
+                    if db.get_pinned_cf(cf(db, CF_TAGS), keys::repo_item(repo, tag.as_str())).map_err(io_err)?.is_some()
+                    {
+                        return Ok(denied(tag.as_str(), &rule.rule, "deleted"));
+                    }
+                }
+            }
+            Command::DeleteManifest { repo, digest } => {
+                let prefix = keys::repo_prefix(repo);
+                for tk in self.tags_at(repo, &digest.to_string())? {
+                    let tag = String::from_utf8_lossy(&tk[prefix.len()..]).into_owned();
+                    if let Some(rule) = rule_for(&tag) {
+                        return Ok(denied(&tag, &rule.rule, "deleted (it points at this manifest)"));
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(None)
+    }
+
+    /// Apply a [`Command::Retire`]: each removal checked again here.
+    fn retire(
+        &self,
+        batch: &mut WriteBatch,
+        repo: &Name,
+        tags: Vec<(crate::oci::Tag, Digest, u64)>,
+        manifests: Vec<(Digest, u64)>,
+        ctx: Option<&Context>,
+        events: &mut Vec<StoredEvent>,
+    ) -> SResult<()> {
+        let db = &self.db;
+        let frozen = |tag: &str| ctx.is_some_and(|c| c.immutable.iter().any(|r| r.covers(tag)));
+        let mut removed_tags = std::collections::HashSet::new();
+        let stamped = |k: &[u8], at: u64| -> SResult<bool> {
+            Ok(db.get_pinned_cf(cf(db, CF_STAMPS), k).map_err(io_err)?.is_some_and(|v| *v == stamp_value(at)))
+        };
+        for (tag, digest, at) in tags {
+            let k = keys::repo_item(repo, tag.as_str());
+            let current = db.get_cf(cf(db, CF_TAGS), &k).map_err(io_err)?;
+            if frozen(tag.as_str()) || current.is_none_or(|v| *v != *digest.to_string().as_bytes()) || !stamped(&k, at)?
+            {
+                continue;
+            }
+            batch.delete_cf(cf(db, CF_TAGS), &k);
+            batch.delete_cf(cf(db, CF_STAMPS), &k);
+            events.push(StoredEvent::new(EventAction::Delete, repo, ctx).digest(&digest).tag(tag.as_str()));
+            removed_tags.insert(k);
+        }
+        for (digest, at) in manifests {
+            let d = digest.to_string();
+            let k = keys::repo_item(repo, &d);
+            let Some(v) = db.get_cf(cf(db, CF_MANIFESTS), &k).map_err(io_err)? else { continue };
+            if !stamped(&k, at)? {
+                continue;
+            }
+            if self.tags_at(repo, &d)?.iter().any(|t| !removed_tags.contains(t))
+                || super::referenced(db, repo, &d).map_err(io_err)?
+            {
+                continue;
+            }
+            let rec: ManifestRecord = bincode::deserialize(&v).map_err(io_err)?;
+            let parsed = Manifest::parse(Some(&rec.media_type), &rec.bytes).ok();
+            let subject = parsed.as_ref().and_then(|m| m.subject.clone());
+            if let Some(s) = &subject {
+                if db
+                    .get_pinned_cf(cf(db, CF_MANIFESTS), keys::repo_item(repo, &s.to_string()))
+                    .map_err(io_err)?
+                    .is_some()
+                {
+                    continue;
+                }
+            }
+            batch.delete_cf(cf(db, CF_MANIFESTS), &k);
+            batch.delete_cf(cf(db, CF_STAMPS), &k);
+            if let Some(m) = parsed {
+                for b in m.blobs.iter().chain(&m.children) {
+                    batch.delete_cf(cf(db, CF_BLOB_REFS), keys::blob_ref(repo, &b.to_string(), &d));
+                }
+                if let Some(subject) = subject {
+                    batch.delete_cf(cf(db, CF_REFERRERS), keys::referrer(repo, &subject, &digest));
+                }
+            }
+            events.push(
+                StoredEvent::new(EventAction::Delete, repo, ctx)
+                    .digest(&digest)
+                    .target(&rec.media_type, rec.bytes.len() as u64),
+            );
+        }
+        Ok(())
     }
 
     /// Link `digest` into `repo` at `at_ms`, recording `holders`. With no
@@ -352,11 +552,18 @@ impl StateMachine {
     }
 
     /// Apply `p` unless its id was applied already; either way, its outcome.
-    fn apply_once(&self, batch: &mut WriteBatch, p: Proposal, index: u64) -> SResult<Outcome> {
+    fn apply_once(&self, batch: &mut WriteBatch, p: Proposal, index: u64, pos: u32) -> SResult<Outcome> {
         if let Some(outcome) = self.applied_before(&p.id)? {
             return Ok(outcome);
         }
-        let outcome = self.apply_command(batch, p.cmd)?;
+        let mut events = Vec::new();
+        let outcome = self.apply_command(batch, p.cmd, None, &mut events)?;
+        if outcome.0.is_ok() {
+            for (sub, e) in events.iter().enumerate() {
+                let key = EventKey { index, pos, sub: sub as u32 };
+                batch.put_cf(cf(&self.db, CF_EVENTS), key.to_bytes(), serde_json::to_vec(e).map_err(io_err)?);
+            }
+        }
         let key = p.id.key();
         batch.put_cf(cf(&self.db, CF_REQUESTS), key, bincode::serialize(&(index, &outcome)).map_err(io_err)?);
         let mut age = index.to_be_bytes().to_vec();
@@ -557,7 +764,7 @@ fn rebuild_derived(db: &DB) -> std::io::Result<()> {
         let Ok(repo) = repo else { continue };
         let Ok(rec) = bincode::deserialize::<ManifestRecord>(&v) else { continue };
         let Ok(m) = Manifest::parse(Some(&rec.media_type), &rec.bytes) else { continue };
-        for b in &m.blobs {
+        for b in m.blobs.iter().chain(&m.children) {
             batch.put_cf(cf(db, CF_BLOB_REFS), keys::blob_ref(&repo, &b.to_string(), manifest), b"");
         }
         flush(&mut batch, false)?;
@@ -762,9 +969,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     // log id goes with the last, so a crash midway replays
                     // the entry and the ids already recorded are skipped.
                     let index = entry.log_id.index;
-                    for p in proposals {
+                    for (pos, p) in proposals.into_iter().enumerate() {
                         let mut batch = WriteBatch::default();
-                        outcomes.push(self.apply_once(&mut batch, p, index)?);
+                        outcomes.push(self.apply_once(&mut batch, p, index, pos as u32)?);
                         self.db.write(batch).map_err(io_err)?;
                     }
                     let mut batch = WriteBatch::default();
@@ -1167,6 +1374,85 @@ mod tests {
         rebuild_derived(&db).unwrap();
         let rebuilt: Vec<_> = r.gc_page(None, 100, 1_000).unwrap().candidates.into_iter().map(|c| c.digest).collect();
         assert_eq!(rebuilt, live);
+    }
+
+    fn with(at_ms: u64, immutable: bool, cmd: Command) -> Command {
+        let rules =
+            if immutable { vec![crate::meta::ImmutableTags { rule: "rel".into(), tags: "v*".into() }] } else { vec![] };
+        Command::With {
+            ctx: Box::new(crate::meta::Context { at_ms, immutable: rules, source: 1, ..Default::default() }),
+            cmd: Box::new(cmd),
+        }
+    }
+
+    fn put_index(tag: &str, annotation: &str) -> (Digest, Command) {
+        let p = put_tag(0, tag, annotation);
+        match p.cmd {
+            Command::PutManifest { ref digest, .. } => (digest.clone(), p.cmd.clone()),
+            _ => unreachable!(),
+        }
+    }
+
+    /// Immutability is decided at apply, against the state as of the
+    /// entry: of two writes creating the same covered tag, the later one
+    /// is refused; a delete of the tag or its manifest is refused; every
+    /// committed write leaves its events under keys from its log place,
+    /// and a trim removes exactly those before its bound. Retire removes a
+    /// tag only if it still has the push time the policy saw.
+    #[tokio::test]
+    async fn apply_enforces_immutable_tags_records_events_and_retires_only_what_was_planned() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, mut sm) = machine(dir.path());
+        let r = sm.reader();
+        let repo: Name = "r".parse().unwrap();
+        let (a, put_a) = put_index("v1", "a");
+        let (_b, put_b) = put_index("v1", "b");
+        let out = sm
+            .apply([entry(1, vec![p(1, with(10, true, put_a.clone())), p(2, with(11, true, put_b.clone()))])])
+            .await
+            .unwrap();
+        assert_eq!(out[0].0[0], Outcome(Ok(())));
+        assert!(matches!(&out[0].0[1], Outcome(Err(Rejection::Denied(m))) if m.contains("rel")), "{:?}", out[0].0[1]);
+        assert_eq!(r.tag(&repo, &"v1".parse().unwrap()).unwrap(), Some(a.clone()));
+        // The same manifest again is fine; without the rule, it moves.
+        let out = sm.apply([entry(2, vec![p(3, with(12, true, put_a.clone()))])]).await.unwrap();
+        assert_eq!(out[0].0[0], Outcome(Ok(())));
+        let del_tag = Command::DeleteTag { repo: repo.clone(), tag: "v1".parse().unwrap() };
+        let del_man = Command::DeleteManifest { repo: repo.clone(), digest: a.clone() };
+        let out =
+            sm.apply([entry(3, vec![p(4, with(13, true, del_tag)), p(5, with(13, true, del_man))])]).await.unwrap();
+        assert!(out[0].0.iter().all(|o| matches!(o, Outcome(Err(Rejection::Denied(_))))), "{:?}", out[0].0);
+        // Events: one push for each accepted write, none for refusals.
+        let events = r.events_from(EventKey::default(), 100).unwrap();
+        let keys: Vec<_> = events.iter().map(|(k, _)| (k.index, k.pos, k.sub)).collect();
+        assert_eq!(keys, vec![(1, 0, 0), (2, 0, 0)]);
+        assert!(events.iter().all(|(_, e)| e.action == EventAction::Push && e.tag.as_deref() == Some("v1")));
+        assert_eq!(events[0].1.at_ms, 10);
+        // Retire: a tag whose push time changed since the plan stays.
+        let (x, put_x) = put_index("x", "x");
+        sm.apply([entry(4, vec![p(6, with(20, false, put_x.clone()))])]).await.unwrap();
+        let stale = Command::Retire {
+            repo: repo.clone(),
+            tags: vec![("x".parse().unwrap(), x.clone(), 19)],
+            manifests: vec![],
+        };
+        sm.apply([entry(5, vec![p(7, with(21, false, stale))])]).await.unwrap();
+        assert_eq!(r.tag(&repo, &"x".parse().unwrap()).unwrap(), Some(x.clone()), "pushed again since: kept");
+        let planned = Command::Retire {
+            repo: repo.clone(),
+            tags: vec![("x".parse().unwrap(), x.clone(), 20)],
+            manifests: vec![(x.clone(), 20)],
+        };
+        sm.apply([entry(6, vec![p(8, with(22, false, planned))])]).await.unwrap();
+        assert_eq!(r.tag(&repo, &"x".parse().unwrap()).unwrap(), None);
+        assert!(r.manifest(&repo, &x).unwrap().is_none(), "untagged by the same entry: removed");
+        // A trim drops the events before its bound, nothing after.
+        let before = r.events_from(EventKey::default(), 100).unwrap().len();
+        let bound = EventKey { index: 4, pos: 0, sub: 0 };
+        sm.apply([entry(7, vec![p(9, Command::TrimEvents { below: bound, forget: vec![] })])]).await.unwrap();
+        let after = r.events_from(EventKey::default(), 100).unwrap();
+        assert_eq!(after.len(), before - 2);
+        assert!(after.iter().all(|(k, _)| *k >= bound));
     }
 
     /// A write that reaches the log twice (a forward whose answer was lost,
