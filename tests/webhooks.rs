@@ -22,11 +22,15 @@ struct Received {
     bad_requests: Vec<String>,
 }
 
-/// A webhook receiver on loopback; answers 503 while `down`.
+/// A webhook receiver on loopback; answers 503 while `down`. While
+/// `flaky`, every other request's events are recorded but answered 500
+/// (the answer lost after the receiver acted): the sender must send them
+/// again, under the same ids.
 struct Receiver {
     port: u16,
     got: Arc<Mutex<Received>>,
     down: Arc<AtomicBool>,
+    flaky: Arc<AtomicBool>,
 }
 
 impl Receiver {
@@ -35,14 +39,16 @@ impl Receiver {
         let port = listener.local_addr().unwrap().port();
         let got: Arc<Mutex<Received>> = Default::default();
         let down = Arc::new(AtomicBool::new(false));
-        let (g, d) = (got.clone(), down.clone());
+        let flaky = Arc::new(AtomicBool::new(false));
+        let requests = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (g, d, f) = (got.clone(), down.clone(), flaky.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { return };
-                let (g, d) = (g.clone(), d.clone());
+                let (g, d, f, n) = (g.clone(), d.clone(), f.clone(), requests.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let (g, d) = (g.clone(), d.clone());
+                        let (g, d, f, n) = (g.clone(), d.clone(), f.clone(), n.clone());
                         async move {
                             let ct = req.headers().get("content-type").map(|v| v.to_str().unwrap_or("").to_owned());
                             let auth = req.headers().get("authorization").map(|v| v.to_str().unwrap_or("").to_owned());
@@ -60,7 +66,11 @@ impl Receiver {
                                 for e in v["events"].as_array().cloned().unwrap_or_default() {
                                     got.events.push(e);
                                 }
-                                200
+                                if f.load(Ordering::SeqCst) && n.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+                                    500
+                                } else {
+                                    200
+                                }
                             };
                             Ok::<_, std::convert::Infallible>(
                                 http::Response::builder()
@@ -75,7 +85,7 @@ impl Receiver {
                 });
             }
         });
-        Receiver { port, got, down }
+        Receiver { port, got, down, flaky }
     }
 
     /// Push and delete events, de-duplicated by id: id -> (action, repo, tag or digest).
@@ -138,6 +148,8 @@ async fn every_event_arrives_under_one_id_across_leader_kills_restarts_and_a_rec
     let hooks = hook_settings(rx.port);
     let mut cl = TestCluster::start_with(3, 200, move |_| hooks.clone()).await;
     let c = client();
+    // Answers lost for the first pushes: each batch is delivered twice.
+    rx.flaky.store(true, Ordering::SeqCst);
     let mut expected: BTreeSet<(String, String, String)> = BTreeSet::new();
     let push = |cl: &TestCluster, node: usize, tag: String| {
         let base = cl.base(node);
@@ -154,6 +166,13 @@ async fn every_event_arrives_under_one_id_across_leader_kills_restarts_and_a_rec
         push(&cl, i % 3, t.clone()).await;
         expected.insert(("push".into(), "app/one".into(), t));
     }
+    wait_for("a delivery sent twice", Duration::from_secs(30), || async {
+        let got = rx.got.lock().unwrap();
+        let what: BTreeSet<_> = got.events.iter().map(|e| (e["action"].to_string(), e["target"].to_string())).collect();
+        what.len() < got.events.len()
+    })
+    .await;
+    rx.flaky.store(false, Ordering::SeqCst);
     // Kill the leader (the delivering node) mid-stream; write on.
     let l = leader(&cl).await;
     cl.kill(l);
