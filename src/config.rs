@@ -362,8 +362,11 @@ pub struct Config {
     pub cache_on_read: bool,
     /// How often the repair loop runs.
     pub repair_interval_secs: u64,
-    /// How often every local copy is re-hashed.
+    /// How often every local copy is re-hashed (a pass starts this long
+    /// after the last one started; a restart resumes the pass).
     pub scrub_interval_secs: u64,
+    /// The scrub's read rate at most, MiB/s (0: unbounded).
+    pub scrub_mib_per_sec: u64,
     /// A member unanswering this long no longer counts as holding copies.
     pub dead_after_secs: u64,
     /// How often the leader collects garbage and every node deletes the
@@ -432,6 +435,7 @@ impl Default for Config {
             cache_on_read: true,
             repair_interval_secs: 10,
             scrub_interval_secs: 24 * 3600,
+            scrub_mib_per_sec: 64,
             dead_after_secs: 60,
             gc_interval_secs: 24 * 3600,
             gc_grace_secs: 3600,

@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
 
 use crate::api::{self, AppState};
-use crate::blob::{gc, repair, BlobStore, Policy, Replicator, SessionLimits, Throttle, Transfer, Uploads};
+use crate::blob::{gc, repair, scrub, BlobStore, Policy, Replicator, SessionLimits, Throttle, Transfer, Uploads};
 use crate::cluster::identity::Guard;
 use crate::cluster::listener;
 use crate::cluster::tls::ClusterTls;
@@ -190,10 +190,21 @@ impl RunningNode {
 
         let repair = repair::RepairSettings {
             interval: Duration::from_secs(cfg.repair_interval_secs.max(1)),
-            scrub_every: Duration::from_secs(cfg.scrub_interval_secs.max(1)),
             dead_after: Duration::from_secs(cfg.dead_after_secs.max(1)),
         };
         let repair_report = Arc::new(repair::RepairReport::default());
+        let scrub_report = Arc::new(scrub::ScrubReport::default());
+        tasks.push(tokio::spawn(scrub::run(
+            replicator.clone(),
+            meta.clone(),
+            scrub::ScrubSettings {
+                every: Duration::from_secs(cfg.scrub_interval_secs.max(1)),
+                bytes_per_sec: cfg.scrub_mib_per_sec.saturating_mul(1 << 20),
+            },
+            cfg.blob_dir.as_ref().unwrap_or(&cfg.data_dir).join("scrub.json"),
+            scrub_report.clone(),
+            rx.clone(),
+        )));
         tasks.push(tokio::spawn(repair::run(
             replicator.clone(),
             meta.clone(),
@@ -217,6 +228,7 @@ impl RunningNode {
         let state = AppState {
             meta,
             repair: repair_report,
+            scrub: scrub_report,
             gc: gc_report,
             replicator,
             cluster: cluster.clone(),

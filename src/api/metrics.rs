@@ -30,6 +30,10 @@ type GcGauge = (IntGauge, fn(&GcReport) -> u64);
 struct RepairGauges {
     rounds: IntGauge,
     below_target: IntGauge,
+    local_checks: IntGauge,
+    scrubbed: IntGauge,
+    scrub_corrupt: IntGauge,
+    scrub_passes: IntGauge,
 }
 
 struct RaftGauges {
@@ -90,6 +94,16 @@ impl Default for Metrics {
                 "Blobs with fewer copies on live members than their target after this node's last repair round; \
                  -1 unless this node leads repair.",
             ),
+            local_checks: g(
+                "berth_local_checks_total",
+                "Checks that every local copy the index names exists, since start (the first right after start).",
+            ),
+            scrubbed: g("berth_scrub_blobs_checked_total", "Local copies the background scrub hashed since start."),
+            scrub_corrupt: g(
+                "berth_scrub_corrupt_total",
+                "Local copies the scrub found not matching their digest (dropped, then repaired from another holder).",
+            ),
+            scrub_passes: g("berth_scrub_passes_total", "Scrub passes over every local copy finished since start."),
         };
         use std::sync::atomic::Ordering::Relaxed;
         let gc: Vec<GcGauge> = vec![
@@ -133,7 +147,13 @@ impl Metrics {
     }
 
     /// The text exposition of every metric, Raft's read now.
-    pub fn render(&self, cluster: &Cluster, repair: &RepairReport, gc: &GcReport) -> ApiResult {
+    pub fn render(
+        &self,
+        cluster: &Cluster,
+        repair: &RepairReport,
+        scrub: &crate::blob::scrub::ScrubReport,
+        gc: &GcReport,
+    ) -> ApiResult {
         let s = cluster.status();
         let r = &self.raft;
         let voters = s.members.iter().filter(|m| m.voter).count();
@@ -153,6 +173,11 @@ impl Metrics {
         }
         self.repair.rounds.set(repair.rounds() as i64);
         self.repair.below_target.set(repair.below_target().map_or(-1, |b| b as i64));
+        use std::sync::atomic::Ordering::Relaxed;
+        self.repair.local_checks.set(repair.local_checks() as i64);
+        self.repair.scrubbed.set(scrub.checked.load(Relaxed) as i64);
+        self.repair.scrub_corrupt.set(scrub.corrupt.load(Relaxed) as i64);
+        self.repair.scrub_passes.set(scrub.passes.load(Relaxed) as i64);
         for (gauge, read) in &self.gc {
             gauge.set(read(gc) as i64);
         }

@@ -42,6 +42,8 @@ pub struct AppState {
     pub replicator: Replicator,
     /// What this node's repair rounds found (for `/metrics`).
     pub repair: Arc<RepairReport>,
+    /// What this node's scrub found (for `/metrics`).
+    pub scrub: Arc<crate::blob::scrub::ScrubReport>,
     /// What this node's garbage collections did (for `/metrics`).
     pub gc: Arc<crate::blob::gc::GcReport>,
     pub max_manifest_bytes: usize,
@@ -436,7 +438,7 @@ async fn dispatch(state: &AppState, route: Route, req: Request<Incoming>, caller
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(if head { response::empty() } else { full("{}") })
             .expect("static response")),
-        (Method::GET, Route::Metrics) => state.metrics.render(&state.cluster, &state.repair, &state.gc),
+        (Method::GET, Route::Metrics) => state.metrics.render(&state.cluster, &state.repair, &state.scrub, &state.gc),
         (Method::GET | Method::HEAD, Route::Healthz) => Ok(builder(StatusCode::OK)
             .header(http::header::CONTENT_TYPE, "text/plain")
             .body(if head { response::empty() } else { full("ok\n") })

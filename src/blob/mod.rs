@@ -7,6 +7,7 @@ pub mod gc;
 pub mod placement;
 pub mod repair;
 mod replicate;
+pub mod scrub;
 mod store;
 mod throttle;
 pub mod transfer;

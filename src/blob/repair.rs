@@ -1,5 +1,5 @@
 //! Self-healing. Every node checks that the copies the index says it holds
-//! exist (and, on the scrub interval, that they still hash to their digest).
+//! exist (that they still hash to their digest is the scrub's, `scrub.rs`).
 //! The leader additionally finds blobs below their replica target (a holder
 //! left, died more than `dead_after` ago, or lost its copy) and copies them
 //! from a surviving holder to new placements, recording holders through Raft.
@@ -26,7 +26,6 @@ const CONCURRENCY: usize = 16;
 #[derive(Debug, Clone)]
 pub struct RepairSettings {
     pub interval: Duration,
-    pub scrub_every: Duration,
     pub dead_after: Duration,
 }
 
@@ -37,15 +36,21 @@ pub struct RepairSettings {
 pub struct RepairReport {
     rounds: AtomicU64,
     below_target: AtomicI64,
+    local_checks: AtomicU64,
 }
 
 impl Default for RepairReport {
     fn default() -> Self {
-        RepairReport { rounds: AtomicU64::new(0), below_target: AtomicI64::new(-1) }
+        RepairReport { rounds: AtomicU64::new(0), below_target: AtomicI64::new(-1), local_checks: AtomicU64::new(0) }
     }
 }
 
 impl RepairReport {
+    /// Checks of this node's copies against the index since start.
+    pub fn local_checks(&self) -> u64 {
+        self.local_checks.load(Ordering::Relaxed)
+    }
+
     /// Leader repair rounds completed by this node since it started.
     pub fn rounds(&self) -> u64 {
         self.rounds.load(Ordering::Relaxed)
@@ -67,11 +72,11 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut last_seen: HashMap<NodeId, Instant> = HashMap::new();
-    let mut last_scrub = Instant::now();
     let started = Instant::now();
-    // The first round runs at once and re-hashes every copy: a node that
-    // was down (or whose disk was swapped) reports what it lost or what
-    // rotted before anyone reads it.
+    // The first round runs at once: a node that was down (or whose disk
+    // was swapped) reports what it lost before anyone reads it. It looks
+    // for the files, it does not hash them: that is the scrub's, at its
+    // own pace, so a restart costs the same whatever the store's size.
     let mut first = true;
     // The index says which copies this node should hold only once it has
     // applied what was committed while it was down: catch up first.
@@ -90,21 +95,14 @@ pub async fn run(
                 _ = stop.changed() => return,
             }
         }
-        let scrub = first || last_scrub.elapsed() >= s.scrub_every;
-        if scrub {
-            last_scrub = Instant::now();
-        }
-        match check_local(&r, &meta, scrub).await {
-            Ok(c) if first || c.missing + c.corrupt > 0 => tracing::info!(
-                held = c.held,
-                missing = c.missing,
-                corrupt = c.corrupt,
-                hashed = scrub,
-                "checked local copies against the index"
-            ),
+        match check_local(&r, &meta).await {
+            Ok(c) if first || c.missing > 0 => {
+                tracing::info!(held = c.held, missing = c.missing, "checked local copies against the index")
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "checking local copies"),
         }
+        report.local_checks.fetch_add(1, Ordering::Relaxed);
         first = false;
         if r.is_leader() {
             probe(&r, &mut last_seen).await;
@@ -128,34 +126,40 @@ pub async fn run(
 struct LocalCheck {
     held: usize,
     missing: usize,
-    corrupt: usize,
 }
 
-/// Copies this node is recorded as holding must exist (and with `scrub`,
-/// hash correctly); a missing or corrupt one is dropped from the index, so
-/// the leader's repair restores it from another holder.
-async fn check_local(r: &Replicator, meta: &MetaReader, scrub: bool) -> anyhow::Result<LocalCheck> {
-    let held: Vec<_> = meta.all_blobs()?.into_iter().filter(|(_, info)| info.holders.contains(&r.node_id())).collect();
-    let mut c = LocalCheck { held: held.len(), ..LocalCheck::default() };
-    let mut checks = futures::stream::iter(held)
-        .map(|(digest, _)| async move {
-            let present = r.store().contains(&digest).await;
-            let ok = present && (!scrub || r.store().check(&digest).await?);
-            if !ok {
-                r.drop_corrupt(&digest).await;
-            }
-            anyhow::Ok((ok, present))
-        })
-        // Hashing is CPU and disk bound: a scrub takes two at a time.
-        .buffer_unordered(if scrub { 2 } else { CONCURRENCY });
-    while let Some(checked) = checks.next().await {
-        match checked? {
-            (true, _) => {}
-            (false, true) => c.corrupt += 1,
-            (false, false) => c.missing += 1,
+/// Blobs of the index read at a time by repair.
+const PAGE: usize = 1024;
+
+/// Copies this node is recorded as holding must exist; a missing one is
+/// dropped from the index, so the leader's repair restores it from another
+/// holder. A page of the index at a time.
+async fn check_local(r: &Replicator, meta: &MetaReader) -> anyhow::Result<LocalCheck> {
+    let mut c = LocalCheck::default();
+    let mut after = None;
+    loop {
+        let page = meta.blobs_after(after.as_ref(), PAGE)?;
+        after = page.last().map(|(d, _)| d.clone());
+        let full_page = page.len() == PAGE;
+        let held: Vec<crate::oci::Digest> =
+            page.into_iter().filter(|(_, info)| info.holders.contains(&r.node_id())).map(|(d, _)| d).collect();
+        c.held += held.len();
+        let mut checks = futures::stream::iter(held)
+            .map(|digest| async move {
+                let present = r.store().contains(&digest).await;
+                if !present {
+                    r.drop_corrupt(&digest).await;
+                }
+                present
+            })
+            .buffer_unordered(CONCURRENCY);
+        while let Some(present) = checks.next().await {
+            c.missing += usize::from(!present);
+        }
+        if !full_page {
+            return Ok(c);
         }
     }
-    Ok(c)
 }
 
 async fn probe(r: &Replicator, last_seen: &mut HashMap<NodeId, Instant>) {
@@ -179,28 +183,37 @@ async fn repair(
     let members = &members;
     let want = r.replicas().min(members.iter().filter(|m| alive(m)).count());
     let below = &AtomicUsize::new(0);
-    futures::stream::iter(meta.all_blobs()?.into_iter().map(anyhow::Ok))
-        .try_for_each_concurrent(CONCURRENCY, |(digest, info)| async move {
-            let gone: Vec<NodeId> = info.holders.iter().copied().filter(|h| !members.contains(h)).collect();
-            if !gone.is_empty() {
-                r.propose(Command::RemoveHolders { digest: digest.clone(), holders: gone }).await?;
-            }
-            let live: Vec<NodeId> = info.holders.iter().copied().filter(|h| members.contains(h) && alive(h)).collect();
-            if live.is_empty() {
-                below.fetch_add(1, Ordering::Relaxed);
-                return Ok(());
-            }
-            // Where placement wants the blob now (a joining node gets its
-            // share, a dead or departed holder is replaced).
-            let new = r.place(&digest, info.size, &live, &live, alive).await;
-            if live.len() + new.len() < want {
-                below.fetch_add(1, Ordering::Relaxed);
-            }
-            if !new.is_empty() {
-                r.propose(Command::AddHolders { digest: digest.clone(), size: info.size, holders: new }).await?;
-            }
-            Ok(())
-        })
-        .await?;
-    Ok(below.load(Ordering::Relaxed))
+    let mut after = None;
+    loop {
+        let page = meta.blobs_after(after.as_ref(), PAGE)?;
+        after = page.last().map(|(d, _)| d.clone());
+        let last_page = page.len() < PAGE;
+        futures::stream::iter(page.into_iter().map(anyhow::Ok))
+            .try_for_each_concurrent(CONCURRENCY, |(digest, info)| async move {
+                let gone: Vec<NodeId> = info.holders.iter().copied().filter(|h| !members.contains(h)).collect();
+                if !gone.is_empty() {
+                    r.propose(Command::RemoveHolders { digest: digest.clone(), holders: gone }).await?;
+                }
+                let live: Vec<NodeId> =
+                    info.holders.iter().copied().filter(|h| members.contains(h) && alive(h)).collect();
+                if live.is_empty() {
+                    below.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                // Where placement wants the blob now (a joining node gets its
+                // share, a dead or departed holder is replaced).
+                let new = r.place(&digest, info.size, &live, &live, alive).await;
+                if live.len() + new.len() < want {
+                    below.fetch_add(1, Ordering::Relaxed);
+                }
+                if !new.is_empty() {
+                    r.propose(Command::AddHolders { digest: digest.clone(), size: info.size, holders: new }).await?;
+                }
+                Ok(())
+            })
+            .await?;
+        if last_page {
+            return Ok(below.load(Ordering::Relaxed));
+        }
+    }
 }

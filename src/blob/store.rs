@@ -189,6 +189,12 @@ impl BlobStore {
 
     /// Re-hash a local copy; false if it is missing or does not match.
     pub async fn check(&self, d: &Digest) -> std::io::Result<bool> {
+        self.check_at(d, 0).await
+    }
+
+    /// [`BlobStore::check`], reading at most `bytes_per_sec` (0: as fast
+    /// as the disk goes): the background scrub's pace.
+    pub async fn check_at(&self, d: &Digest, bytes_per_sec: u64) -> std::io::Result<bool> {
         let path = self.path(d);
         let alg = d.algorithm();
         let computed = tokio::task::spawn_blocking(move || -> std::io::Result<Option<Digest>> {
@@ -200,12 +206,21 @@ impl BlobStore {
             };
             let mut h = alg.hasher();
             let mut buf = vec![0u8; READ_CHUNK];
+            let started = std::time::Instant::now();
+            let mut read = 0u64;
             loop {
                 let n = f.read(&mut buf)?;
                 if n == 0 {
                     return Ok(Some(h.finish()));
                 }
                 h.update(&buf[..n]);
+                read += n as u64;
+                if bytes_per_sec > 0 {
+                    let due = std::time::Duration::from_secs_f64(read as f64 / bytes_per_sec as f64);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
+                }
             }
         })
         .await

@@ -359,6 +359,30 @@ impl MetaReader {
         })
     }
 
+    /// Up to `n` blobs of the index after `after` (exclusive), in digest
+    /// order: how repair and scrub walk the index without holding it.
+    pub fn blobs_after(&self, after: Option<&Digest>, n: usize) -> ReadResult<Vec<(Digest, BlobInfo)>> {
+        let mut start = after.map(|d| d.to_string().into_bytes()).unwrap_or_default();
+        if after.is_some() {
+            start.push(0);
+        }
+        self.fenced(|| {
+            let mut out = Vec::new();
+            let iter = self.db.iterator_cf(self.cf(CF_BLOBS), IteratorMode::From(&start, rocksdb::Direction::Forward));
+            for item in iter {
+                let (k, v) = item?;
+                if out.len() >= n {
+                    break;
+                }
+                let Some(d) = std::str::from_utf8(&k).ok().and_then(|s| s.parse().ok()) else { continue };
+                if let Ok(info) = bincode::deserialize(&v) {
+                    out.push((d, info));
+                }
+            }
+            Ok(out)
+        })
+    }
+
     /// Garbage collection's mark, a page at a time: blobs of the index after
     /// `after` (exclusive), up to `n` of them, each with the repositories
     /// whose link no manifest there references and that is no younger than
