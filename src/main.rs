@@ -74,31 +74,11 @@ enum Cmd {
     /// Collect garbage across the cluster: blobs no manifest uses (older than gc_grace_secs) are
     /// unlinked and removed from the index through Raft, then every member deletes the copies no
     /// one claims. Prints what was (or, with --dry-run, would be) freed, per repository.
-    Gc {
-        /// gRPC address of any member (it runs the collection).
-        #[arg(long)]
-        node: String,
-        /// Only report what would be freed.
-        #[arg(long)]
-        dry_run: bool,
-        /// Directory made by `berth certs` (its ca.pem, admin.pem, admin.key), as for `berth cluster`.
-        #[arg(long, env = "BERTH_CLUSTER_TLS_DIR")]
-        tls_dir: Option<PathBuf>,
-    },
+    Gc(Maintenance),
     /// Apply the retention policies (`[[retention]]` in the contacted member's config): remove
     /// the tags and untagged manifests they name, through Raft. Prints, per repository, what was
     /// (or, with --dry-run, would be) removed; `berth gc` then frees the blobs.
-    Retention {
-        /// gRPC address of any member (it runs the policies).
-        #[arg(long)]
-        node: String,
-        /// Only report what would be removed.
-        #[arg(long)]
-        dry_run: bool,
-        /// Directory made by `berth certs` (its ca.pem, admin.pem, admin.key), as for `berth cluster`.
-        #[arg(long, env = "BERTH_CLUSTER_TLS_DIR")]
-        tls_dir: Option<PathBuf>,
-    },
+    Retention(Maintenance),
     /// Print an htpasswd line (bcrypt) for `[auth] htpasswd`. The password
     /// is read from standard input when not given.
     Htpasswd {
@@ -229,24 +209,8 @@ fn main() -> anyhow::Result<()> {
             let tls = tls_dir.map(|d| ClusterTls::load(&TlsFiles::admin_in(&d))).transpose()?;
             rt.block_on(cluster(command, tls))
         }
-        Cmd::Gc { node, dry_run, tls_dir } => {
-            let tls = tls_dir.map(|d| ClusterTls::load(&TlsFiles::admin_in(&d))).transpose()?;
-            rt.block_on(async move {
-                ClusterAdmin::new(&node, tls)
-                    .gc(dry_run, |line| println!("{line}"))
-                    .await
-                    .map_err(|e| anyhow::anyhow!("{}", e.message()))
-            })
-        }
-        Cmd::Retention { node, dry_run, tls_dir } => {
-            let tls = tls_dir.map(|d| ClusterTls::load(&TlsFiles::admin_in(&d))).transpose()?;
-            rt.block_on(async move {
-                ClusterAdmin::new(&node, tls)
-                    .retention(dry_run, |line| println!("{line}"))
-                    .await
-                    .map_err(|e| anyhow::anyhow!("{}", e.message()))
-            })
-        }
+        Cmd::Gc(m) => rt.block_on(maintain(m, Job::Gc)),
+        Cmd::Retention(m) => rt.block_on(maintain(m, Job::Retention)),
         Cmd::Certs { out, nodes } => {
             for path in berth::cluster::tls::generate(&out, &nodes)? {
                 println!("{}", path.display());
@@ -369,4 +333,36 @@ fn print_status(rows: &[MemberStatus]) {
             println!("\nnode {}: {p}", r.id);
         }
     }
+}
+
+/// The flags of `berth gc` and `berth retention`: both ask one member to
+/// run a cluster-wide job and print what it reports.
+#[derive(clap::Args, Debug)]
+struct Maintenance {
+    /// gRPC address of any member (it runs the job).
+    #[arg(long)]
+    node: String,
+    /// Only report what would be removed.
+    #[arg(long)]
+    dry_run: bool,
+    /// Directory made by `berth certs` (its ca.pem, admin.pem, admin.key), as for `berth cluster`.
+    #[arg(long, env = "BERTH_CLUSTER_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
+}
+
+enum Job {
+    Gc,
+    Retention,
+}
+
+/// Run `job` on the member `m` names, printing each line it reports.
+async fn maintain(m: Maintenance, job: Job) -> anyhow::Result<()> {
+    let tls = m.tls_dir.map(|d| ClusterTls::load(&TlsFiles::admin_in(&d))).transpose()?;
+    let admin = ClusterAdmin::new(&m.node, tls);
+    let print = |line: String| println!("{line}");
+    let done = match job {
+        Job::Gc => admin.gc(m.dry_run, print).await,
+        Job::Retention => admin.retention(m.dry_run, print).await,
+    };
+    done.map_err(|e| anyhow::anyhow!("{}", e.message()))
 }
