@@ -313,7 +313,13 @@ impl StateMachine {
                 Ok(())
             }
             Command::Delivered { endpoint, next } => {
-                batch.put_cf(cf(db, CF_EVENTS), cursor_key(&endpoint), next.to_bytes());
+                // Cursors only move forward: a deposed leader's late report
+                // must not send its successor back over delivered events.
+                let key = cursor_key(&endpoint);
+                let current = db.get_cf(cf(db, CF_EVENTS), &key).map_err(io_err)?;
+                if current.and_then(|v| EventKey::from_bytes(&v)).is_none_or(|c| next > c) {
+                    batch.put_cf(cf(db, CF_EVENTS), key, next.to_bytes());
+                }
                 Ok(())
             }
             Command::TrimEvents { below, forget } => {
@@ -1446,10 +1452,23 @@ mod tests {
         sm.apply([entry(6, vec![p(8, with(22, false, planned))])]).await.unwrap();
         assert_eq!(r.tag(&repo, &"x".parse().unwrap()).unwrap(), None);
         assert!(r.manifest(&repo, &x).unwrap().is_none(), "untagged by the same entry: removed");
+        // A delivery cursor only moves forward.
+        let ahead = EventKey { index: 6, pos: 0, sub: 0 };
+        let behind = EventKey { index: 2, pos: 0, sub: 0 };
+        sm.apply([entry(
+            8,
+            vec![
+                p(10, Command::Delivered { endpoint: "e".into(), next: ahead }),
+                p(11, Command::Delivered { endpoint: "e".into(), next: behind }),
+            ],
+        )])
+        .await
+        .unwrap();
+        assert_eq!(r.event_cursors().unwrap(), vec![("e".to_owned(), ahead)]);
         // A trim drops the events before its bound, nothing after.
         let before = r.events_from(EventKey::default(), 100).unwrap().len();
         let bound = EventKey { index: 4, pos: 0, sub: 0 };
-        sm.apply([entry(7, vec![p(9, Command::TrimEvents { below: bound, forget: vec![] })])]).await.unwrap();
+        sm.apply([entry(9, vec![p(12, Command::TrimEvents { below: bound, forget: vec![] })])]).await.unwrap();
         let after = r.events_from(EventKey::default(), 100).unwrap();
         assert_eq!(after.len(), before - 2);
         assert!(after.iter().all(|(k, _)| *k >= bound));
