@@ -27,6 +27,12 @@ use serde::{Deserialize, Serialize};
 
 pub type NodeId = u64;
 
+/// This node's wall clock in ms since the Unix epoch: the time writes are
+/// stamped with (links, push times, events) and schedules are kept by.
+pub fn clock_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
 /// What the cluster knows about a member: where to reach it and where it is.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInfo {

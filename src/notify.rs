@@ -241,9 +241,7 @@ struct Inner {
     metrics: HookMetrics,
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
-}
+use crate::clock_ms as now_ms;
 
 impl Notifier {
     pub fn new(

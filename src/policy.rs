@@ -108,9 +108,7 @@ impl Policies {
     }
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
-}
+use crate::clock_ms as now_ms;
 
 /// What one retention run did (or would do) in one repository.
 #[derive(Debug, Default, Clone)]

@@ -130,7 +130,7 @@ async fn link(
     holders: Vec<NodeId>,
     origin: &Origin,
 ) -> Result<bool, Error> {
-    let at_ms = crate::blob::gc::Collector::clock_ms();
+    let at_ms = crate::clock_ms();
     let cmd = Command::LinkBlobAt { repo: name.clone(), digest: digest.clone(), size, holders, at_ms };
     match state.cluster.propose(state.write(origin, name, cmd)).await? {
         Outcome(Ok(())) => Ok(true),

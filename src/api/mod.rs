@@ -94,14 +94,19 @@ impl AppState {
     /// `cmd` as a client's write to `repo`: stamped with this node's clock
     /// and the request, under the immutability rules for `repo`.
     fn write(&self, origin: &Origin, repo: &crate::oci::Name, cmd: crate::meta::Command) -> crate::meta::Command {
-        let ctx = crate::meta::Context {
-            at_ms: crate::blob::gc::Collector::clock_ms(),
+        let ctx = crate::meta::Context { immutable: self.policies.immutable_for(repo), ..self.context(origin) };
+        crate::meta::Command::With { ctx: Box::new(ctx), cmd: Box::new(cmd) }
+    }
+
+    /// What this node knows of `origin` now, without policies.
+    fn context(&self, origin: &Origin) -> crate::meta::Context {
+        crate::meta::Context {
+            at_ms: crate::clock_ms(),
             actor: origin.actor.clone(),
             request: origin.request.clone(),
             source: self.cluster.id,
-            immutable: self.policies.immutable_for(repo),
-        };
-        crate::meta::Command::With { ctx: Box::new(ctx), cmd: Box::new(cmd) }
+            immutable: Vec::new(),
+        }
     }
 
     /// Tell webhooks about a pull this node served (best effort).
@@ -114,13 +119,7 @@ impl AppState {
         size: u64,
         tag: Option<&str>,
     ) {
-        let ctx = crate::meta::Context {
-            at_ms: crate::blob::gc::Collector::clock_ms(),
-            actor: origin.actor.clone(),
-            request: origin.request.clone(),
-            source: self.cluster.id,
-            immutable: Vec::new(),
-        };
+        let ctx = self.context(origin);
         let mut e = crate::meta::StoredEvent::new(crate::meta::EventAction::Pull, repo, Some(&ctx))
             .digest(digest)
             .target(media_type, size);

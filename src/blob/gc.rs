@@ -140,18 +140,11 @@ pub struct Collector {
     running: Arc<tokio::sync::Mutex<()>>,
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
-}
+use crate::clock_ms as now_ms;
 
 impl Collector {
     pub fn new(r: Replicator, meta: MetaReader, settings: GcSettings, report: Arc<GcReport>) -> Collector {
         Collector { r, meta, settings, report, running: Default::default() }
-    }
-
-    /// The time links are stamped with (see [`Command::LinkBlobAt`]).
-    pub fn clock_ms() -> u64 {
-        now_ms()
     }
 
     /// Mark and sweep the whole index; with `dry_run`, only mark. `say`

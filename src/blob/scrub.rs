@@ -55,9 +55,7 @@ pub struct ScrubReport {
     pub passes: AtomicU64,
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
-}
+use crate::clock_ms as now_ms;
 
 fn load(path: &std::path::Path) -> Option<Checkpoint> {
     let text = std::fs::read(path).ok()?;

@@ -221,26 +221,17 @@ impl StateMachine {
                     None => Err(Rejection::ManifestUnknown),
                     Some(v) => {
                         let rec: ManifestRecord = bincode::deserialize(&v).map_err(io_err)?;
-                        batch.delete_cf(cf(db, CF_MANIFESTS), &k);
-                        batch.delete_cf(cf(db, CF_STAMPS), &k);
-                        let d = digest.to_string();
-                        for tk in self.tags_at(&repo, &d)? {
+                        for tk in self.tags_at(&repo, &digest.to_string())? {
                             batch.delete_cf(cf(db, CF_TAGS), &tk);
                             batch.delete_cf(cf(db, CF_STAMPS), &tk);
                         }
+                        let parsed = Manifest::parse(Some(&rec.media_type), &rec.bytes).ok();
+                        self.remove_manifest(batch, &repo, &digest, parsed.as_ref());
                         events.push(
                             event(EventAction::Delete, &repo)
                                 .digest(&digest)
                                 .target(&rec.media_type, rec.bytes.len() as u64),
                         );
-                        if let Ok(m) = Manifest::parse(Some(&rec.media_type), &rec.bytes) {
-                            for b in m.blobs.iter().chain(&m.children) {
-                                batch.delete_cf(cf(db, CF_BLOB_REFS), keys::blob_ref(&repo, &b.to_string(), &d));
-                            }
-                            if let Some(subject) = m.subject {
-                                batch.delete_cf(cf(db, CF_REFERRERS), keys::referrer(&repo, &subject, &digest));
-                            }
-                        }
                         Ok(())
                     }
                 }
@@ -331,6 +322,24 @@ impl StateMachine {
             }
         };
         Ok(Outcome(result))
+    }
+
+    /// Remove manifest `digest` of `repo` (its tags are the caller's): the
+    /// record, its push time, its references and its referrer entry.
+    fn remove_manifest(&self, batch: &mut WriteBatch, repo: &Name, digest: &Digest, parsed: Option<&Manifest>) {
+        let db = &self.db;
+        let d = digest.to_string();
+        let k = keys::repo_item(repo, &d);
+        batch.delete_cf(cf(db, CF_MANIFESTS), &k);
+        batch.delete_cf(cf(db, CF_STAMPS), &k);
+        if let Some(m) = parsed {
+            for b in m.blobs.iter().chain(&m.children) {
+                batch.delete_cf(cf(db, CF_BLOB_REFS), keys::blob_ref(repo, &b.to_string(), &d));
+            }
+            if let Some(subject) = &m.subject {
+                batch.delete_cf(cf(db, CF_REFERRERS), keys::referrer(repo, subject, digest));
+            }
+        }
     }
 
     /// The keys (`repo \0 tag`) of the tags of `repo` pointing at `digest`.
@@ -447,16 +456,7 @@ impl StateMachine {
                     continue;
                 }
             }
-            batch.delete_cf(cf(db, CF_MANIFESTS), &k);
-            batch.delete_cf(cf(db, CF_STAMPS), &k);
-            if let Some(m) = parsed {
-                for b in m.blobs.iter().chain(&m.children) {
-                    batch.delete_cf(cf(db, CF_BLOB_REFS), keys::blob_ref(repo, &b.to_string(), &d));
-                }
-                if let Some(subject) = subject {
-                    batch.delete_cf(cf(db, CF_REFERRERS), keys::referrer(repo, &subject, &digest));
-                }
-            }
+            self.remove_manifest(batch, repo, &digest, parsed.as_ref());
             events.push(
                 StoredEvent::new(EventAction::Delete, repo, ctx)
                     .digest(&digest)
