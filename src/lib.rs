@@ -12,6 +12,7 @@
 pub mod api;
 pub mod blob;
 pub mod cluster;
+pub mod codec;
 pub mod config;
 pub mod durable;
 pub mod meta;

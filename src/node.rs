@@ -53,7 +53,8 @@ impl RunningNode {
         cfg.validate()?;
         crate::durable::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
-        let db = meta::open_db(&cfg.data_dir.join("meta")).context("opening metadata database")?;
+        let db = meta::open_current(&cfg.data_dir.join("meta"), &cfg.data_dir.join("snapshots"))
+            .context("opening metadata database")?;
         // RocksDB makes the names inside its directory durable, not the
         // directory's own name, made just now on a first start.
         crate::durable::sync_dir(&cfg.data_dir).context("syncing the data dir")?;

@@ -14,7 +14,7 @@ pub struct MetaService {
 #[tonic::async_trait]
 impl Meta for MetaService {
     async fn client_write(&self, req: Request<WriteRequest>) -> Result<Response<WriteReply>, Status> {
-        let p: Proposal = pb::decode(&req.into_inner().command)?;
+        let p: Proposal = pb::decode(&req.into_inner().proposal)?;
         match self.cluster.propose_as_leader(p).await {
             Ok(Some((outcome, log_index))) => {
                 Ok(Response::new(WriteReply { not_leader: false, outcome: pb::encode(&outcome).into(), log_index }))

@@ -186,7 +186,7 @@ impl Cluster {
     /// Send a command to the leader; `None` if it is not the leader any more.
     async fn forward_write(&self, leader: &NodeInfo, p: &Proposal) -> Result<Option<(Outcome, u64)>, tonic::Status> {
         let mut client = self.peers.meta(&leader.grpc).map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-        let mut req = tonic::Request::new(pb::WriteRequest { command: pb::encode(p).into() });
+        let mut req = tonic::Request::new(pb::WriteRequest { proposal: pb::encode(p).into() });
         req.set_timeout(DEADLINE);
         let reply = client.client_write(req).await?.into_inner();
         if reply.not_leader {

@@ -85,7 +85,7 @@ impl PeerClient {
         // large one gets the time its bytes need (see `runtime`).
         let extra = transfer_allowance(data.len());
         runtime::stretch_deadline(extra);
-        let mut request = tonic::Request::new(RaftRequest { data: data.into(), to_incarnation: self.incarnation });
+        let mut request = tonic::Request::new(RaftRequest { payload: data.into(), to_incarnation: self.incarnation });
         request.set_timeout(option.hard_ttl() + extra);
         let reply = match rpc {
             Rpc::Append => client.append_entries(request).await,
@@ -108,7 +108,7 @@ impl PeerClient {
             }
         };
         let result: Result<Resp, RaftError<NodeId, E>> =
-            pb::decode(&reply.data).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            pb::decode(&reply.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }

@@ -1,6 +1,7 @@
 //! Generated gRPC code and the conversions between it and openraft types.
-//! Raft payloads travel as bincode inside protobuf `bytes`: openraft owns
-//! their shape, the proto file owns the transport.
+//! Raft payloads travel inside protobuf `bytes` in berth's versioned
+//! encoding ([`crate::codec`]): openraft owns their shape, the proto file
+//! owns the transport.
 
 tonic::include_proto!("berth.cluster");
 
@@ -8,9 +9,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
-    bincode::serialize(v).expect("raft messages encode")
+    crate::codec::encode(v)
 }
 
 pub fn decode<T: DeserializeOwned>(data: &[u8]) -> Result<T, tonic::Status> {
-    bincode::deserialize(data).map_err(|e| tonic::Status::invalid_argument(format!("decode: {e}")))
+    crate::codec::decode(data).map_err(|e| tonic::Status::invalid_argument(format!("decode: {e}")))
 }

@@ -26,26 +26,26 @@ impl RaftService {
 }
 
 fn reply<T: serde::Serialize>(v: T) -> Result<Response<RaftReply>, Status> {
-    Ok(Response::new(RaftReply { data: pb::encode(&v).into(), error: String::new() }))
+    Ok(Response::new(RaftReply { payload: pb::encode(&v).into(), error: String::new() }))
 }
 
 #[tonic::async_trait]
 impl RaftRpc for RaftService {
     async fn append_entries(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         self.admit(&req)?;
-        let r = pb::decode(&req.into_inner().data)?;
+        let r = pb::decode(&req.into_inner().payload)?;
         reply(self.raft.append_entries(r).await)
     }
 
     async fn vote(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         self.admit(&req)?;
-        let r = pb::decode(&req.into_inner().data)?;
+        let r = pb::decode(&req.into_inner().payload)?;
         reply(self.raft.vote(r).await)
     }
 
     async fn install_snapshot(&self, req: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
         self.admit(&req)?;
-        let r = pb::decode(&req.into_inner().data)?;
+        let r = pb::decode(&req.into_inner().payload)?;
         reply(self.raft.install_snapshot(r).await)
     }
 }

@@ -53,7 +53,7 @@ impl IdentityStore {
     }
 
     fn put(&self, id: &StoredIdentity) -> Result<(), IdentityError> {
-        let bytes = bincode::serialize(id).map_err(|e| IdentityError::Storage(e.to_string()))?;
+        let bytes = crate::codec::encode(id);
         let mut opts = rocksdb::WriteOptions::default();
         opts.set_sync(true);
         self.db.put_cf_opt(self.cf(), KEY_IDENTITY, bytes, &opts).map_err(|e| IdentityError::Storage(e.to_string()))
@@ -64,7 +64,7 @@ impl IdentityStore {
     pub fn load_or_create(&self, node: NodeId) -> Result<StoredIdentity, IdentityError> {
         let stored = self.db.get_cf(self.cf(), KEY_IDENTITY).map_err(|e| IdentityError::Storage(e.to_string()))?;
         if let Some(v) = stored {
-            let id: StoredIdentity = bincode::deserialize(&v).map_err(|e| IdentityError::Storage(e.to_string()))?;
+            let id: StoredIdentity = crate::codec::decode(&v).map_err(|e| IdentityError::Storage(e.to_string()))?;
             if id.node != node {
                 return Err(IdentityError::OtherNode { stored: id.node, configured: node });
             }

@@ -13,6 +13,7 @@ use openraft::{LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError,
 use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
 
 use super::{CF_LOGS, CF_RAFT};
+use crate::codec;
 use crate::{NodeId, TypeConfig};
 
 type Entry = openraft::Entry<TypeConfig>;
@@ -115,13 +116,13 @@ impl LogStore {
 
     fn get_raft<T: serde::de::DeserializeOwned>(&self, k: &[u8]) -> SResult<Option<T>> {
         let v = self.db.get_cf(self.cf_raft(), k).map_err(read_err)?;
-        v.map(|v| bincode::deserialize(&v).map_err(read_err)).transpose()
+        v.map(|v| codec::decode(&v).map_err(read_err)).transpose()
     }
 
     /// Small raft-state writes (vote, purge marker) are synced immediately:
     /// a vote that is forgotten after a crash can elect two leaders.
     fn put_raft_synced<T: serde::Serialize>(&self, k: &[u8], v: &T) -> SResult<()> {
-        let bytes = bincode::serialize(v).map_err(write_err)?;
+        let bytes = codec::encode(v);
         let mut opts = rocksdb::WriteOptions::default();
         opts.set_sync(true);
         self.db.put_cf_opt(self.cf_raft(), k, bytes, &opts).map_err(write_err)
@@ -145,7 +146,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
             if !range.contains(&idx) {
                 break;
             }
-            out.push(bincode::deserialize(&v).map_err(read_err)?);
+            out.push(codec::decode(&v).map_err(read_err)?);
         }
         Ok(out)
     }
@@ -159,7 +160,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let last = match self.db.iterator_cf(self.cf_logs(), IteratorMode::End).next() {
             Some(item) => {
                 let (_, v) = item.map_err(read_err)?;
-                let e: Entry = bincode::deserialize(&v).map_err(read_err)?;
+                let e: Entry = codec::decode(&v).map_err(read_err)?;
                 Some(e.log_id)
             }
             None => last_purged_log_id,
@@ -182,7 +183,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> SResult<()> {
         self.committed.set(committed);
         // Not synced: losing it only means re-learning the commit index.
-        let bytes = bincode::serialize(&committed).map_err(write_err)?;
+        let bytes = codec::encode(&committed);
         self.db.put_cf(self.cf_raft(), KEY_COMMITTED, bytes).map_err(write_err)
     }
 
@@ -197,7 +198,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut batch = WriteBatch::default();
         for e in entries {
-            let bytes = bincode::serialize(&e).map_err(write_err)?;
+            let bytes = codec::encode(&e);
             batch.put_cf(self.cf_logs(), key(e.log_id.index), bytes);
         }
         self.db.write(batch).map_err(write_err)?;

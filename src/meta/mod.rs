@@ -8,6 +8,7 @@ mod fence;
 mod identity;
 mod log;
 mod state;
+pub mod upgrade;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -174,6 +175,15 @@ pub fn open_db(path: &Path) -> Result<Arc<DB>, rocksdb::Error> {
     Ok(Arc::new(DB::open_cf_descriptors(&opts, path, cfs)?))
 }
 
+/// Open the node's metadata database at `path` in the current format,
+/// converting a data dir written by an earlier release first (see
+/// [`upgrade`]; `snap_dir` is the state machine's snapshot directory).
+pub fn open_current(path: &Path, snap_dir: &Path) -> anyhow::Result<Arc<DB>> {
+    let db = open_db(path)?;
+    upgrade::ensure_current(&db, path, snap_dir)?;
+    Ok(db)
+}
+
 /// Why the applied state could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
@@ -283,7 +293,7 @@ impl MetaReader {
         self.fenced(|| {
             Ok(self
                 .get(CF_MANIFESTS, &keys::repo_item(repo, &digest.to_string()))?
-                .and_then(|v| bincode::deserialize(&v).ok()))
+                .and_then(|v| crate::codec::decode(&v).ok()))
         })
     }
 
@@ -306,7 +316,7 @@ impl MetaReader {
 
     pub fn blob(&self, digest: &Digest) -> ReadResult<Option<BlobInfo>> {
         self.fenced(|| {
-            Ok(self.get(CF_BLOBS, digest.to_string().as_bytes())?.and_then(|v| bincode::deserialize(&v).ok()))
+            Ok(self.get(CF_BLOBS, digest.to_string().as_bytes())?.and_then(|v| crate::codec::decode(&v).ok()))
         })
     }
 
@@ -351,7 +361,7 @@ impl MetaReader {
             for item in self.db.iterator_cf(self.cf(CF_BLOBS), IteratorMode::Start) {
                 let (k, v) = item?;
                 let Some(d) = std::str::from_utf8(&k).ok().and_then(|s| s.parse().ok()) else { continue };
-                if let Ok(info) = bincode::deserialize(&v) {
+                if let Ok(info) = crate::codec::decode(&v) {
                     out.push((d, info));
                 }
             }
@@ -375,7 +385,7 @@ impl MetaReader {
                     break;
                 }
                 let Some(d) = std::str::from_utf8(&k).ok().and_then(|s| s.parse().ok()) else { continue };
-                if let Ok(info) = bincode::deserialize(&v) {
+                if let Ok(info) = crate::codec::decode(&v) {
                     out.push((d, info));
                 }
             }
@@ -407,7 +417,7 @@ impl MetaReader {
                 }
                 page.scanned += 1;
                 page.next = Some(digest.clone());
-                let Ok(info) = bincode::deserialize::<BlobInfo>(&v) else { continue };
+                let Ok(info) = crate::codec::decode::<BlobInfo>(&v) else { continue };
                 let d = digest.to_string();
                 let (mut unlink, mut kept) = (Vec::new(), false);
                 let prefix = keys::blob_repos_prefix(&d);

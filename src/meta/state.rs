@@ -11,7 +11,7 @@
 //! marker and installs again from the kept file, and the [`InstallFence`]
 //! keeps readers and snapshot builds away from the state meanwhile.
 
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, BufWriter, Read, Seek, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -38,10 +38,10 @@ type Membership = StoredMembership<NodeId, NodeInfo>;
 
 const KEY_APPLIED: &[u8] = b"applied";
 const KEY_MEMBERSHIP: &[u8] = b"membership";
-const KEY_SNAPSHOT: &[u8] = b"snapshot";
+pub(super) const KEY_SNAPSHOT: &[u8] = b"snapshot";
 /// Present while a snapshot install may have replaced part of the state:
 /// the [`StoredSnapshot`] being installed.
-const KEY_INSTALLING: &[u8] = b"installing";
+pub(super) const KEY_INSTALLING: &[u8] = b"installing";
 /// Present once the derived column families ([`DERIVED_CFS`]) match the
 /// state: written by [`rebuild_derived`].
 const KEY_DERIVED: &[u8] = b"derived-v2";
@@ -87,10 +87,95 @@ const MAX_SNAPSHOT_VALUE: usize = super::MAX_ENTRY_BYTES;
 /// Longest snapshot id accepted from a peer (ours are three numbers).
 const MAX_SNAPSHOT_ID: usize = 128;
 
+/// The snapshot the state machine serves (or is installing): its Raft
+/// metadata and its file's name in the snapshot directory.
 #[derive(Serialize, Deserialize)]
-struct StoredSnapshot {
-    meta: SnapshotMeta<NodeId, NodeInfo>,
-    file: String,
+pub(super) struct StoredSnapshot {
+    pub(super) meta: SnapshotMeta<NodeId, NodeInfo>,
+    pub(super) file: String,
+}
+
+/// What a snapshot file begins with: a magic and the format of the values
+/// in its records. Files of releases before format 1 have no header (their
+/// first byte is a column family index, below 16), and are refused.
+const SNAPSHOT_MAGIC: &[u8; 8] = b"BERTHSNP";
+const SNAPSHOT_HEADER: [u8; 9] = {
+    let mut h = [crate::codec::FORMAT; 9];
+    let mut i = 0;
+    while i < 8 {
+        h[i] = SNAPSHOT_MAGIC[i];
+        i += 1;
+    }
+    h
+};
+
+/// Read and check a snapshot file's header, leaving `r` at its first record.
+fn read_snapshot_header(r: &mut impl Read) -> std::io::Result<()> {
+    let mut h = [0u8; 9];
+    match r.read_exact(&mut h) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return Err(std::io::Error::other("corrupt snapshot: no header"))
+        }
+        Err(e) => return Err(e),
+    }
+    if &h[..8] != SNAPSHOT_MAGIC {
+        return Err(std::io::Error::other(
+            "a snapshot without a format header: sent by a release before format 1 (upgrade every node)",
+        ));
+    }
+    match h[8] {
+        crate::codec::FORMAT => Ok(()),
+        f if f > crate::codec::FORMAT => Err(std::io::Error::other(format!(
+            "a snapshot of format {f}, from a newer release; this one reads up to {}",
+            crate::codec::FORMAT
+        ))),
+        f => Err(std::io::Error::other(format!("corrupt snapshot: format {f}"))),
+    }
+}
+
+/// Rewrite a snapshot file of a release before format 1 in the current
+/// format, in place (a new file renamed over it; done already if it has the
+/// header). Streams: memory holds one record. Part of the data dir's
+/// conversion, see `meta::upgrade`.
+pub(super) fn convert_snapshot_file(path: &std::path::Path) -> std::io::Result<()> {
+    let mut r = BufReader::with_capacity(1 << 20, std::fs::File::open(path)?);
+    let mut first = [0u8; 8];
+    let n = r.read(&mut first)?;
+    if n == 8 && &first == SNAPSHOT_MAGIC {
+        return Ok(());
+    }
+    let mut r = BufReader::with_capacity(1 << 20, std::fs::File::open(path)?);
+    let tmp = path.with_extension("converting");
+    let mut w = BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
+    w.write_all(&SNAPSHOT_HEADER)?;
+    let mut tag = [0u8; 1];
+    loop {
+        match r.read_exact(&mut tag) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(e),
+        }
+        let name = *STATE_CFS.get(tag[0] as usize).ok_or_else(|| std::io::Error::other("corrupt snapshot"))?;
+        let k = read_field(&mut r, MAX_SNAPSHOT_KEY)?;
+        let mut v = read_field(&mut r, MAX_SNAPSHOT_VALUE)?;
+        if [CF_MANIFESTS, CF_BLOBS, CF_REQUESTS].contains(&name) {
+            v = super::upgrade::convert_value(name, &k, &v)
+                .map_err(|why| std::io::Error::other(format!("snapshot record of {name}: {why}")))?;
+        }
+        write_record(&mut w, tag[0], &k, &v)?;
+    }
+    let f = w.into_inner().map_err(|e| e.into_error())?;
+    f.sync_all()?;
+    crate::durable::rename_into_place(&tmp, path)
+}
+
+fn write_record(w: &mut impl Write, cf_index: u8, k: &[u8], v: &[u8]) -> std::io::Result<()> {
+    w.write_all(&[cf_index])?;
+    w.write_all(&(k.len() as u32).to_be_bytes())?;
+    w.write_all(k)?;
+    w.write_all(&(v.len() as u32).to_be_bytes())?;
+    w.write_all(v)
 }
 
 pub struct StateMachine {
@@ -129,7 +214,7 @@ impl StateMachine {
             rebuild_derived(&sm.db)?;
             let mut opts = rocksdb::WriteOptions::default();
             opts.set_sync(true);
-            let marker = bincode::serialize(&1u8).map_err(std::io::Error::other)?;
+            let marker = crate::codec::encode(&1u8);
             sm.db.put_cf_opt(cf(&sm.db, CF_SM), KEY_DERIVED, marker, &opts).map_err(std::io::Error::other)?;
         }
         Ok(sm)
@@ -180,7 +265,7 @@ impl StateMachine {
                 batch.put_cf(
                     cf(db, CF_MANIFESTS),
                     keys::repo_item(&repo, &digest.to_string()),
-                    bincode::serialize(&record).map_err(io_err)?,
+                    crate::codec::encode(&record),
                 );
                 let md = digest.to_string();
                 stamp(batch, &repo, &md);
@@ -220,7 +305,7 @@ impl StateMachine {
                 match db.get_cf(cf(db, CF_MANIFESTS), &k).map_err(io_err)? {
                     None => Err(Rejection::ManifestUnknown),
                     Some(v) => {
-                        let rec: ManifestRecord = bincode::deserialize(&v).map_err(io_err)?;
+                        let rec: ManifestRecord = crate::codec::decode(&v).map_err(io_err)?;
                         for tk in self.tags_at(&repo, &digest.to_string())? {
                             batch.delete_cf(cf(db, CF_TAGS), &tk);
                             batch.delete_cf(cf(db, CF_STAMPS), &tk);
@@ -275,9 +360,9 @@ impl StateMachine {
             Command::RemoveHolders { digest, holders } => {
                 let d = digest.to_string();
                 if let Some(v) = db.get_cf(cf(db, CF_BLOBS), &d).map_err(io_err)? {
-                    let mut info: BlobInfo = bincode::deserialize(&v).map_err(io_err)?;
+                    let mut info: BlobInfo = crate::codec::decode(&v).map_err(io_err)?;
                     info.holders.retain(|h| !holders.contains(h));
-                    batch.put_cf(cf(db, CF_BLOBS), &d, bincode::serialize(&info).map_err(io_err)?);
+                    batch.put_cf(cf(db, CF_BLOBS), &d, crate::codec::encode(&info));
                 }
                 Ok(())
             }
@@ -444,7 +529,7 @@ impl StateMachine {
             {
                 continue;
             }
-            let rec: ManifestRecord = bincode::deserialize(&v).map_err(io_err)?;
+            let rec: ManifestRecord = crate::codec::decode(&v).map_err(io_err)?;
             let parsed = Manifest::parse(Some(&rec.media_type), &rec.bytes).ok();
             let subject = parsed.as_ref().and_then(|m| m.subject.clone());
             if let Some(s) = &subject {
@@ -535,7 +620,7 @@ impl StateMachine {
     fn add_holders(&self, batch: &mut WriteBatch, d: &str, size: u64, holders: &[NodeId]) -> SResult<()> {
         let db = &self.db;
         let mut info: BlobInfo = match db.get_cf(cf(db, CF_BLOBS), d).map_err(io_err)? {
-            Some(v) => bincode::deserialize(&v).map_err(io_err)?,
+            Some(v) => crate::codec::decode(&v).map_err(io_err)?,
             None => BlobInfo { size, holders: Vec::new() },
         };
         for h in holders {
@@ -544,7 +629,7 @@ impl StateMachine {
             }
         }
         info.holders.sort_unstable();
-        batch.put_cf(cf(db, CF_BLOBS), d, bincode::serialize(&info).map_err(io_err)?);
+        batch.put_cf(cf(db, CF_BLOBS), d, crate::codec::encode(&info));
         Ok(())
     }
 
@@ -553,7 +638,7 @@ impl StateMachine {
         let Some(v) = self.db.get_pinned_cf(cf(&self.db, CF_REQUESTS), id.key()).map_err(io_err)? else {
             return Ok(None);
         };
-        let (_, outcome): (u64, Outcome) = bincode::deserialize(&v).map_err(io_err)?;
+        let (_, outcome): (u64, Outcome) = crate::codec::decode(&v).map_err(io_err)?;
         Ok(Some(outcome))
     }
 
@@ -571,7 +656,7 @@ impl StateMachine {
             }
         }
         let key = p.id.key();
-        batch.put_cf(cf(&self.db, CF_REQUESTS), key, bincode::serialize(&(index, &outcome)).map_err(io_err)?);
+        batch.put_cf(cf(&self.db, CF_REQUESTS), key, crate::codec::encode(&(index, &outcome)));
         let mut age = index.to_be_bytes().to_vec();
         age.extend_from_slice(&key);
         batch.put_cf(cf(&self.db, CF_REQUEST_AGE), age, b"");
@@ -596,7 +681,8 @@ impl StateMachine {
     }
 }
 
-/// Snapshot file: for every key of every state column family, a record of
+/// Snapshot file: the header ([`SNAPSHOT_HEADER`]), then for every key of
+/// every state column family a record of
 /// `[cf index u8][key len u32][key][value len u32][value]`.
 /// `unfenced` tells, once the RocksDB snapshot is taken, whether no install
 /// began since the caller entered the fence; if one did, nothing is written
@@ -612,22 +698,19 @@ fn write_snapshot(
     }
     let read_sm = |k: &[u8]| snap.get_cf(cf(db, CF_SM), k).map_err(std::io::Error::other);
     let applied: Option<LogId<NodeId>> = match read_sm(KEY_APPLIED)? {
-        Some(v) => bincode::deserialize(&v).map_err(std::io::Error::other)?,
+        Some(v) => crate::codec::decode(&v).map_err(std::io::Error::other)?,
         None => None,
     };
     let membership: Membership = match read_sm(KEY_MEMBERSHIP)? {
-        Some(v) => bincode::deserialize(&v).map_err(std::io::Error::other)?,
+        Some(v) => crate::codec::decode(&v).map_err(std::io::Error::other)?,
         None => Membership::default(),
     };
     let mut w = BufWriter::with_capacity(1 << 20, std::fs::File::create(out)?);
+    w.write_all(&SNAPSHOT_HEADER)?;
     for (i, name) in STATE_CFS.iter().enumerate() {
         for item in snap.iterator_cf(cf(db, name), IteratorMode::Start) {
             let (k, v) = item.map_err(std::io::Error::other)?;
-            w.write_all(&[i as u8])?;
-            w.write_all(&(k.len() as u32).to_be_bytes())?;
-            w.write_all(&k)?;
-            w.write_all(&(v.len() as u32).to_be_bytes())?;
-            w.write_all(&v)?;
+            write_record(&mut w, i as u8, &k, &v)?;
         }
     }
     let f = w.into_inner().map_err(|e| e.into_error())?;
@@ -659,6 +742,7 @@ fn write_ssts(files: &SnapshotFiles, file: std::fs::File) -> std::io::Result<Vec
     let mut writer: Option<(usize, SstFileWriter<'_>)> = None;
     let finish = |w: &mut SstFileWriter<'_>| w.finish().map_err(std::io::Error::other);
     let mut r = BufReader::with_capacity(1 << 20, file);
+    read_snapshot_header(&mut r)?;
     let mut tag = [0u8; 1];
     loop {
         match r.read_exact(&mut tag) {
@@ -731,11 +815,10 @@ fn replace_state(db: &DB, ssts: &[Option<PathBuf>], meta: &SnapshotMeta<NodeId, 
         }
     }
     rebuild_derived(db)?;
-    let enc = |e: bincode::Error| std::io::Error::other(e);
     let mut done = WriteBatch::default();
-    done.put_cf(cf(db, CF_SM), KEY_DERIVED, bincode::serialize(&1u8).map_err(enc)?);
-    done.put_cf(cf(db, CF_SM), KEY_APPLIED, bincode::serialize(&meta.last_log_id).map_err(enc)?);
-    done.put_cf(cf(db, CF_SM), KEY_MEMBERSHIP, bincode::serialize(&meta.last_membership).map_err(enc)?);
+    done.put_cf(cf(db, CF_SM), KEY_DERIVED, crate::codec::encode(&1u8));
+    done.put_cf(cf(db, CF_SM), KEY_APPLIED, crate::codec::encode(&meta.last_log_id));
+    done.put_cf(cf(db, CF_SM), KEY_MEMBERSHIP, crate::codec::encode(&meta.last_membership));
     done.delete_cf(cf(db, CF_SM), KEY_INSTALLING);
     let mut opts = rocksdb::WriteOptions::default();
     opts.set_sync(true);
@@ -768,7 +851,7 @@ fn rebuild_derived(db: &DB) -> std::io::Result<()> {
             continue;
         };
         let Ok(repo) = repo else { continue };
-        let Ok(rec) = bincode::deserialize::<ManifestRecord>(&v) else { continue };
+        let Ok(rec) = crate::codec::decode::<ManifestRecord>(&v) else { continue };
         let Ok(m) = Manifest::parse(Some(&rec.media_type), &rec.bytes) else { continue };
         for b in m.blobs.iter().chain(&m.children) {
             batch.put_cf(cf(db, CF_BLOB_REFS), keys::blob_ref(&repo, &b.to_string(), manifest), b"");
@@ -862,7 +945,7 @@ impl SnapshotFiles {
             }
             return Ok(file);
         }
-        let stored = bincode::serialize(&StoredSnapshot { meta: meta.clone(), file: name.clone() }).map_err(io_err)?;
+        let stored = crate::codec::encode(&StoredSnapshot { meta: meta.clone(), file: name.clone() });
         let mut batch = WriteBatch::default();
         batch.put_cf(cf(db, CF_SM), KEY_SNAPSHOT, &stored);
         if install {
@@ -899,7 +982,7 @@ fn is_scratch(name: &str) -> bool {
 /// current snapshot) in its own column family.
 fn get_sm<T: serde::de::DeserializeOwned>(db: &DB, k: &[u8]) -> SResult<Option<T>> {
     let v = db.get_cf(cf(db, CF_SM), k).map_err(io_err)?;
-    v.map(|v| bincode::deserialize(&v).map_err(io_err)).transpose()
+    v.map(|v| crate::codec::decode(&v).map_err(io_err)).transpose()
 }
 
 pub struct SnapshotBuilder {
@@ -961,7 +1044,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut out = Vec::new();
         for entry in entries {
             let sm = cf(&self.db, CF_SM);
-            let applied = bincode::serialize(&Some(entry.log_id)).map_err(io_err)?;
+            let applied = crate::codec::encode(&Some(entry.log_id));
             let mut outcomes = Vec::new();
             match entry.payload {
                 EntryPayload::Blank => {
@@ -989,7 +1072,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     let stored = Membership::new(Some(entry.log_id), m);
                     let mut batch = WriteBatch::default();
                     batch.put_cf(sm, KEY_APPLIED, &applied);
-                    batch.put_cf(sm, KEY_MEMBERSHIP, bincode::serialize(&stored).map_err(io_err)?);
+                    batch.put_cf(sm, KEY_MEMBERSHIP, crate::codec::encode(&stored));
                     self.db.write(batch).map_err(io_err)?;
                 }
             }
@@ -1029,7 +1112,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             return Err(io_err(std::io::Error::other("snapshot id too long")));
         }
         let f = snapshot.into_std().await;
-        tokio::task::spawn_blocking(move || f.sync_all()).await.map_err(io_err)?.map_err(io_err)?;
+        // A snapshot this release cannot read is refused before it replaces
+        // the current one.
+        tokio::task::spawn_blocking(move || {
+            f.sync_all()?;
+            let mut r = std::io::BufReader::new(&f);
+            r.seek(std::io::SeekFrom::Start(0))?;
+            read_snapshot_header(&mut r)
+        })
+        .await
+        .map_err(io_err)?
+        .map_err(io_err)?;
         let received =
             self.receiving.take().ok_or_else(|| io_err(std::io::Error::other("no snapshot was received")))?;
         let file = self.snapshots.publish(&self.db, &received, meta, true)?;
@@ -1234,7 +1327,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (_, sm) = machine(dir.path());
         let path = dir.path().join("bad.snap");
-        let mut bad = Vec::new();
+        let mut bad = SNAPSHOT_HEADER.to_vec();
         for key in [&b"b"[..], &b"a"[..]] {
             bad.push(1u8);
             bad.extend_from_slice(&(key.len() as u32).to_be_bytes());
@@ -1245,6 +1338,15 @@ mod tests {
         std::fs::write(&path, &bad).unwrap();
         let err = write_ssts(&sm.snapshots, std::fs::File::open(&path).unwrap()).unwrap_err();
         assert!(err.to_string().contains("corrupt snapshot"), "{err}");
+        // Without the header (a release before format 1), or with a newer
+        // format, it is refused before any record is read.
+        std::fs::write(&path, &bad[SNAPSHOT_HEADER.len()..]).unwrap();
+        let err = write_ssts(&sm.snapshots, std::fs::File::open(&path).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("before format 1"), "{err}");
+        bad[SNAPSHOT_HEADER.len() - 1] += 1;
+        std::fs::write(&path, &bad).unwrap();
+        let err = write_ssts(&sm.snapshots, std::fs::File::open(&path).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("newer release"), "{err}");
     }
 
     /// Peak memory of installing a large snapshot, for the record (run by
