@@ -78,6 +78,7 @@ impl From<ReadError> for Error {
     fn from(e: ReadError) -> Error {
         match e {
             ReadError::Db(db) => internal(db),
+            ReadError::Corrupt(e) => internal(e),
             ReadError::Installing(i) => Error::new(ErrorCode::Unavailable, i.to_string()),
         }
     }

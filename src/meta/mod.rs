@@ -193,6 +193,9 @@ pub enum ReadError {
     /// answers "try again" (the install ends within seconds).
     #[error(transparent)]
     Installing(#[from] Installing),
+    /// A stored value that does not decode: never taken for "absent".
+    #[error("stored value: {0}")]
+    Corrupt(#[from] crate::codec::CodecError),
 }
 
 type ReadResult<T> = Result<T, ReadError>;
@@ -290,11 +293,8 @@ impl MetaReader {
     }
 
     pub fn manifest(&self, repo: &Name, digest: &Digest) -> ReadResult<Option<ManifestRecord>> {
-        self.fenced(|| {
-            Ok(self
-                .get(CF_MANIFESTS, &keys::repo_item(repo, &digest.to_string()))?
-                .and_then(|v| crate::codec::decode(&v).ok()))
-        })
+        let v = self.fenced(|| self.get(CF_MANIFESTS, &keys::repo_item(repo, &digest.to_string())))?;
+        Ok(v.map(|v| crate::codec::decode(&v)).transpose()?)
     }
 
     pub fn tag(&self, repo: &Name, tag: &Tag) -> ReadResult<Option<Digest>> {
@@ -315,9 +315,8 @@ impl MetaReader {
     }
 
     pub fn blob(&self, digest: &Digest) -> ReadResult<Option<BlobInfo>> {
-        self.fenced(|| {
-            Ok(self.get(CF_BLOBS, digest.to_string().as_bytes())?.and_then(|v| crate::codec::decode(&v).ok()))
-        })
+        let v = self.fenced(|| self.get(CF_BLOBS, digest.to_string().as_bytes()))?;
+        Ok(v.map(|v| crate::codec::decode(&v)).transpose()?)
     }
 
     pub fn repo_exists(&self, repo: &Name) -> ReadResult<bool> {
