@@ -19,16 +19,16 @@ impl Stats {
         self.ops as f64 / self.elapsed.as_secs_f64()
     }
 
-    pub fn print(&mut self, what: &str) {
+    /// (operations per second, p50 ms, p99 ms).
+    pub fn summary(&mut self) -> (f64, f64, f64) {
         self.lat.sort();
         let p = |q: f64| self.lat[((self.lat.len() as f64 * q) as usize).min(self.lat.len() - 1)];
-        println!(
-            "{what:<34} {:>7.0} ops/s   p50 {:>7.2} ms   p99 {:>7.2} ms   ({} ops)",
-            self.rate(),
-            p(0.50).as_secs_f64() * 1e3,
-            p(0.99).as_secs_f64() * 1e3,
-            self.ops
-        );
+        (self.rate(), p(0.50).as_secs_f64() * 1e3, p(0.99).as_secs_f64() * 1e3)
+    }
+
+    pub fn print(&mut self, what: &str) {
+        let (rate, p50, p99) = self.summary();
+        println!("{what:<34} {rate:>7.0} ops/s   p50 {p50:>7.2} ms   p99 {p99:>7.2} ms   ({} ops)", self.ops);
     }
 }
 

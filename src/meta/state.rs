@@ -1021,8 +1021,16 @@ impl SnapshotBuilder {
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> SResult<Snapshot<TypeConfig>> {
+        let started = std::time::Instant::now();
         let (path, meta) = self.write().await?;
+        let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
         let file = self.snapshots.publish(&self.db, &path, &meta, false)?;
+        tracing::info!(
+            index = meta.last_log_id.map_or(0, |l| l.index),
+            bytes,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "snapshot built"
+        );
         Ok(Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(file)) })
     }
 }

@@ -1,0 +1,246 @@
+//! berth at a million manifests (issue 16): a three-node cluster on
+//! loopback fed manifest PUTs (~1.9 KB, concurrency 64, through the
+//! leader, a new repository every step), reporting per step the PUT rate
+//! and latency, the data dir size and RSS of every node, and the snapshots
+//! built meanwhile; then a follower restart and a new node joining, each
+//! with its time to serve and its peak RSS; then a restart of a node whose
+//! blob store holds `SCALE_SPARSE_GIB` GiB of (sparse) blob files.
+//!
+//! `cargo bench --bench scale`; `SCALE_MANIFESTS` (default 1,000,000),
+//! `SCALE_STEP` (100,000), `SCALE_SPARSE_GIB` (50).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+#[path = "support/load.rs"]
+mod load;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::cluster::TestCluster;
+use common::*;
+use load::run;
+use sha2::Digest as _;
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Bytes under `dir` as allocated on disk (sparse files count what they use).
+fn du(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                total += m.blocks() * 512;
+            }
+        }
+    }
+    total
+}
+
+/// (current, peak) resident set of a process, in MiB.
+fn rss(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map_or(0, |kb| kb / 1024)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.2} GB", bytes as f64 / 1e9)
+}
+
+/// The snapshots node `i` built since its log was last read: (count, the
+/// longest build in ms, the last one's size).
+fn snapshots_built(cl: &TestCluster, i: usize, seen: &mut usize) -> (usize, u64, u64) {
+    let Some(log) = cl.procs[i].as_ref().and_then(|p| p.1.clone()) else { return (0, 0, 0) };
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("snapshot built")).collect();
+    let new = &lines[(*seen).min(lines.len())..];
+    *seen = lines.len();
+    let field = |l: &str, k: &str| {
+        l.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+    };
+    let longest = new.iter().map(|l| field(l, "elapsed_ms=")).max().unwrap_or(0);
+    let size = new.last().map_or(0, |l| field(l, "bytes="));
+    (new.len(), longest, size)
+}
+
+/// Wait until the node at `base` answers a read of `repo:tag` with 200.
+async fn wait_serving(c: &reqwest::Client, base: &str, repo: &str, tag: &str) {
+    let url = format!("{base}/v2/{repo}/manifests/{tag}");
+    wait_for("the node to serve", Duration::from_secs(600), || {
+        let (c, url) = (c.clone(), url.clone());
+        async move { c.get(&url).send().await.is_ok_and(|r| r.status() == 200) }
+    })
+    .await;
+}
+
+#[tokio::main]
+async fn main() {
+    let total = env("SCALE_MANIFESTS", 1_000_000) as usize;
+    let step = env("SCALE_STEP", 100_000) as usize;
+    let sparse_gib = env("SCALE_SPARSE_GIB", 50);
+    let mut cl = TestCluster::start(3, 10_000).await;
+    let c = reqwest::Client::builder().pool_max_idle_per_host(128).build().unwrap();
+    let leader = cl.wait_leader_everywhere().await;
+    let base = cl.base(leader);
+    let config = push_blob(&c, &base, "scale/base", b"{\"scale\":1}!!").await;
+    let layer = push_blob(&c, &base, "scale/base", &[7u8; 2000]).await;
+    let sample = image_manifest((&config, 13), &[(&layer, 2000)], r#","annotations":{"n":"0000000"}"#);
+    println!("manifest size {} bytes; {total} manifests in steps of {step}, c=64 via the leader", sample.len());
+    println!(
+        "{:>9} | {:>7} | {:>8} | {:>8} | {:>26} | {:>22} | {:>22}",
+        "after", "PUT/s", "p50", "p99", "data dir per node", "RSS per node (MiB)", "snapshots (n, max ms, size)"
+    );
+    let mut seen = vec![0usize; 3];
+    let mut done = 0usize;
+    let mut manifest_bytes = 0u64;
+    let mut first_rate = None;
+    let mut last_rate = 0.0;
+    let mut last_repo = String::new();
+    while done < total {
+        let n = step.min(total - done);
+        let repo = format!("scale/r{}", done / step);
+        // The layers, linked into this step's repository.
+        for d in [&config, &layer] {
+            let r = c.post(format!("{base}/v2/{repo}/blobs/uploads/?mount={d}&from=scale/base")).send().await.unwrap();
+            assert_eq!(r.status(), 201);
+        }
+        let (c2, base2, config2, layer2, repo2) =
+            (c.clone(), base.clone(), config.clone(), layer.clone(), repo.clone());
+        let bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let bytes2 = bytes.clone();
+        let mut s = run(64, n, move |i| {
+            let (c, base, repo) = (c2.clone(), base2.clone(), repo2.clone());
+            let body =
+                image_manifest((&config2, 13), &[(&layer2, 2000)], &format!(r#","annotations":{{"n":"{i:07}"}}"#));
+            bytes2.fetch_add(body.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            async move {
+                let r = c
+                    .put(format!("{base}/v2/{repo}/manifests/t{i}"))
+                    .header("Content-Type", OCI_MANIFEST)
+                    .body(body)
+                    .send()
+                    .await;
+                r.map(|r| r.status() == 201).unwrap_or(false)
+            }
+        })
+        .await;
+        done += n;
+        manifest_bytes += bytes.load(std::sync::atomic::Ordering::Relaxed);
+        last_repo = repo;
+        let (rate, p50, p99) = s.summary();
+        first_rate.get_or_insert(rate);
+        last_rate = rate;
+        let sizes: Vec<String> = (0..3).map(|i| gib(du(&cl.data_dir(i)))).collect();
+        let rss: Vec<String> =
+            (0..3).map(|i| cl.procs[i].as_ref().map_or(0, |p| rss(p.0.id()).0).to_string()).collect();
+        let snaps = snapshots_built(&cl, leader, &mut seen[leader]);
+        for (i, s) in seen.iter_mut().enumerate() {
+            if i != leader {
+                snapshots_built(&cl, i, s);
+            }
+        }
+        println!(
+            "{:>9} | {:>7.0} | {:>5.1} ms | {:>5.1} ms | {:>26} | {:>22} | {:>3}, {:>6}, {:>9}",
+            done,
+            rate,
+            p50,
+            p99,
+            sizes.join(" "),
+            rss.join(" "),
+            snaps.0,
+            snaps.1,
+            gib(snaps.2)
+        );
+    }
+    let first = first_rate.unwrap();
+    println!("manifest bytes pushed: {}; data dir per node / manifest bytes:", gib(manifest_bytes));
+    for i in 0..3 {
+        println!("  node {}: {:.2}x", i + 1, du(&cl.data_dir(i)) as f64 / manifest_bytes as f64);
+    }
+
+    // A follower restarts: time until it serves the newest tag.
+    let follower = (0..3).find(|i| *i != leader).unwrap();
+    cl.kill(follower);
+    let t = Instant::now();
+    cl.start_node(follower).await;
+    wait_serving(&c, &cl.base(follower), &last_repo, "t0").await;
+    let restart = t.elapsed();
+    let (_, peak) = rss(cl.procs[follower].as_ref().unwrap().0.id());
+    println!("follower restart: serving after {:.1} s, peak RSS {peak} MiB", restart.as_secs_f64());
+
+    // A new node joins: time until it is a voter and serves the newest tag.
+    let (http, grpc) = (free_port(), free_port());
+    let data4 = cl.dir.path().join("data4");
+    let mut args = cluster_tls_flags();
+    args.extend(
+        [
+            "--node-id",
+            "4",
+            "--http",
+            &format!("127.0.0.1:{http}"),
+            "--grpc",
+            &format!("127.0.0.1:{grpc}"),
+            "--data-dir",
+            &data4.display().to_string(),
+            "--join",
+            &cl.grpc(leader),
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    let t = Instant::now();
+    let node4 = spawn_serve(&args, http).await;
+    let base4 = format!("http://127.0.0.1:{http}");
+    wait_serving(&c, &base4, &last_repo, "t0").await;
+    let joined = t.elapsed();
+    let (_, peak4) = rss(node4.0.id());
+    println!(
+        "new node: serving after {:.1} s, peak RSS {peak4} MiB, data dir {}",
+        joined.as_secs_f64(),
+        gib(du(&data4))
+    );
+    drop(node4);
+
+    // A node restarts over a big blob store: sparse files of zeros of
+    // distinct lengths (distinct digests, as the store names them).
+    if sparse_gib > 0 {
+        let blobs = cl.data_dir(follower).join("blobs/sha256");
+        let mut h = sha2::Sha256::new();
+        let gib_zeros = vec![0u8; 1 << 20];
+        for _ in 0..1024 {
+            h.update(&gib_zeros);
+        }
+        for i in 0..sparse_gib {
+            let mut hi = h.clone();
+            hi.update(&gib_zeros[..i as usize]);
+            let hex = format!("{:x}", hi.finalize());
+            let dir = blobs.join(&hex[..2]);
+            std::fs::create_dir_all(&dir).unwrap();
+            let f = std::fs::File::create(dir.join(&hex)).unwrap();
+            f.set_len((1u64 << 30) + i).unwrap();
+        }
+        cl.kill(follower);
+        let t = Instant::now();
+        cl.start_node(follower).await;
+        wait_serving(&c, &cl.base(follower), &last_repo, "t0").await;
+        println!("restart over {sparse_gib} GiB of blob files: serving after {:.1} s", t.elapsed().as_secs_f64());
+    }
+    println!("PUT rate of the last step / the first: {:.2}", last_rate / first);
+}
