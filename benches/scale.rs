@@ -174,6 +174,23 @@ async fn main() {
     for i in 0..3 {
         println!("  node {}: {:.2}x", i + 1, du(&cl.data_dir(i)) as f64 / manifest_bytes as f64);
     }
+    // Where node 1's bytes are: RocksDB's write-ahead log and tables, the
+    // snapshot files, the rest.
+    let meta = cl.data_dir(0).join("meta");
+    let by_ext = |ext: &str| -> u64 {
+        std::fs::read_dir(&meta)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(ext))
+            .map(|e| e.metadata().map_or(0, |m| m.len()))
+            .sum()
+    };
+    println!(
+        "  node 1: WAL {}, SST {}, snapshots {}",
+        gib(by_ext(".log")),
+        gib(by_ext(".sst")),
+        gib(du(&cl.data_dir(0).join("snapshots")))
+    );
 
     // A follower restarts: time until it serves the newest tag.
     let follower = (0..3).find(|i| *i != leader).unwrap();

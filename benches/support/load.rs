@@ -1,3 +1,4 @@
+#![allow(dead_code)]
 //! Closed-loop load shared by the metadata benchmarks: `conc` workers take
 //! operation numbers from one counter until `total` are done, and every
 //! latency is kept for percentiles.
