@@ -28,7 +28,9 @@ run_one() {
   cargo fuzz build "${flags[@]}" "$t" >/dev/null
   log=$(mktemp)
   start=$(date +%s); last=$start
-  cargo fuzz run "${flags[@]}" "$t" "corpus/$t" -- -max_total_time="$cap" -print_final_stats=1 \
+  # In a process group of its own, so that the stop below reaches the
+  # fuzzer itself and not only cargo-fuzz, its parent.
+  setsid cargo fuzz run "${flags[@]}" "$t" "corpus/$t" -- -max_total_time="$cap" -print_final_stats=1 \
     -artifact_prefix="artifacts/$t/" >"$log" 2>&1 &
   pid=$!
   while kill -0 "$pid" 2>/dev/null; do
@@ -39,7 +41,7 @@ run_one() {
       n=$(grep -c 'NEW ' "$log")
       if [ "$n" != "${seen:-0}" ]; then seen=$n; last=$now; fi
     fi
-    if [ $((now - last)) -ge "$quiet" ]; then kill -INT "$pid" 2>/dev/null || true; break; fi
+    if [ $((now - last)) -ge "$quiet" ]; then kill -INT -- "-$pid" 2>/dev/null || true; break; fi
   done
   wait "$pid" 2>/dev/null || true
   local why="the ${cap}s cap, last new coverage $(( $(date +%s) - last ))s before"
