@@ -7,7 +7,9 @@
 //! blob store holds `SCALE_SPARSE_GIB` GiB of (sparse) blob files.
 //!
 //! `cargo bench --bench scale`; `SCALE_MANIFESTS` (default 1,000,000),
-//! `SCALE_STEP` (100,000), `SCALE_SPARSE_GIB` (50).
+//! `SCALE_STEP` (100,000), `SCALE_SPARSE_GIB` (50), `SCALE_PAD` (bytes of
+//! annotation added to each 426-byte manifest; default 1,500, the ~1.9 KB
+//! of issue 16's measurements).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -95,13 +97,15 @@ async fn main() {
     let total = env("SCALE_MANIFESTS", 1_000_000) as usize;
     let step = env("SCALE_STEP", 100_000) as usize;
     let sparse_gib = env("SCALE_SPARSE_GIB", 50);
+    let pad = "p".repeat(env("SCALE_PAD", 1500) as usize);
     let mut cl = TestCluster::start(3, 10_000).await;
     let c = reqwest::Client::builder().pool_max_idle_per_host(128).build().unwrap();
     let leader = cl.wait_leader_everywhere().await;
     let base = cl.base(leader);
     let config = push_blob(&c, &base, "scale/base", b"{\"scale\":1}!!").await;
     let layer = push_blob(&c, &base, "scale/base", &[7u8; 2000]).await;
-    let sample = image_manifest((&config, 13), &[(&layer, 2000)], r#","annotations":{"n":"0000000"}"#);
+    let annotations = move |i: usize| format!(r#","annotations":{{"n":"{i:07}","pad":"{pad}"}}"#);
+    let sample = image_manifest((&config, 13), &[(&layer, 2000)], &annotations(0));
     println!("manifest size {} bytes; {total} manifests in steps of {step}, c=64 via the leader", sample.len());
     println!(
         "{:>9} | {:>7} | {:>8} | {:>8} | {:>26} | {:>22} | {:>22}",
@@ -121,14 +125,14 @@ async fn main() {
             let r = c.post(format!("{base}/v2/{repo}/blobs/uploads/?mount={d}&from=scale/base")).send().await.unwrap();
             assert_eq!(r.status(), 201);
         }
+        let annotations2 = annotations.clone();
         let (c2, base2, config2, layer2, repo2) =
             (c.clone(), base.clone(), config.clone(), layer.clone(), repo.clone());
         let bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let bytes2 = bytes.clone();
         let mut s = run(64, n, move |i| {
             let (c, base, repo) = (c2.clone(), base2.clone(), repo2.clone());
-            let body =
-                image_manifest((&config2, 13), &[(&layer2, 2000)], &format!(r#","annotations":{{"n":"{i:07}"}}"#));
+            let body = image_manifest((&config2, 13), &[(&layer2, 2000)], &annotations2(i));
             bytes2.fetch_add(body.len() as u64, std::sync::atomic::Ordering::Relaxed);
             async move {
                 let r = c
