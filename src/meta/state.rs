@@ -737,7 +737,7 @@ fn read_field(r: &mut impl Read, max: usize) -> std::io::Result<Vec<u8>> {
 /// Records must come grouped by column family, each group in key order, as
 /// [`write_snapshot`] writes them; anything else is refused as corrupt.
 fn write_ssts(files: &SnapshotFiles, file: std::fs::File) -> std::io::Result<Vec<Option<PathBuf>>> {
-    let opts = rocksdb::Options::default();
+    let opts = super::table_options();
     let mut out: Vec<Option<PathBuf>> = vec![None; STATE_CFS.len()];
     let mut writer: Option<(usize, SstFileWriter<'_>)> = None;
     let finish = |w: &mut SstFileWriter<'_>| w.finish().map_err(std::io::Error::other);
