@@ -111,7 +111,7 @@ async fn main() {
         "{:>9} | {:>7} | {:>8} | {:>8} | {:>26} | {:>22} | {:>22}",
         "after", "PUT/s", "p50", "p99", "data dir per node", "RSS per node (MiB)", "snapshots (n, max ms, size)"
     );
-    let mut seen = vec![0usize; 3];
+    let mut seen = [0usize; 3];
     let mut done = 0usize;
     let mut manifest_bytes = 0u64;
     let mut first_rate = None;
@@ -209,23 +209,7 @@ async fn main() {
     // A new node joins: time until it is a voter and serves the newest tag.
     let (http, grpc) = (free_port(), free_port());
     let data4 = cl.dir.path().join("data4");
-    let mut args = cluster_tls_flags();
-    args.extend(
-        [
-            "--node-id",
-            "4",
-            "--http",
-            &format!("127.0.0.1:{http}"),
-            "--grpc",
-            &format!("127.0.0.1:{grpc}"),
-            "--data-dir",
-            &data4.display().to_string(),
-            "--join",
-            &cl.grpc(leader),
-        ]
-        .iter()
-        .map(|s| s.to_string()),
-    );
+    let args = join_flags(4, http, grpc, &data4, &cl.grpc(leader));
     let t = Instant::now();
     let node4 = spawn_serve(&args, http).await;
     let base4 = format!("http://127.0.0.1:{http}");

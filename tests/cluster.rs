@@ -192,23 +192,7 @@ async fn a_node_joins_under_load_and_another_leaves() {
     let (http, grpc) = (free_port(), free_port());
     let data = cl.dir.path().join("data4");
     // Flags alone, the certificate from the `berth certs` directory.
-    let mut args = cluster_tls_flags();
-    args.extend(
-        [
-            "--node-id",
-            "4",
-            "--http",
-            &format!("127.0.0.1:{http}"),
-            "--grpc",
-            &format!("127.0.0.1:{grpc}"),
-            "--data-dir",
-            &data.display().to_string(),
-            "--join",
-            &cl.grpc(leader),
-        ]
-        .iter()
-        .map(|s| s.to_string()),
-    );
+    let args = join_flags(4, http, grpc, &data, &cl.grpc(leader));
     phase.store(1, Ordering::SeqCst);
     let _node4 = spawn_serve(&args, http).await;
     let admin = admin(&cl.grpc(leader));

@@ -122,23 +122,7 @@ async fn a_data_dir_of_the_release_before_format_1_is_converted_and_serves_every
     // A new node joins: its log is purged, so it is sent a snapshot (the
     // converted one, or one built since) and installs it.
     let (http2, grpc2) = (free_port(), free_port());
-    let mut args2 = cluster_tls_flags();
-    args2.extend(
-        [
-            "--node-id",
-            "2",
-            "--http",
-            &format!("127.0.0.1:{http2}"),
-            "--grpc",
-            &format!("127.0.0.1:{grpc2}"),
-            "--data-dir",
-            &dir.path().join("node2").display().to_string(),
-            "--join",
-            &format!("127.0.0.1:{GRPC}"),
-        ]
-        .iter()
-        .map(|s| s.to_string()),
-    );
+    let args2 = join_flags(2, http2, grpc2, &dir.path().join("node2"), &format!("127.0.0.1:{GRPC}"));
     let _node2 = spawn_serve(&args2, http2).await;
     let admin1 = admin(&format!("127.0.0.1:{GRPC}"));
     wait_for("node 2 to become a voter", Duration::from_secs(60), || {

@@ -149,21 +149,13 @@ pub(super) fn convert_snapshot_file(path: &std::path::Path) -> std::io::Result<(
     let tmp = path.with_extension("converting");
     let mut w = BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
     w.write_all(&SNAPSHOT_HEADER)?;
-    let mut tag = [0u8; 1];
-    loop {
-        match r.read_exact(&mut tag) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-            Err(e) => return Err(e),
-        }
-        let name = *STATE_CFS.get(tag[0] as usize).ok_or_else(|| std::io::Error::other("corrupt snapshot"))?;
-        let k = read_field(&mut r, MAX_SNAPSHOT_KEY)?;
-        let mut v = read_field(&mut r, MAX_SNAPSHOT_VALUE)?;
+    while let Some((i, k, mut v)) = read_record(&mut r)? {
+        let name = STATE_CFS[i];
         if [CF_MANIFESTS, CF_BLOBS, CF_REQUESTS].contains(&name) {
             v = super::upgrade::convert_value(name, &k, &v)
                 .map_err(|why| std::io::Error::other(format!("snapshot record of {name}: {why}")))?;
         }
-        write_record(&mut w, tag[0], &k, &v)?;
+        write_record(&mut w, i as u8, &k, &v)?;
     }
     let f = w.into_inner().map_err(|e| e.into_error())?;
     f.sync_all()?;
@@ -718,6 +710,28 @@ fn write_snapshot(
     Ok(Some((applied, membership)))
 }
 
+/// A snapshot record: the index of its column family in [`STATE_CFS`],
+/// its key, its value.
+type Record = (usize, Vec<u8>, Vec<u8>);
+
+/// The next snapshot record, None at
+/// the end of the file; an index beyond [`STATE_CFS`] is corrupt.
+fn read_record(r: &mut impl Read) -> std::io::Result<Option<Record>> {
+    let mut tag = [0u8; 1];
+    match r.read_exact(&mut tag) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let i = tag[0] as usize;
+    if i >= STATE_CFS.len() {
+        return Err(std::io::Error::other("corrupt snapshot: bad column family"));
+    }
+    let k = read_field(r, MAX_SNAPSHOT_KEY)?;
+    let v = read_field(r, MAX_SNAPSHOT_VALUE)?;
+    Ok(Some((i, k, v)))
+}
+
 /// Read one length-prefixed field of a snapshot record, at most `max` bytes
 /// (a length is whatever the sender wrote: bound it before allocating).
 fn read_field(r: &mut impl Read, max: usize) -> std::io::Result<Vec<u8>> {
@@ -743,19 +757,7 @@ fn write_ssts(files: &SnapshotFiles, file: std::fs::File) -> std::io::Result<Vec
     let finish = |w: &mut SstFileWriter<'_>| w.finish().map_err(std::io::Error::other);
     let mut r = BufReader::with_capacity(1 << 20, file);
     read_snapshot_header(&mut r)?;
-    let mut tag = [0u8; 1];
-    loop {
-        match r.read_exact(&mut tag) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-            Err(e) => return Err(e),
-        }
-        let i = tag[0] as usize;
-        if i >= STATE_CFS.len() {
-            return Err(std::io::Error::other("corrupt snapshot: bad column family"));
-        }
-        let k = read_field(&mut r, MAX_SNAPSHOT_KEY)?;
-        let v = read_field(&mut r, MAX_SNAPSHOT_VALUE)?;
+    while let Some((i, k, v)) = read_record(&mut r)? {
         match &mut writer {
             Some((current, _)) if *current == i => {}
             Some((current, _)) if *current > i => {

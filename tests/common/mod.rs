@@ -210,6 +210,30 @@ pub fn cluster_tls_flags() -> Vec<String> {
     }
 }
 
+/// `berth serve` flags for a fresh node `id` on loopback ports `http` and
+/// `grpc`, data in `data`, joining the cluster through the member at
+/// `via` (flags alone, in the harness's cluster TLS mode).
+pub fn join_flags(id: u64, http: u16, grpc: u16, data: &Path, via: &str) -> Vec<String> {
+    let mut args = cluster_tls_flags();
+    args.extend(
+        [
+            "--node-id",
+            &id.to_string(),
+            "--http",
+            &format!("127.0.0.1:{http}"),
+            "--grpc",
+            &format!("127.0.0.1:{grpc}"),
+            "--data-dir",
+            &data.display().to_string(),
+            "--join",
+            via,
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    args
+}
+
 /// A command-line client of the test node at `grpc`.
 pub fn admin(grpc: &str) -> berth::cluster::ClusterAdmin {
     berth::cluster::ClusterAdmin::new(grpc, admin_tls())
