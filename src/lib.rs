@@ -57,15 +57,16 @@ impl fmt::Display for NodeInfo {
 }
 
 openraft::declare_raft_types!(
-    /// The Raft type configuration: entries are batches of [`meta::Command`], snapshots
-    /// are files so a large state machine never has to fit in memory.
+    /// The Raft type configuration: entries are batches of [`meta::Command`]; a
+    /// snapshot is a checkpoint of the database, streamed when sent and spooled
+    /// to a file when received, so a large state never has to fit in memory.
     pub TypeConfig:
         D = meta::Batch,
         R = meta::Outcomes,
         NodeId = NodeId,
         Node = NodeInfo,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = tokio::fs::File,
+        SnapshotData = meta::SnapshotData,
         AsyncRuntime = cluster::BerthRuntime,
 );
 

@@ -3,20 +3,23 @@
 use std::time::Duration;
 
 use openraft::error::{
-    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Unreachable,
+    Fatal, InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, ReplicationClosed,
+    StreamingError, Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, SnapshotResponse,
+    VoteRequest, VoteResponse,
 };
-use openraft::EntryPayload;
+use openraft::storage::Snapshot;
+use openraft::{EntryPayload, OptionalSend, StorageError, StorageIOError, Vote};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::pb::{self, raft_rpc_client::RaftRpcClient, RaftRequest};
 use super::peers::{PeerChannel, Peers};
 use super::runtime;
+use crate::meta::SnapshotData;
 use crate::{NodeId, NodeInfo, TypeConfig};
 
 /// Creates a [`PeerClient`] for each peer openraft replicates to.
@@ -79,11 +82,28 @@ impl PeerClient {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
+        self.call_with(rpc, req, option, Duration::ZERO).await
+    }
+
+    /// [`Self::call`], granting `more` time beyond what the payload needs
+    /// (for a reply that waits on work at the peer).
+    async fn call_with<Req, Resp, E>(
+        &mut self,
+        rpc: Rpc,
+        req: &Req,
+        option: &RPCOption,
+        more: Duration,
+    ) -> RpcResult<Resp, E>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
         let mut client = self.client().map_err(RPCError::Unreachable)?;
         let data = pb::encode(req);
         // openraft's deadline is one heartbeat whatever the payload; a
         // large one gets the time its bytes need (see `runtime`).
-        let extra = transfer_allowance(data.len());
+        let extra = transfer_allowance(data.len()) + more;
         runtime::stretch_deadline(extra);
         let mut request = tonic::Request::new(RaftRequest { payload: data.into(), to_incarnation: self.incarnation });
         request.set_timeout(option.hard_ttl() + extra);
@@ -150,7 +170,114 @@ fn entries_that_fit(entries: &[openraft::Entry<TypeConfig>]) -> Option<usize> {
     None
 }
 
+/// Bytes of snapshot per chunk when openraft does not say (it always does).
+const SNAPSHOT_CHUNK: usize = 1 << 20;
+/// Largest snapshot chunk sent, whatever openraft's setting: well within a
+/// gRPC message.
+const MAX_SNAPSHOT_CHUNK: usize = 8 << 20;
+/// Attempts at one snapshot chunk before the transfer is given up (openraft
+/// starts a new one later).
+const CHUNK_ATTEMPTS: u32 = 4;
+
+/// Time the last chunk of a `total`-byte snapshot may take beyond its own
+/// transfer: its reply comes once the peer has installed the whole
+/// snapshot (written its tables, ingested them, rebuilt its indexes).
+fn install_allowance(total: u64) -> Duration {
+    Duration::from_secs(30) + Duration::from_secs_f64(total as f64 / (16u64 << 20) as f64)
+}
+
+impl PeerClient {
+    /// Send one snapshot chunk, again on a transient failure, at most
+    /// [`CHUNK_ATTEMPTS`] times.
+    async fn send_chunk(
+        &mut self,
+        req: &InstallSnapshotRequest<TypeConfig>,
+        option: &RPCOption,
+        more: Duration,
+    ) -> Result<InstallSnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let sent: RpcResult<_, InstallSnapshotError> = self.call_with(Rpc::Snapshot, req, option, more).await;
+            let err = match sent {
+                Ok(resp) => return Ok(resp),
+                Err(e) => e,
+            };
+            tracing::warn!(peer = self.target, offset = req.offset, attempt, error = %err, "snapshot chunk failed");
+            let err: StreamingError<TypeConfig, Fatal<NodeId>> = match err {
+                RPCError::RemoteError(RemoteError { target, target_node, source: RaftError::Fatal(f) }) => {
+                    return Err(RemoteError { target, target_node, source: f }.into())
+                }
+                // The peer lost the transfer's start (it restarted, or took
+                // another snapshot meanwhile): this one cannot resume.
+                RPCError::RemoteError(e) => return Err(NetworkError::new(&e).into()),
+                RPCError::PayloadTooLarge(e) => return Err(NetworkError::new(&e).into()),
+                RPCError::Timeout(e) => e.into(),
+                RPCError::Unreachable(e) => e.into(),
+                RPCError::Network(e) => e.into(),
+            };
+            if attempt >= CHUNK_ATTEMPTS {
+                return Err(err);
+            }
+            tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+        }
+    }
+}
+
 impl RaftNetwork<TypeConfig> for PeerClient {
+    /// Stream the snapshot, a checkpoint, as it is read
+    /// ([`crate::meta::Checkpoint::stream`]): nothing is copied to disk or
+    /// held whole in memory, and the reading runs at most two chunks ahead
+    /// of the wire. Each chunk has its deadline; the last one's reply waits
+    /// for the peer's install.
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote<NodeId>,
+        snapshot: Snapshot<TypeConfig>,
+        cancel: impl std::future::Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+        let meta = snapshot.meta;
+        let read_err = |e: std::io::Error| -> StreamingError<TypeConfig, Fatal<NodeId>> {
+            StorageError::from(StorageIOError::read_snapshot(Some(meta.signature()), &e)).into()
+        };
+        let SnapshotData::Checkpoint(checkpoint) = *snapshot.snapshot else {
+            return Err(read_err(std::io::Error::other("only a checkpoint is sent")));
+        };
+        let chunk = option.snapshot_chunk_size().unwrap_or(SNAPSHOT_CHUNK).clamp(64 << 10, MAX_SNAPSHOT_CHUNK);
+        let mut chunks = checkpoint.stream(chunk);
+        let mut cancel = std::pin::pin!(cancel);
+        let mut offset = 0u64;
+        let mut next = chunks.recv().await;
+        loop {
+            let data = match next {
+                Some(Ok(data)) => data,
+                Some(Err(e)) => return Err(read_err(e)),
+                None => return Err(read_err(std::io::Error::other("the snapshot stream ended before its header"))),
+            };
+            // One chunk of lookahead tells whether this one is the last.
+            next = tokio::select! {
+                closed = &mut cancel => return Err(closed.into()),
+                n = chunks.recv() => n,
+            };
+            let done = next.is_none();
+            let len = data.len() as u64;
+            let more = if done { install_allowance(offset + len) } else { Duration::ZERO };
+            let req = InstallSnapshotRequest { vote: vote.clone(), meta: meta.clone(), offset, data, done };
+            let resp = tokio::select! {
+                closed = &mut cancel => return Err(closed.into()),
+                r = self.send_chunk(&req, &option, more) => r?,
+            };
+            if resp.vote > vote || done {
+                if done {
+                    tracing::info!(peer = self.target, bytes = offset + len, snapshot = %meta.snapshot_id, "snapshot sent");
+                }
+                return Ok(SnapshotResponse::new(resp.vote));
+            }
+            offset += len;
+        }
+    }
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,

@@ -7,6 +7,7 @@ mod events;
 mod fence;
 mod identity;
 mod log;
+mod snapshot;
 mod state;
 pub mod upgrade;
 
@@ -24,6 +25,7 @@ pub use events::{EventAction, StoredEvent, TagStamp};
 pub use fence::{InstallFence, Installing};
 pub use identity::{IdentityError, IdentityStore, StoredIdentity};
 pub use log::{CommitIndex, LogStore};
+pub use snapshot::{Checkpoint, SnapshotData};
 pub use state::StateMachine;
 
 use crate::oci::{Descriptor, Digest, Name, Tag};

@@ -2,16 +2,16 @@
 //! applied in one write batch together with the applied log id, so apply is
 //! atomic and replaying an entry after a crash is a no-op.
 //!
-//! A snapshot received from the leader is installed in bounded memory: its
-//! records become one SST file per column family, and each column family is
-//! emptied and given its file by ingestion. RocksDB cannot ingest into
-//! several column families atomically, so the install is made atomic around
-//! it: a durable marker names the snapshot before anything is replaced and
-//! is removed with the final write of the applied id, a restart finds the
-//! marker and installs again from the kept file, and the [`InstallFence`]
-//! keeps readers and snapshot builds away from the state meanwhile.
+//! Snapshots are checkpoints of the database (see `snapshot`). One received
+//! from the leader is installed in bounded memory: its records become one
+//! SST file per column family, and each column family is emptied and given
+//! its file by ingestion. RocksDB cannot ingest into several column families
+//! atomically, so the install is made atomic around it: a durable marker
+//! names the received file before anything is replaced and is removed with
+//! the final write of the applied id, a restart finds the marker and
+//! installs again from the kept file, and the [`InstallFence`] keeps
+//! readers and snapshot builds away from the state meanwhile.
 
-use std::io::{BufReader, BufWriter, Read, Seek, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -20,12 +20,14 @@ use openraft::{
     EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError,
     StoredMembership,
 };
-use rocksdb::{IngestExternalFileOptions, IteratorMode, SstFileWriter, WriteBatch, DB};
-use serde::{Deserialize, Serialize};
+use rocksdb::{IngestExternalFileOptions, IteratorMode, WriteBatch, DB};
 
 use super::command::{Batch, Command, Context, EventKey, Outcome, Outcomes, Proposal, Rejection, RequestId};
 use super::events::{cursor_key, stamp_value, EventAction, StoredEvent};
 use super::fence::InstallFence;
+use super::snapshot::{
+    pending_install, write_ssts, SnapshotData, SnapshotStore, KEY_APPLIED, KEY_INSTALLING, KEY_MEMBERSHIP, STATE_CFS,
+};
 use super::{
     keys, BlobInfo, ManifestRecord, CF_BLOBS, CF_BLOB_REFS, CF_BLOB_REPOS, CF_EVENTS, CF_LINKS, CF_MANIFESTS,
     CF_REFERRERS, CF_REPOS, CF_REQUESTS, CF_REQUEST_AGE, CF_SM, CF_STAMPS, CF_TAGS,
@@ -36,12 +38,6 @@ use crate::{NodeId, NodeInfo, TypeConfig};
 type SResult<T> = Result<T, StorageError<NodeId>>;
 type Membership = StoredMembership<NodeId, NodeInfo>;
 
-const KEY_APPLIED: &[u8] = b"applied";
-const KEY_MEMBERSHIP: &[u8] = b"membership";
-pub(super) const KEY_SNAPSHOT: &[u8] = b"snapshot";
-/// Present while a snapshot install may have replaced part of the state:
-/// the [`StoredSnapshot`] being installed.
-pub(super) const KEY_INSTALLING: &[u8] = b"installing";
 /// Present once the derived column families ([`DERIVED_CFS`]) match the
 /// state: written by [`rebuild_derived`].
 const KEY_DERIVED: &[u8] = b"derived-v2";
@@ -50,21 +46,6 @@ const KEY_DERIVED: &[u8] = b"derived-v2";
 /// collection): never sent in snapshots, rebuilt after an install and on
 /// the first start over a data dir written before they existed.
 const DERIVED_CFS: [&str; 2] = [CF_BLOB_REFS, CF_BLOB_REPOS];
-
-/// Column families that make up the replicated state, in snapshot order
-/// (new ones go at the end: the order numbers the snapshot records).
-const STATE_CFS: [&str; 10] = [
-    CF_MANIFESTS,
-    CF_TAGS,
-    CF_LINKS,
-    CF_BLOBS,
-    CF_REFERRERS,
-    CF_REPOS,
-    CF_REQUESTS,
-    CF_REQUEST_AGE,
-    CF_STAMPS,
-    CF_EVENTS,
-];
 
 /// The media type blob events carry (Distribution's, for layers it does
 /// not know the type of).
@@ -78,101 +59,12 @@ const KEEP_REQUESTS: u64 = 100_000;
 /// add, so the table stays bounded, and the work per entry stays small.
 const PRUNE_PER_ENTRY: usize = 1024;
 
-/// Largest key and value a snapshot record may carry. Keys are a repository
-/// name and an item (both bounded by the spec's grammar); values are at most
-/// a manifest record, and manifests are bounded by `max_manifest_bytes`,
-/// which config validation keeps under [`crate::meta::MAX_ENTRY_BYTES`].
-const MAX_SNAPSHOT_KEY: usize = 64 << 10;
-const MAX_SNAPSHOT_VALUE: usize = super::MAX_ENTRY_BYTES;
 /// Longest snapshot id accepted from a peer (ours are three numbers).
 const MAX_SNAPSHOT_ID: usize = 128;
 
-/// The snapshot the state machine serves (or is installing): its Raft
-/// metadata and its file's name in the snapshot directory.
-#[derive(Serialize, Deserialize)]
-pub(super) struct StoredSnapshot {
-    pub(super) meta: SnapshotMeta<NodeId, NodeInfo>,
-    pub(super) file: String,
-}
-
-/// What a snapshot file begins with: a magic and the format of the values
-/// in its records. Files of releases before format 1 have no header (their
-/// first byte is a column family index, below 16), and are refused.
-const SNAPSHOT_MAGIC: &[u8; 8] = b"BERTHSNP";
-const SNAPSHOT_HEADER: [u8; 9] = {
-    let mut h = [crate::codec::FORMAT; 9];
-    let mut i = 0;
-    while i < 8 {
-        h[i] = SNAPSHOT_MAGIC[i];
-        i += 1;
-    }
-    h
-};
-
-/// Read and check a snapshot file's header, leaving `r` at its first record.
-fn read_snapshot_header(r: &mut impl Read) -> std::io::Result<()> {
-    let mut h = [0u8; 9];
-    match r.read_exact(&mut h) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            return Err(std::io::Error::other("corrupt snapshot: no header"))
-        }
-        Err(e) => return Err(e),
-    }
-    if &h[..8] != SNAPSHOT_MAGIC {
-        return Err(std::io::Error::other(
-            "a snapshot without a format header: sent by a release before format 1 (upgrade every node)",
-        ));
-    }
-    match h[8] {
-        crate::codec::FORMAT => Ok(()),
-        f if f > crate::codec::FORMAT => Err(std::io::Error::other(format!(
-            "a snapshot of format {f}, from a newer release; this one reads up to {}",
-            crate::codec::FORMAT
-        ))),
-        f => Err(std::io::Error::other(format!("corrupt snapshot: format {f}"))),
-    }
-}
-
-/// Rewrite a snapshot file of a release before format 1 in the current
-/// format, in place (a new file renamed over it; done already if it has the
-/// header). Streams: memory holds one record. Part of the data dir's
-/// conversion, see `meta::upgrade`.
-pub(super) fn convert_snapshot_file(path: &std::path::Path) -> std::io::Result<()> {
-    let mut r = BufReader::with_capacity(1 << 20, std::fs::File::open(path)?);
-    let mut first = [0u8; 8];
-    let n = r.read(&mut first)?;
-    if n == 8 && &first == SNAPSHOT_MAGIC {
-        return Ok(());
-    }
-    let mut r = BufReader::with_capacity(1 << 20, std::fs::File::open(path)?);
-    let tmp = path.with_extension("converting");
-    let mut w = BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
-    w.write_all(&SNAPSHOT_HEADER)?;
-    while let Some((i, k, mut v)) = read_record(&mut r)? {
-        let name = STATE_CFS[i];
-        if [CF_MANIFESTS, CF_BLOBS, CF_REQUESTS].contains(&name) {
-            v = super::upgrade::convert_value(name, &k, &v)
-                .map_err(|why| std::io::Error::other(format!("snapshot record of {name}: {why}")))?;
-        }
-        write_record(&mut w, i as u8, &k, &v)?;
-    }
-    let f = w.into_inner().map_err(|e| e.into_error())?;
-    f.sync_all()?;
-    crate::durable::rename_into_place(&tmp, path)
-}
-
-fn write_record(w: &mut impl Write, cf_index: u8, k: &[u8], v: &[u8]) -> std::io::Result<()> {
-    w.write_all(&[cf_index])?;
-    w.write_all(&(k.len() as u32).to_be_bytes())?;
-    w.write_all(k)?;
-    w.write_all(&(v.len() as u32).to_be_bytes())?;
-    w.write_all(v)
-}
-
 pub struct StateMachine {
     db: Arc<DB>,
-    snapshots: Arc<SnapshotFiles>,
+    snapshots: Arc<SnapshotStore>,
     receiving: Option<PathBuf>,
     fence: Arc<InstallFence>,
 }
@@ -185,21 +77,47 @@ fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
     db.cf_handle(name).expect("column family exists")
 }
 
+/// A snapshot id of ours: term, index, and when it was taken.
+fn snapshot_id(applied: Option<LogId<NodeId>>) -> String {
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_micros();
+    match applied {
+        Some(l) => format!("{}-{}-{stamp}", l.leader_id.term, l.index),
+        None => format!("0-0-{stamp}"),
+    }
+}
+
+/// Install the received snapshot at `path` (marked by
+/// [`SnapshotStore::begin_install`]) with `meta`, then make a checkpoint
+/// of the installed state the current snapshot and remove the file. The
+/// caller holds the install fence.
+fn install_file(
+    db: &DB,
+    store: &SnapshotStore,
+    path: &std::path::Path,
+    meta: &SnapshotMeta<NodeId, NodeInfo>,
+) -> std::io::Result<()> {
+    let file = std::fs::File::open(path).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("the snapshot being installed ({}) is gone: {e}", path.display()))
+    })?;
+    load_snapshot(db, store, file, meta)?;
+    let taken = store.take(db, || true)?.expect("not fenced");
+    debug_assert_eq!(taken.applied, meta.last_log_id);
+    store.publish(db, taken, meta.clone())?;
+    std::fs::remove_file(path)
+}
+
 impl StateMachine {
     /// Open the state machine over `db`, first finishing a snapshot install
     /// that a crash or power loss cut short (before anything can read the
-    /// half-replaced state).
+    /// half-replaced state). A node with applied state and no checkpoint
+    /// (its first start on this release, or a crash between an install and
+    /// its checkpoint) takes one now: a peer may need it.
     pub fn new(db: Arc<DB>, snap_dir: PathBuf) -> std::io::Result<StateMachine> {
-        let snapshots = Arc::new(SnapshotFiles::open(snap_dir)?);
+        let snapshots = Arc::new(SnapshotStore::open(snap_dir, &db)?);
         let sm = StateMachine { db, snapshots, receiving: None, fence: Arc::default() };
-        let pending =
-            get_sm::<StoredSnapshot>(&sm.db, KEY_INSTALLING).map_err(|e| std::io::Error::other(e.to_string()))?;
-        if let Some(pending) = pending {
-            tracing::warn!(snapshot = %pending.meta.snapshot_id, "finishing a snapshot install cut short by a restart");
-            let file = std::fs::File::open(sm.snapshots.dir.join(&pending.file)).map_err(|e| {
-                std::io::Error::new(e.kind(), format!("the snapshot being installed ({}) is gone: {e}", pending.file))
-            })?;
-            load_snapshot(&sm.db, &sm.snapshots, file, &pending.meta)?;
+        if let Some((meta, path)) = pending_install(&sm.db, &sm.snapshots)? {
+            tracing::warn!(snapshot = %meta.snapshot_id, "finishing a snapshot install cut short by a restart");
+            install_file(&sm.db, &sm.snapshots, &path, &meta)?;
         }
         if get_sm::<u8>(&sm.db, KEY_DERIVED).map_err(|e| std::io::Error::other(e.to_string()))?.is_none() {
             tracing::info!("building the garbage collection indexes from the stored manifests and links");
@@ -208,6 +126,18 @@ impl StateMachine {
             opts.set_sync(true);
             let marker = crate::codec::encode(&1u8);
             sm.db.put_cf_opt(cf(&sm.db, CF_SM), KEY_DERIVED, marker, &opts).map_err(std::io::Error::other)?;
+        }
+        let applied = get_sm::<Option<LogId<NodeId>>>(&sm.db, KEY_APPLIED)
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+            .flatten();
+        if applied.is_some() && sm.snapshots.current().is_none() {
+            let taken = sm.snapshots.take(&sm.db, || true)?.expect("not fenced");
+            let meta = SnapshotMeta {
+                last_log_id: taken.applied,
+                last_membership: taken.membership.clone(),
+                snapshot_id: snapshot_id(taken.applied),
+            };
+            sm.snapshots.publish(&sm.db, taken, meta)?;
         }
         Ok(sm)
     }
@@ -673,130 +603,17 @@ impl StateMachine {
     }
 }
 
-/// Snapshot file: the header ([`SNAPSHOT_HEADER`]), then for every key of
-/// every state column family a record of
-/// `[cf index u8][key len u32][key][value len u32][value]`.
-/// `unfenced` tells, once the RocksDB snapshot is taken, whether no install
-/// began since the caller entered the fence; if one did, nothing is written
-/// and the answer is None.
-fn write_snapshot(
-    db: &DB,
-    out: &std::path::Path,
-    unfenced: impl FnOnce() -> bool,
-) -> std::io::Result<Option<(Option<LogId<NodeId>>, Membership)>> {
-    let snap = db.snapshot();
-    if !unfenced() {
-        return Ok(None);
-    }
-    let read_sm = |k: &[u8]| snap.get_cf(cf(db, CF_SM), k).map_err(std::io::Error::other);
-    let applied: Option<LogId<NodeId>> = match read_sm(KEY_APPLIED)? {
-        Some(v) => crate::codec::decode(&v).map_err(std::io::Error::other)?,
-        None => None,
-    };
-    let membership: Membership = match read_sm(KEY_MEMBERSHIP)? {
-        Some(v) => crate::codec::decode(&v).map_err(std::io::Error::other)?,
-        None => Membership::default(),
-    };
-    let mut w = BufWriter::with_capacity(1 << 20, std::fs::File::create(out)?);
-    w.write_all(&SNAPSHOT_HEADER)?;
-    for (i, name) in STATE_CFS.iter().enumerate() {
-        for item in snap.iterator_cf(cf(db, name), IteratorMode::Start) {
-            let (k, v) = item.map_err(std::io::Error::other)?;
-            write_record(&mut w, i as u8, &k, &v)?;
-        }
-    }
-    let f = w.into_inner().map_err(|e| e.into_error())?;
-    f.sync_all()?;
-    Ok(Some((applied, membership)))
-}
-
-/// A snapshot record: the index of its column family in [`STATE_CFS`],
-/// its key, its value.
-type Record = (usize, Vec<u8>, Vec<u8>);
-
-/// The next snapshot record, None at
-/// the end of the file; an index beyond [`STATE_CFS`] is corrupt.
-fn read_record(r: &mut impl Read) -> std::io::Result<Option<Record>> {
-    let mut tag = [0u8; 1];
-    match r.read_exact(&mut tag) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
-    }
-    let i = tag[0] as usize;
-    if i >= STATE_CFS.len() {
-        return Err(std::io::Error::other("corrupt snapshot: bad column family"));
-    }
-    let k = read_field(r, MAX_SNAPSHOT_KEY)?;
-    let v = read_field(r, MAX_SNAPSHOT_VALUE)?;
-    Ok(Some((i, k, v)))
-}
-
-/// Read one length-prefixed field of a snapshot record, at most `max` bytes
-/// (a length is whatever the sender wrote: bound it before allocating).
-fn read_field(r: &mut impl Read, max: usize) -> std::io::Result<Vec<u8>> {
-    let mut len = [0u8; 4];
-    r.read_exact(&mut len)?;
-    let len = u32::from_be_bytes(len) as usize;
-    if len > max {
-        return Err(std::io::Error::other(format!("corrupt snapshot: a field of {len} bytes")));
-    }
-    let mut buf = vec![0u8; len];
-    r.read_exact(&mut buf)?;
-    Ok(buf)
-}
-
-/// Turn a snapshot file into one SST file per state column family (None
-/// for an empty one), streaming: memory holds one record and one SST block.
-/// Records must come grouped by column family, each group in key order, as
-/// [`write_snapshot`] writes them; anything else is refused as corrupt.
-fn write_ssts(files: &SnapshotFiles, file: std::fs::File) -> std::io::Result<Vec<Option<PathBuf>>> {
-    let opts = super::table_options();
-    let mut out: Vec<Option<PathBuf>> = vec![None; STATE_CFS.len()];
-    let mut writer: Option<(usize, SstFileWriter<'_>)> = None;
-    let finish = |w: &mut SstFileWriter<'_>| w.finish().map_err(std::io::Error::other);
-    let mut r = BufReader::with_capacity(1 << 20, file);
-    read_snapshot_header(&mut r)?;
-    while let Some((i, k, v)) = read_record(&mut r)? {
-        match &mut writer {
-            Some((current, _)) if *current == i => {}
-            Some((current, _)) if *current > i => {
-                return Err(std::io::Error::other("corrupt snapshot: column families out of order"));
-            }
-            _ => {
-                if let Some((_, w)) = &mut writer {
-                    finish(w)?;
-                }
-                let path = files.scratch_sst(i);
-                let w = SstFileWriter::create(&opts);
-                w.open(&path).map_err(std::io::Error::other)?;
-                out[i] = Some(path);
-                writer = Some((i, w));
-            }
-        }
-        let (_, w) = writer.as_mut().expect("a writer is open");
-        // Keys out of order are refused here.
-        w.put(&k, &v).map_err(|e| std::io::Error::other(format!("corrupt snapshot: {e}")))?;
-    }
-    if let Some((_, w)) = &mut writer {
-        finish(w)?;
-    }
-    Ok(out)
-}
-
 /// Replace the whole state with a snapshot file's content, in bounded
 /// memory. Not atomic by itself: callers hold the install fence and a
 /// durable [`KEY_INSTALLING`] marker, which the final write removes.
 fn load_snapshot(
     db: &DB,
-    files: &SnapshotFiles,
+    store: &SnapshotStore,
     file: std::fs::File,
     meta: &SnapshotMeta<NodeId, NodeInfo>,
 ) -> std::io::Result<()> {
-    let result = write_ssts(files, file).and_then(|ssts| replace_state(db, &ssts, meta));
-    // Ingestion moves the files into the database; whatever is left (a
-    // failure midway) is scratch.
-    files.remove_where(|n| n.starts_with(SST_SCRATCH));
+    let result = write_ssts(store, file).and_then(|ssts| replace_state(db, &ssts, meta));
+    store.remove_scratch_ssts();
     result
 }
 
@@ -873,167 +690,60 @@ fn rebuild_derived(db: &DB) -> std::io::Result<()> {
     flush(&mut batch, true)
 }
 
-/// Prefix of the SST files an install writes before ingesting them.
-const SST_SCRATCH: &str = "ingest-";
-
-/// The snapshot directory and which file in it is current. A snapshot is
-/// built in a task of its own while the state machine goes on applying and
-/// installing, so publishing a built snapshot, installing a received one and
-/// opening the current one take one lock: a build that finishes after a
-/// newer snapshot was installed must neither fail nor replace it.
-struct SnapshotFiles {
-    dir: PathBuf,
-    lock: std::sync::Mutex<()>,
-}
-
-impl SnapshotFiles {
-    /// Builds and transfers cut short by a crash leave scratch files behind.
-    fn open(dir: PathBuf) -> std::io::Result<SnapshotFiles> {
-        crate::durable::create_dir_all(&dir)?;
-        let files = SnapshotFiles { dir, lock: std::sync::Mutex::new(()) };
-        files.remove_where(is_scratch);
-        Ok(files)
-    }
-
-    fn remove_where(&self, doomed: impl Fn(&str) -> bool) {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
-        for e in entries.flatten() {
-            if doomed(&e.file_name().to_string_lossy()) {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-    }
-
-    fn stamp() -> u128 {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_micros()
-    }
-
-    /// A fresh path for a snapshot being built or received (`kind` is
-    /// `build` or `recv`: see [`is_scratch`]).
-    fn scratch(&self, kind: &str) -> PathBuf {
-        self.dir.join(format!("{kind}-{}.snap", Self::stamp()))
-    }
-
-    /// A fresh path for the SST file of state column family `i`.
-    fn scratch_sst(&self, i: usize) -> PathBuf {
-        self.dir.join(format!("{SST_SCRATCH}{}-{i}.sst", Self::stamp()))
-    }
-
-    /// Move the complete snapshot at `from` into place and open it. It
-    /// becomes the current snapshot unless a newer one already is; then the
-    /// file is unlinked, and only the returned handle still reads it. With
-    /// `install`, the same durable write marks it as being installed (see
-    /// [`KEY_INSTALLING`]), and a newer current snapshot is an error.
-    fn publish(
-        &self,
-        db: &DB,
-        from: &std::path::Path,
-        meta: &SnapshotMeta<NodeId, NodeInfo>,
-        install: bool,
-    ) -> SResult<std::fs::File> {
-        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        // The name is made here, never taken from the snapshot's id: a
-        // received snapshot's id is whatever the sending peer wrote.
-        let index = meta.last_log_id.map_or(0, |l| l.index);
-        let name = format!("snap-{index}-{}.snap", Self::stamp());
-        let path = self.dir.join(&name);
-        // The rename must outlive a power loss before the state names it.
-        crate::durable::rename_into_place(from, &path).map_err(io_err)?;
-        let file = std::fs::File::open(&path).map_err(io_err)?;
-        if get_sm::<StoredSnapshot>(db, KEY_SNAPSHOT)?.is_some_and(|s| s.meta.last_log_id > meta.last_log_id) {
-            std::fs::remove_file(&path).map_err(io_err)?;
-            if install {
-                return Err(io_err(std::io::Error::other("a newer snapshot than the one to install is current")));
-            }
-            return Ok(file);
-        }
-        let stored = crate::codec::encode(&StoredSnapshot { meta: meta.clone(), file: name.clone() });
-        let mut batch = WriteBatch::default();
-        batch.put_cf(cf(db, CF_SM), KEY_SNAPSHOT, &stored);
-        if install {
-            batch.put_cf(cf(db, CF_SM), KEY_INSTALLING, &stored);
-        }
-        let mut opts = rocksdb::WriteOptions::default();
-        opts.set_sync(true);
-        db.write_opt(batch, &opts).map_err(io_err)?;
-        // Older snapshots; scratch files belong to builds and transfers
-        // still running.
-        self.remove_where(|n| n != name && !is_scratch(n));
-        Ok(file)
-    }
-
-    /// The current snapshot, opened.
-    fn current(&self, db: &DB) -> SResult<Option<(SnapshotMeta<NodeId, NodeInfo>, std::fs::File)>> {
-        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(stored) = get_sm::<StoredSnapshot>(db, KEY_SNAPSHOT)? else { return Ok(None) };
-        match std::fs::File::open(self.dir.join(&stored.file)) {
-            Ok(f) => Ok(Some((stored.meta, f))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_err(e)),
-        }
-    }
-}
-
-/// Whether a file in the snapshot directory is a [`SnapshotFiles::scratch`]
-/// file: a snapshot still being built or received, never the current one.
-fn is_scratch(name: &str) -> bool {
-    name.starts_with("build-") || name.starts_with("recv-") || name.starts_with(SST_SCRATCH)
-}
-
 /// A value the state machine keeps about itself (applied id, membership,
 /// current snapshot) in its own column family.
 fn get_sm<T: serde::de::DeserializeOwned>(db: &DB, k: &[u8]) -> SResult<Option<T>> {
-    let v = db.get_cf(cf(db, CF_SM), k).map_err(io_err)?;
-    v.map(|v| crate::codec::decode(&v).map_err(io_err)).transpose()
+    super::snapshot::get_sm(db, k).map_err(io_err)
 }
 
 pub struct SnapshotBuilder {
     db: Arc<DB>,
-    snapshots: Arc<SnapshotFiles>,
+    snapshots: Arc<SnapshotStore>,
     fence: Arc<InstallFence>,
 }
 
 impl SnapshotBuilder {
-    /// Write the state as of now to a scratch file (a RocksDB snapshot keeps
-    /// it consistent while entries go on being applied). An install running
-    /// meanwhile is waited for, never built from.
-    async fn write(&self) -> SResult<(PathBuf, SnapshotMeta<NodeId, NodeInfo>)> {
-        let path = self.snapshots.scratch("build");
-        let (applied, membership) = loop {
+    /// Take a checkpoint of the state as of now (entries go on being
+    /// applied meanwhile). An install running meanwhile is waited for,
+    /// never built from.
+    async fn take(&self) -> SResult<super::snapshot::Taken> {
+        loop {
             let entered = self.fence.enter_when_idle().await;
-            let db = self.db.clone();
-            let p = path.clone();
-            let fence = self.fence.clone();
-            let written = tokio::task::spawn_blocking(move || write_snapshot(&db, &p, || fence.check(entered).is_ok()))
+            let (db, store, fence) = (self.db.clone(), self.snapshots.clone(), self.fence.clone());
+            let taken = tokio::task::spawn_blocking(move || store.take(&db, || fence.check(entered).is_ok()))
                 .await
                 .map_err(io_err)?
                 .map_err(io_err)?;
-            if let Some(written) = written {
-                break written;
+            if let Some(taken) = taken {
+                return Ok(taken);
             }
-        };
-        let stamp = SnapshotFiles::stamp();
-        let snapshot_id = match applied {
-            Some(l) => format!("{}-{}-{stamp}", l.leader_id.term, l.index),
-            None => format!("0-0-{stamp}"),
-        };
-        Ok((path, SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id }))
+        }
     }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    /// A checkpoint: a memtable flush and hard links, whatever the size of
+    /// the state. It becomes the current snapshot unless a newer one was
+    /// installed meanwhile (then that one is returned).
     async fn build_snapshot(&mut self) -> SResult<Snapshot<TypeConfig>> {
         let started = std::time::Instant::now();
-        let (path, meta) = self.write().await?;
-        let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
-        let file = self.snapshots.publish(&self.db, &path, &meta, false)?;
+        let taken = self.take().await?;
+        let meta = SnapshotMeta {
+            last_log_id: taken.applied,
+            last_membership: taken.membership.clone(),
+            snapshot_id: snapshot_id(taken.applied),
+        };
+        let (db, store) = (self.db.clone(), self.snapshots.clone());
+        let current = tokio::task::spawn_blocking(move || store.publish(&db, taken, meta))
+            .await
+            .map_err(io_err)?
+            .map_err(io_err)?;
         tracing::info!(
-            index = meta.last_log_id.map_or(0, |l| l.index),
-            bytes,
+            index = current.meta().last_log_id.map_or(0, |l| l.index),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "snapshot built"
         );
-        Ok(Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(file)) })
+        Ok(Snapshot { meta: current.meta().clone(), snapshot: Box::new(SnapshotData::Checkpoint(current)) })
     }
 }
 
@@ -1095,12 +805,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         SnapshotBuilder { db: self.db.clone(), snapshots: self.snapshots.clone(), fence: self.fence.clone() }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> SResult<Box<tokio::fs::File>> {
+    async fn begin_receiving_snapshot(&mut self) -> SResult<Box<SnapshotData>> {
         // openraft starts over when the leader sends a newer snapshot.
         if let Some(abandoned) = self.receiving.take() {
             let _ = std::fs::remove_file(abandoned);
         }
-        let path = self.snapshots.scratch("recv");
+        let path = self.snapshots.receiving();
         let f = tokio::fs::OpenOptions::new()
             .create(true)
             .truncate(true)
@@ -1110,36 +820,39 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .await
             .map_err(io_err)?;
         self.receiving = Some(path);
-        Ok(Box::new(f))
+        Ok(Box::new(SnapshotData::Receiving(f)))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, NodeInfo>,
-        snapshot: Box<tokio::fs::File>,
+        snapshot: Box<SnapshotData>,
     ) -> SResult<()> {
         if meta.snapshot_id.len() > MAX_SNAPSHOT_ID {
             return Err(io_err(std::io::Error::other("snapshot id too long")));
         }
-        let f = snapshot.into_std().await;
+        let SnapshotData::Receiving(f) = *snapshot else {
+            return Err(io_err(std::io::Error::other("only a received snapshot can be installed")));
+        };
+        let f = f.into_std().await;
         // A snapshot this release cannot read is refused before it replaces
         // the current one.
         tokio::task::spawn_blocking(move || {
             f.sync_all()?;
             let mut r = std::io::BufReader::new(&f);
-            r.seek(std::io::SeekFrom::Start(0))?;
-            read_snapshot_header(&mut r)
+            std::io::Seek::seek(&mut r, std::io::SeekFrom::Start(0))?;
+            super::snapshot::read_snapshot_header(&mut r)
         })
         .await
         .map_err(io_err)?
         .map_err(io_err)?;
         let received =
             self.receiving.take().ok_or_else(|| io_err(std::io::Error::other("no snapshot was received")))?;
-        let file = self.snapshots.publish(&self.db, &received, meta, true)?;
-        let (db, files, fence, meta) = (self.db.clone(), self.snapshots.clone(), self.fence.clone(), meta.clone());
+        let (db, store, fence, meta) = (self.db.clone(), self.snapshots.clone(), self.fence.clone(), meta.clone());
         tokio::task::spawn_blocking(move || {
+            let path = store.begin_install(&db, &received, &meta)?;
             let _installing = fence.install();
-            load_snapshot(&db, &files, file, &meta)
+            install_file(&db, &store, &path, &meta)
         })
         .await
         .map_err(io_err)?
@@ -1147,8 +860,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> SResult<Option<Snapshot<TypeConfig>>> {
-        let current = self.snapshots.current(&self.db)?;
-        Ok(current.map(|(meta, f)| Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(f)) }))
+        Ok(self
+            .snapshots
+            .current()
+            .map(|c| Snapshot { meta: c.meta().clone(), snapshot: Box::new(SnapshotData::Checkpoint(c)) }))
     }
 }
 
@@ -1156,6 +871,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 mod tests {
     use openraft::{CommittedLeaderId, Entry};
 
+    use super::super::snapshot::SNAPSHOT_HEADER;
     use super::*;
     use crate::meta::{open_db, MetaReader, RequestId};
     use crate::oci::{Name, Tag};
@@ -1202,14 +918,94 @@ mod tests {
         (db, sm)
     }
 
+    /// The record stream a peer would receive for `snap`.
+    fn records_of(snap: &Snapshot<TypeConfig>) -> Vec<u8> {
+        let SnapshotData::Checkpoint(c) = &*snap.snapshot else { panic!("a served snapshot is a checkpoint") };
+        let mut out = Vec::new();
+        c.write_records(&mut out).unwrap();
+        out
+    }
+
     /// Receive `snap` the way openraft hands one over, and install it.
     async fn install(sm: &mut StateMachine, snap: Snapshot<TypeConfig>) {
-        use tokio::io::AsyncSeekExt;
+        use tokio::io::AsyncWriteExt;
+        let bytes = records_of(&snap);
         let mut f = sm.begin_receiving_snapshot().await.unwrap();
-        let mut src = snap.snapshot;
-        src.seek(std::io::SeekFrom::Start(0)).await.unwrap();
-        tokio::io::copy(&mut src, &mut *f).await.unwrap();
+        f.write_all(&bytes).await.unwrap();
+        f.shutdown().await.unwrap();
         sm.install_snapshot(&snap.meta, f).await.unwrap();
+    }
+
+    /// Every key and value of the state and derived column families.
+    fn dump(db: &DB) -> Vec<(&'static str, Box<[u8]>, Box<[u8]>)> {
+        let mut out = Vec::new();
+        for name in STATE_CFS.iter().chain(DERIVED_CFS.iter()) {
+            for item in db.iterator_cf(cf(db, name), IteratorMode::Start) {
+                let (k, v) = item.unwrap();
+                out.push((*name, k, v));
+            }
+        }
+        out
+    }
+
+    /// openraft builds snapshots in a task of their own while entries go on
+    /// being applied. A snapshot taken so, installed on a fresh node, must
+    /// give exactly the leader's state once the node has applied the
+    /// entries after it: compared key by key, in every column family.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_taken_under_writes_installs_the_same_state_key_by_key() {
+        const ROUNDS: u64 = 6;
+        const PER_ROUND: u64 = 40;
+        let entries: Vec<Entry<TypeConfig>> = (1..=ROUNDS * PER_ROUND)
+            .map(|i| {
+                let p = (0..4).map(|j| put_tag(i * 4 + j, &format!("t{}", (i * 4 + j) % 97), &format!("v{i}-{j}")));
+                entry(i, p.collect())
+            })
+            .collect();
+        let leader_dir = tempfile::tempdir().unwrap();
+        let (leader_db, mut leader) = machine(leader_dir.path());
+        let mut builder = leader.get_snapshot_builder().await;
+        let (go, mut rounds) = tokio::sync::mpsc::channel::<()>(1);
+        let to_apply = entries.clone();
+        let applier = tokio::spawn(async move {
+            let mut it = to_apply.into_iter();
+            while rounds.recv().await.is_some() {
+                for e in it.by_ref().take(PER_ROUND as usize) {
+                    leader.apply([e]).await.unwrap();
+                }
+            }
+            leader
+        });
+        // Each build races a round of applies.
+        let mut snaps = Vec::new();
+        for _ in 0..ROUNDS {
+            go.send(()).await.unwrap();
+            snaps.push(builder.build_snapshot().await.unwrap());
+        }
+        drop(go);
+        let _leader = applier.await.unwrap();
+        let want = dump(&leader_db);
+        assert!(snaps.iter().any(|s| s.meta.last_log_id.is_some()), "a snapshot holds applied entries");
+        for snap in snaps {
+            let at = snap.meta.last_log_id.map_or(0, |l| l.index);
+            let dir = tempfile::tempdir().unwrap();
+            let (db, mut sm) = machine(dir.path());
+            let sent = records_of(&snap);
+            install(&mut sm, snap).await;
+            // The installed state is the stream, key by key.
+            let mut r = &sent[SNAPSHOT_HEADER.len()..];
+            let mut records = Vec::new();
+            while let Some((i, k, v)) = super::super::snapshot::read_record(&mut r).unwrap() {
+                records.push((STATE_CFS[i], k.into_boxed_slice(), v.into_boxed_slice()));
+            }
+            let installed: Vec<_> = dump(&db).into_iter().filter(|(n, _, _)| STATE_CFS.contains(n)).collect();
+            assert_eq!(installed, records, "snapshot at {at}");
+            // Then the entries after it make it the leader's.
+            for e in entries.iter().filter(|e| e.log_id.index > at) {
+                sm.apply([e.clone()]).await.unwrap();
+            }
+            assert_eq!(dump(&db), want, "snapshot at {at}, then the log");
+        }
     }
 
     /// openraft builds snapshots in a task of their own, so a follower can
@@ -1222,7 +1018,12 @@ mod tests {
         let (db, mut sm) = machine(dir.path());
         sm.apply([entry(1, vec![put_tag(1, "t", "old")])]).await.unwrap();
         let builder = sm.get_snapshot_builder().await;
-        let (built, built_meta) = builder.write().await.unwrap();
+        let taken = builder.take().await.unwrap();
+        let built_meta = SnapshotMeta {
+            last_log_id: taken.applied,
+            last_membership: taken.membership.clone(),
+            snapshot_id: "b".into(),
+        };
 
         let leader_dir = tempfile::tempdir().unwrap();
         let (_, mut leader) = machine(leader_dir.path());
@@ -1231,15 +1032,39 @@ mod tests {
         let newer_meta = newer.meta.clone();
         install(&mut sm, newer).await;
 
-        let mut late = builder.snapshots.publish(&db, &built, &built_meta, false).expect("a late build still succeeds");
-        let mut bytes = Vec::new();
-        late.read_to_end(&mut bytes).unwrap();
-        assert!(!bytes.is_empty(), "the late build is still readable through its handle");
+        let late = builder.snapshots.publish(&db, taken, built_meta).expect("a late build still succeeds");
+        assert_eq!(late.meta(), &newer_meta, "the late build gives way to the installed snapshot");
         let current = sm.get_current_snapshot().await.unwrap().expect("a current snapshot");
         assert_eq!(current.meta, newer_meta);
         assert_eq!(tag_value(&db), "new");
         let files: Vec<_> = std::fs::read_dir(dir.path().join("snap")).unwrap().flatten().collect();
         assert_eq!(files.len(), 1, "only the current snapshot stays on disk: {files:?}");
+    }
+
+    /// A checkpoint a newer one replaced stays while a transfer still reads
+    /// it, and goes when the transfer lets go.
+    #[tokio::test]
+    async fn a_retired_checkpoint_lives_until_its_last_transfer_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, mut sm) = machine(dir.path());
+        sm.apply([entry(1, vec![put_tag(1, "t", "one")])]).await.unwrap();
+        let first = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        sm.apply([entry(2, vec![put_tag(2, "t", "two")])]).await.unwrap();
+        let second = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        assert_eq!(sm.get_current_snapshot().await.unwrap().unwrap().meta, second.meta);
+        let count = || std::fs::read_dir(dir.path().join("snap")).unwrap().count();
+        assert_eq!(count(), 2, "the first is still held");
+        let held = records_of(&first);
+        assert!(!held.is_empty());
+        drop(first);
+        assert_eq!(count(), 1, "released, the retired checkpoint is gone");
+        drop(second);
+        assert_eq!(count(), 1, "the current one stays");
+        // And a restart serves it without taking another.
+        drop(sm);
+        let (_, mut sm) = machine(dir.path());
+        assert_eq!(sm.get_current_snapshot().await.unwrap().unwrap().meta.last_log_id.unwrap().index, 2);
+        assert_eq!(count(), 1);
     }
 
     /// A snapshot id is whatever the sending peer wrote. One that names a
@@ -1257,7 +1082,7 @@ mod tests {
         let (db, mut sm) = machine(dir.path());
         install(&mut sm, snap).await;
         assert_eq!(tag_value(&db), "v");
-        for outside in [dir.path().join("escaped.snap"), dir.path().parent().unwrap().join("escaped.snap")] {
+        for outside in [dir.path().join("escaped"), dir.path().parent().unwrap().join("escaped")] {
             assert!(!outside.exists(), "{} was written", outside.display());
         }
         let files: Vec<_> = std::fs::read_dir(dir.path().join("snap")).unwrap().flatten().collect();
@@ -1267,8 +1092,9 @@ mod tests {
         // An id too long to be ours is refused.
         let mut snap = leader.get_snapshot_builder().await.build_snapshot().await.unwrap();
         snap.meta.snapshot_id = "x".repeat(4096);
+        let bytes = records_of(&snap);
         let mut f = sm.begin_receiving_snapshot().await.unwrap();
-        tokio::io::copy(&mut snap.snapshot, &mut *f).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut f, &bytes).await.unwrap();
         assert!(sm.install_snapshot(&snap.meta, f).await.is_err());
     }
 
@@ -1292,8 +1118,10 @@ mod tests {
         assert_eq!(db.iterator_cf(cf(&db, CF_MANIFESTS), IteratorMode::Start).count(), 1);
         assert_eq!(db.iterator_cf(cf(&db, CF_REQUESTS), IteratorMode::Start).count(), 1, "the leader's one id");
         let files: Vec<_> = std::fs::read_dir(dir.path().join("snap")).unwrap().flatten().collect();
-        assert_eq!(files.len(), 1, "no scratch file stays: {files:?}");
-        assert!(get_sm::<StoredSnapshot>(&db, KEY_INSTALLING).unwrap().is_none());
+        assert_eq!(files.len(), 1, "no scratch file stays, only the checkpoint: {files:?}");
+        assert!(get_sm::<super::super::snapshot::StoredSnapshot>(&db, super::super::snapshot::KEY_INSTALLING)
+            .unwrap()
+            .is_none());
     }
 
     /// An install replaces column families one at a time. Cut short (a
@@ -1301,6 +1129,7 @@ mod tests {
     /// back with the mix: it finishes the install before anything reads.
     #[tokio::test]
     async fn an_install_cut_short_is_finished_when_the_node_restarts() {
+        use tokio::io::AsyncWriteExt;
         let leader_dir = tempfile::tempdir().unwrap();
         let (_, mut leader) = machine(leader_dir.path());
         leader
@@ -1317,17 +1146,21 @@ mod tests {
             // Received and marked, then the manifests replaced and the
             // tags not: the tag names a manifest this node no longer has.
             let mut f = sm.begin_receiving_snapshot().await.unwrap();
-            let mut src = snap.snapshot;
-            tokio::io::copy(&mut src, &mut *f).await.unwrap();
+            f.write_all(&records_of(&snap)).await.unwrap();
+            f.shutdown().await.unwrap();
             let received = sm.receiving.take().unwrap();
-            sm.snapshots.publish(&db, &received, &snap_meta, true).unwrap();
+            sm.snapshots.begin_install(&db, &received, &snap_meta).unwrap();
             db.delete_range_cf(cf(&db, CF_MANIFESTS), &b""[..], &[0xffu8; 300][..]).unwrap();
         }
         let (db, mut sm) = machine(dir.path());
         assert_eq!(tag_value(&db), "leader");
         assert_eq!(sm.applied_state().await.unwrap().0, snap_meta.last_log_id);
-        assert!(get_sm::<StoredSnapshot>(&db, KEY_INSTALLING).unwrap().is_none());
+        assert!(get_sm::<super::super::snapshot::StoredSnapshot>(&db, super::super::snapshot::KEY_INSTALLING)
+            .unwrap()
+            .is_none());
         assert_eq!(sm.get_current_snapshot().await.unwrap().expect("a current snapshot").meta, snap_meta);
+        let files: Vec<_> = std::fs::read_dir(dir.path().join("snap")).unwrap().flatten().collect();
+        assert_eq!(files.len(), 1, "the received file is gone, the checkpoint stays: {files:?}");
     }
 
     /// A snapshot is a stream from a peer: records out of order are refused
@@ -1374,7 +1207,6 @@ mod tests {
         }
         leader.apply([entry(1, vec![put_tag(1, "t", "v")])]).await.unwrap();
         let snap = leader.get_snapshot_builder().await.build_snapshot().await.unwrap();
-        let size = snap.snapshot.metadata().await.unwrap().len();
 
         let dir = tempfile::tempdir().unwrap();
         let (db, mut sm) = machine(dir.path());
@@ -1388,12 +1220,24 @@ mod tests {
             let l = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap().to_owned();
             l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() / 1024
         };
+        // Received the way the network does: chunk by chunk.
+        use tokio::io::AsyncWriteExt;
+        let SnapshotData::Checkpoint(c) = &*snap.snapshot else { panic!() };
+        let mut chunks = c.clone().stream(1 << 20);
+        let mut f = sm.begin_receiving_snapshot().await.unwrap();
         std::fs::write("/proc/self/clear_refs", "5").unwrap();
         let before = rss();
         let t = std::time::Instant::now();
-        install(&mut sm, snap).await;
+        let mut size = 0;
+        while let Some(chunk) = chunks.recv().await {
+            let chunk = chunk.unwrap();
+            size += chunk.len();
+            f.write_all(&chunk).await.unwrap();
+        }
+        f.shutdown().await.unwrap();
+        sm.install_snapshot(&snap.meta, f).await.unwrap();
         println!(
-            "installed a {} MiB snapshot ({records} records) in {:.1} s: RSS {before} MiB before, peak {} MiB",
+            "streamed and installed a {} MiB snapshot ({records} records) in {:.1} s: RSS {before} MiB before, peak {} MiB",
             size >> 20,
             t.elapsed().as_secs_f64(),
             hwm()

@@ -10,8 +10,10 @@
 //! - none, over data: written by a release before format 1. A RocksDB
 //!   checkpoint of it is taken first (hard links, no copy) beside it, as
 //!   `<db>-format-0`; every structured value is then read from that frozen
-//!   copy and rewritten in the current format in place, the current
-//!   snapshot file too, and the marker goes last, synced. A crash midway
+//!   copy and rewritten in the current format in place, a received
+//!   snapshot being installed too, and the marker goes last, synced (the
+//!   old current snapshot file is replaced by a checkpoint when the state
+//!   machine opens). A crash midway
 //!   starts over from the copy, so the conversion is idempotent. The copy
 //!   stays for a rollback to the old release; delete it when done.
 
@@ -21,7 +23,7 @@ use openraft::{LogId, StoredMembership, Vote};
 use rocksdb::{IteratorMode, Options, WriteBatch, DB};
 
 use super::command::Outcome;
-use super::state::StoredSnapshot;
+use super::snapshot::StoredSnapshot;
 use super::{BlobInfo, ManifestRecord, CF_BLOBS, CF_LOGS, CF_MANIFESTS, CF_RAFT, CF_REQUESTS, CF_SM};
 use crate::codec::{self, legacy, FORMAT};
 use crate::meta::identity::StoredIdentity;
@@ -49,8 +51,8 @@ pub enum UpgradeError {
 const ENCODED_CFS: [&str; 6] = [CF_RAFT, CF_LOGS, CF_SM, CF_MANIFESTS, CF_BLOBS, CF_REQUESTS];
 
 /// Make the database at `path` current (see the module doc). `snap_dir` is
-/// the state machine's snapshot directory, whose current file is converted
-/// with the rest.
+/// the state machine's snapshot directory, where a snapshot being installed
+/// is converted with the rest.
 pub fn ensure_current(db: &DB, path: &Path, snap_dir: &Path) -> Result<(), UpgradeError> {
     let raft = db.cf_handle(CF_RAFT).expect("raft cf");
     if let Some(v) = db.get_cf(raft, KEY_FORMAT)? {
@@ -102,9 +104,12 @@ fn convert(db: &DB, path: &Path, snap_dir: &Path) -> Result<(), UpgradeError> {
                 key: String::from_utf8_lossy(&k).into_owned(),
                 why,
             })?;
-            if name == CF_SM && (&*k == super::state::KEY_SNAPSHOT || &*k == super::state::KEY_INSTALLING) {
+            // The current snapshot's file is replaced by a checkpoint when
+            // the state machine opens; a received one being installed is
+            // read first, so it is converted.
+            if name == CF_SM && &*k == super::snapshot::KEY_INSTALLING {
                 let stored: StoredSnapshot = codec::decode(&new).expect("just encoded");
-                super::state::convert_snapshot_file(&snap_dir.join(&stored.file))?;
+                super::snapshot::convert_snapshot_file(&snap_dir.join(&stored.file))?;
             }
             batch.put_cf(to, &k, new);
             converted += 1;
