@@ -954,9 +954,8 @@ mod tests {
     /// entries after it: compared key by key, in every column family.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_snapshot_taken_under_writes_installs_the_same_state_key_by_key() {
-        const ROUNDS: u64 = 6;
-        const PER_ROUND: u64 = 40;
-        let entries: Vec<Entry<TypeConfig>> = (1..=ROUNDS * PER_ROUND)
+        const ENTRIES: u64 = 2000;
+        let entries: Vec<Entry<TypeConfig>> = (1..=ENTRIES)
             .map(|i| {
                 let p = (0..4).map(|j| put_tag(i * 4 + j, &format!("t{}", (i * 4 + j) % 97), &format!("v{i}-{j}")));
                 entry(i, p.collect())
@@ -965,27 +964,25 @@ mod tests {
         let leader_dir = tempfile::tempdir().unwrap();
         let (leader_db, mut leader) = machine(leader_dir.path());
         let mut builder = leader.get_snapshot_builder().await;
-        let (go, mut rounds) = tokio::sync::mpsc::channel::<()>(1);
         let to_apply = entries.clone();
         let applier = tokio::spawn(async move {
-            let mut it = to_apply.into_iter();
-            while rounds.recv().await.is_some() {
-                for e in it.by_ref().take(PER_ROUND as usize) {
-                    leader.apply([e]).await.unwrap();
-                }
+            for e in to_apply {
+                leader.apply([e]).await.unwrap();
+                tokio::task::yield_now().await;
             }
             leader
         });
-        // Each build races a round of applies.
+        // Builds race the applies, as openraft's do.
         let mut snaps = Vec::new();
-        for _ in 0..ROUNDS {
-            go.send(()).await.unwrap();
-            snaps.push(builder.build_snapshot().await.unwrap());
+        while !applier.is_finished() {
+            let snap = builder.build_snapshot().await.unwrap();
+            if snap.meta.last_log_id.is_some_and(|l| l.index < ENTRIES) && snaps.len() < 4 {
+                snaps.push(snap);
+            }
         }
-        drop(go);
         let _leader = applier.await.unwrap();
+        assert!(!snaps.is_empty(), "no snapshot was taken while entries were applied");
         let want = dump(&leader_db);
-        assert!(snaps.iter().any(|s| s.meta.last_log_id.is_some()), "a snapshot holds applied entries");
         for snap in snaps {
             let at = snap.meta.last_log_id.map_or(0, |l| l.index);
             let dir = tempfile::tempdir().unwrap();
