@@ -136,9 +136,8 @@ async fn a_data_dir_of_the_release_before_format_1_is_converted_and_serves_every
     // nothing applied takes none at start: a checkpoint in its snapshot
     // directory is of a snapshot node 1 sent and node 2 installed.
     let snaps = dir.path().join("node2/snapshots");
-    let installed = || {
-        std::fs::read_dir(&snaps).unwrap().flatten().any(|e| e.file_name().to_string_lossy().starts_with("ckpt-"))
-    };
+    let installed =
+        || std::fs::read_dir(&snaps).unwrap().flatten().any(|e| e.file_name().to_string_lossy().starts_with("ckpt-"));
     wait_for("node 2 to install a snapshot", Duration::from_secs(60), || {
         let done = installed();
         async move { done }

@@ -249,8 +249,11 @@ fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
     db.cf_handle(name).expect("column family exists")
 }
 
+/// A read-only instance over a checkpoint; its reads go through the shared
+/// block cache (see `meta::table_options`), and a transfer's do not fill it.
 fn open_read_only(dir: &Path, cfs: &[&str]) -> io::Result<DB> {
-    DB::open_cf_for_read_only(&Options::default(), dir, cfs.iter().copied(), false)
+    let cfs = cfs.iter().map(|n| rocksdb::ColumnFamilyDescriptor::new(*n, super::table_options()));
+    DB::open_cf_descriptors_read_only(&Options::default(), dir, cfs, false)
         .map_err(|e| io::Error::other(format!("opening snapshot checkpoint {}: {e}", dir.display())))
 }
 

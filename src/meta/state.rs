@@ -661,7 +661,13 @@ fn rebuild_derived(db: &DB) -> std::io::Result<()> {
         }
         Ok(())
     };
-    for item in db.iterator_cf(cf(db, CF_MANIFESTS), IteratorMode::Start) {
+    // One pass over everything: keep the block cache for serving.
+    let scan = || {
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.fill_cache(false);
+        ro
+    };
+    for item in db.iterator_cf_opt(cf(db, CF_MANIFESTS), scan(), IteratorMode::Start) {
         let (k, v) = item.map_err(db_err)?;
         let Some(sep) = k.iter().position(|b| *b == 0) else { continue };
         let (Ok(repo), Ok(manifest)) =
@@ -677,7 +683,7 @@ fn rebuild_derived(db: &DB) -> std::io::Result<()> {
         }
         flush(&mut batch, false)?;
     }
-    for item in db.iterator_cf(cf(db, CF_LINKS), IteratorMode::Start) {
+    for item in db.iterator_cf_opt(cf(db, CF_LINKS), scan(), IteratorMode::Start) {
         let (k, _) = item.map_err(db_err)?;
         let Some(sep) = k.iter().position(|b| *b == 0) else { continue };
         let (Ok(repo), Ok(blob)) = (std::str::from_utf8(&k[..sep]), std::str::from_utf8(&k[sep + 1..])) else {
