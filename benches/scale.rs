@@ -9,7 +9,10 @@
 //! `cargo bench --bench scale`; `SCALE_MANIFESTS` (default 1,000,000),
 //! `SCALE_STEP` (100,000), `SCALE_SPARSE_GIB` (50), `SCALE_PAD` (bytes of
 //! annotation added to each 426-byte manifest; default 1,500, the ~1.9 KB
-//! of issue 16's measurements).
+//! of issue 16's measurements), `SCALE_PAD_RANDOM` (1, the default: each
+//! manifest's annotation is its own pseudo-random hex, which LZ4 barely
+//! compresses, as digests; 0: one repeated byte, which it compresses to
+//! almost nothing).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -107,19 +110,38 @@ async fn wait_serving(c: &reqwest::Client, base: &str, repo: &str, tag: &str) {
     .await;
 }
 
+/// `len` pseudo-random hex digits, a function of `seed` (splitmix64).
+fn hex_pad(seed: u64, len: usize) -> String {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut out = String::with_capacity(len + 16);
+    while out.len() < len {
+        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        out.push_str(&format!("{:016x}", z ^ (z >> 31)));
+    }
+    out.truncate(len);
+    out
+}
+
 #[tokio::main]
 async fn main() {
     let total = env("SCALE_MANIFESTS", 1_000_000) as usize;
     let step = env("SCALE_STEP", 100_000) as usize;
     let sparse_gib = env("SCALE_SPARSE_GIB", 50);
-    let pad = "p".repeat(env("SCALE_PAD", 1500) as usize);
+    let pad_len = env("SCALE_PAD", 1500) as usize;
+    let random_pad = env("SCALE_PAD_RANDOM", 1) == 1;
     let mut cl = TestCluster::start(3, 10_000).await;
     let c = reqwest::Client::builder().pool_max_idle_per_host(128).build().unwrap();
     let leader = cl.wait_leader_everywhere().await;
     let base = cl.base(leader);
     let config = push_blob(&c, &base, "scale/base", b"{\"scale\":1}!!").await;
     let layer = push_blob(&c, &base, "scale/base", &[7u8; 2000]).await;
-    let annotations = move |i: usize| format!(r#","annotations":{{"n":"{i:07}","pad":"{pad}"}}"#);
+    let annotations = move |i: usize| {
+        let pad = if random_pad { hex_pad(i as u64, pad_len) } else { "p".repeat(pad_len) };
+        format!(r#","annotations":{{"n":"{i:07}","pad":"{pad}"}}"#)
+    };
     let sample = image_manifest((&config, 13), &[(&layer, 2000)], &annotations(0));
     println!("manifest size {} bytes; {total} manifests in steps of {step}, c=64 via the leader", sample.len());
     println!(
