@@ -360,8 +360,12 @@ pub struct Config {
     pub min_regions: usize,
     /// Keep a local copy of blobs streamed from peers.
     pub cache_on_read: bool,
-    /// How often the repair loop runs.
+    /// How often the repair loop wakes: the leader probes members and
+    /// repairs the blobs queued since (see `blob::repair`).
     pub repair_interval_secs: u64,
+    /// How often, when nothing else asks for it, the leader scans the whole
+    /// blob index and every node checks that its copies exist.
+    pub repair_sweep_secs: u64,
     /// How often every local copy is re-hashed (a pass starts this long
     /// after the last one started; a restart resumes the pass).
     pub scrub_interval_secs: u64,
@@ -434,6 +438,7 @@ impl Default for Config {
             min_regions: 1,
             cache_on_read: true,
             repair_interval_secs: 10,
+            repair_sweep_secs: 3600,
             scrub_interval_secs: 24 * 3600,
             scrub_mib_per_sec: 64,
             dead_after_secs: 60,

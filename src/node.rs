@@ -192,6 +192,7 @@ impl RunningNode {
         let repair = repair::RepairSettings {
             interval: Duration::from_secs(cfg.repair_interval_secs.max(1)),
             dead_after: Duration::from_secs(cfg.dead_after_secs.max(1)),
+            sweep: Duration::from_secs(cfg.repair_sweep_secs.max(1)),
         };
         let repair_report = Arc::new(repair::RepairReport::default());
         let scrub_report = Arc::new(scrub::ScrubReport::default());

@@ -94,31 +94,65 @@ async fn an_upload_hops_between_nodes() {
     }
 }
 
+/// Repair is driven by what changed: with members steady, rounds go by
+/// without scanning the blob index; a copy the scrub finds corrupt (or
+/// gone) is queued, and repair restores that one, still without a scan.
 #[tokio::test]
-async fn a_corrupt_copy_is_dropped_and_repaired() {
-    let cl = TestCluster::start_with(3, 10_000, |_| "repair_interval_secs = 1\nscrub_interval_secs = 1\n".into()).await;
+async fn a_corrupt_or_missing_copy_is_repaired_from_the_queue_without_a_scan() {
+    let settings = "repair_interval_secs = 1\nscrub_interval_secs = 1\ndead_after_secs = 2\n";
+    let cl = TestCluster::start_with(3, 10_000, |_| settings.into()).await;
     let c = client();
+    let leader = cl.wait_leader_everywhere().await;
     let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 249) as u8).collect();
     let d = push_blob(&c, &cl.base(0), "rot", &data).await;
-    let path = cl.blob_path(1, &d);
-    wait_for("node 2 to hold a copy", Duration::from_secs(30), || {
-        let path = path.clone();
-        async move { path.exists() }
+    let other: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let d2 = push_blob(&c, &cl.base(0), "rot", &other).await;
+    let victim = (0..3).find(|i| *i != leader).unwrap();
+    let (path, path2) = (cl.blob_path(victim, &d), cl.blob_path(victim, &d2));
+    wait_for("the victim to hold both copies", Duration::from_secs(30), || {
+        let ok = path.exists() && path2.exists();
+        async move { ok }
     })
     .await;
+
+    // Steady: three rounds pass and none of them scans.
+    let lead = cl.base(leader);
+    let m = |name: &'static str| {
+        let (c, lead) = (c.clone(), lead.clone());
+        async move { metric(&c, &lead, name).await.unwrap_or(0) }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let (mut scans, mut since) = (m("berth_repair_scans_total").await, m("berth_repair_rounds").await);
+    loop {
+        let (s, r) = (m("berth_repair_scans_total").await, m("berth_repair_rounds").await);
+        if s != scans {
+            (scans, since) = (s, r);
+        }
+        if r >= since + 3 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no three repair rounds in a row without a scan");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let queued = m("berth_repair_queued_total").await;
+
     let mut bad = std::fs::read(&path).unwrap();
     bad[1234] ^= 0xff;
     std::fs::write(&path, &bad).unwrap();
+    std::fs::remove_file(&path2).unwrap();
 
-    // The scrub finds it, drops it, and repair puts a good copy back.
-    wait_for("the corrupt copy to be repaired", Duration::from_secs(60), || {
-        let (path, data) = (path.clone(), data.clone());
-        async move { std::fs::read(&path).is_ok_and(|b| b == data) }
+    // The scrub finds both, drops them, and repair puts good copies back.
+    wait_for("the corrupt and the missing copy to be repaired", Duration::from_secs(60), || {
+        let (path, path2, data, other) = (path.clone(), path2.clone(), data.clone(), other.clone());
+        async move { std::fs::read(&path).is_ok_and(|b| b == data) && std::fs::read(&path2).is_ok_and(|b| b == other) }
     })
     .await;
     for i in 0..3 {
         assert_eq!(get_bytes(&c, &format!("{}/v2/rot/blobs/{d}", cl.base(i))).await.as_deref(), Some(&data[..]));
+        assert_eq!(get_bytes(&c, &format!("{}/v2/rot/blobs/{d2}", cl.base(i))).await.as_deref(), Some(&other[..]));
     }
+    assert_eq!(m("berth_repair_scans_total").await, scans, "repaired from the queue, not by a scan");
+    assert!(m("berth_repair_queued_total").await >= queued + 2, "both copies went through the queue");
 }
 
 #[tokio::test]

@@ -10,12 +10,6 @@ use std::time::Duration;
 use common::cluster::TestCluster;
 use common::*;
 
-/// The value of an unlabelled metric on node `base`.
-async fn metric(c: &reqwest::Client, base: &str, name: &str) -> Option<u64> {
-    let text = c.get(format!("{base}/metrics")).send().await.ok()?.text().await.ok()?;
-    text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.trim().parse().ok())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_hashes_nothing_and_the_scrub_finds_a_corrupt_copy_later() {
     let settings = "replicas = 3\nrepair_interval_secs = 1\nscrub_interval_secs = 3600\n";

@@ -29,6 +29,8 @@ type GcGauge = (IntGauge, fn(&GcReport) -> u64);
 
 struct RepairGauges {
     rounds: IntGauge,
+    scans: IntGauge,
+    queued: IntGauge,
     below_target: IntGauge,
     local_checks: IntGauge,
     scrubbed: IntGauge,
@@ -89,6 +91,15 @@ impl Default for Metrics {
         };
         let repair = RepairGauges {
             rounds: g("berth_repair_rounds", "Leader repair rounds this node completed since it started."),
+            scans: g(
+                "berth_repair_scans_total",
+                "Repair rounds of this node that scanned the whole blob index (a membership or liveness change, \
+                 a new leader, the sweep).",
+            ),
+            queued: g(
+                "berth_repair_queued_total",
+                "Blobs this node's repair looked at because their copies shrank, without a scan.",
+            ),
             below_target: g(
                 "berth_blobs_below_target",
                 "Blobs with fewer copies on live members than their target after this node's last repair round; \
@@ -172,6 +183,8 @@ impl Metrics {
             gauge.set(value as i64);
         }
         self.repair.rounds.set(repair.rounds() as i64);
+        self.repair.scans.set(repair.scans() as i64);
+        self.repair.queued.set(repair.queued() as i64);
         self.repair.below_target.set(repair.below_target().map_or(-1, |b| b as i64));
         use std::sync::atomic::Ordering::Relaxed;
         self.repair.local_checks.set(repair.local_checks() as i64);

@@ -1,8 +1,21 @@
-//! Self-healing. Every node checks that the copies the index says it holds
-//! exist (that they still hash to their digest is the scrub's, `scrub.rs`).
-//! The leader additionally finds blobs below their replica target (a holder
-//! left, died more than `dead_after` ago, or lost its copy) and copies them
-//! from a surviving holder to new placements, recording holders through Raft.
+//! Self-healing, driven by what changed. The leader restores blobs below
+//! their replica target by copying them from a surviving holder to new
+//! placements, recording holders through Raft. It learns which ones from:
+//! - the queue of blobs whose copies shrank ([`crate::meta::LostCopies`]):
+//!   every applied `RemoveHolders` (a copy the scrub found corrupt or
+//!   missing, or a failed background copy) lands there, and only those
+//!   blobs are looked at;
+//! - a change of the members or of which of them answer (a node joined,
+//!   left, died more than `dead_after` ago or came back), or of the leader:
+//!   then it scans the whole index, a page at a time, since any blob may
+//!   be placed differently;
+//! - a sweep every `repair_sweep_secs`, the same scan, as a safety net.
+//!
+//! A round with nothing queued and nothing changed reads nothing. Every node
+//! checks that the copies the index says it holds exist when it starts (a
+//! swapped disk is reported before anyone reads it) and once per sweep;
+//! between, the scrub (`scrub.rs`) finds copies missing or rotten as it
+//! re-hashes them at its own pace.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
@@ -13,7 +26,8 @@ use futures::{StreamExt, TryStreamExt};
 use tokio::sync::watch;
 
 use super::Replicator;
-use crate::meta::{Command, MetaReader};
+use crate::meta::{BlobInfo, Command, MetaReader};
+use crate::oci::Digest;
 use crate::NodeId;
 
 /// Blobs checked or repaired at once. A replaced disk or a lost node leaves
@@ -25,8 +39,12 @@ const CONCURRENCY: usize = 16;
 
 #[derive(Debug, Clone)]
 pub struct RepairSettings {
+    /// How often the loop wakes: probes members, works the queue.
     pub interval: Duration,
     pub dead_after: Duration,
+    /// How often the whole index is scanned, and local copies checked,
+    /// when nothing else asks for it.
+    pub sweep: Duration,
 }
 
 /// What the repair rounds of this node found, for `/metrics`: how an
@@ -37,11 +55,19 @@ pub struct RepairReport {
     rounds: AtomicU64,
     below_target: AtomicI64,
     local_checks: AtomicU64,
+    scans: AtomicU64,
+    queued: AtomicU64,
 }
 
 impl Default for RepairReport {
     fn default() -> Self {
-        RepairReport { rounds: AtomicU64::new(0), below_target: AtomicI64::new(-1), local_checks: AtomicU64::new(0) }
+        RepairReport {
+            rounds: AtomicU64::new(0),
+            below_target: AtomicI64::new(-1),
+            local_checks: AtomicU64::new(0),
+            scans: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
+        }
     }
 }
 
@@ -54,6 +80,16 @@ impl RepairReport {
     /// Leader repair rounds completed by this node since it started.
     pub fn rounds(&self) -> u64 {
         self.rounds.load(Ordering::Relaxed)
+    }
+
+    /// Rounds of those that scanned the whole blob index.
+    pub fn scans(&self) -> u64 {
+        self.scans.load(Ordering::Relaxed)
+    }
+
+    /// Blobs looked at because they were queued, not found by a scan.
+    pub fn queued(&self) -> u64 {
+        self.queued.load(Ordering::Relaxed)
     }
 
     /// Blobs that had fewer copies on live members than their target
@@ -73,11 +109,6 @@ pub async fn run(
 ) {
     let mut last_seen: HashMap<NodeId, Instant> = HashMap::new();
     let started = Instant::now();
-    // The first round runs at once: a node that was down (or whose disk
-    // was swapped) reports what it lost before anyone reads it. It looks
-    // for the files, it does not hash them: that is the scrub's, at its
-    // own pace, so a restart costs the same whatever the store's size.
-    let mut first = true;
     // The index says which copies this node should hold only once it has
     // applied what was committed while it was down: catch up first.
     tokio::select! {
@@ -88,37 +119,107 @@ pub async fn run(
         }
         _ = stop.changed() => return,
     }
+    // When local copies were last checked; None: not since start.
+    let mut checked: Option<Instant> = None;
+    // What the last full scan saw; None: none since this node last led.
+    let mut scanned: Option<Scanned> = None;
     loop {
-        if !first {
+        if checked.is_some() {
             tokio::select! {
                 _ = tokio::time::sleep(s.interval) => {}
                 _ = stop.changed() => return,
             }
         }
-        match check_local(&r, &meta).await {
-            Ok(c) if first || c.missing > 0 => {
-                tracing::info!(held = c.held, missing = c.missing, "checked local copies against the index")
+        // At start a node looks for its files (it does not hash them: that
+        // is the scrub's, at its own pace, so a restart costs the same
+        // whatever the store's size) and reports what it lost before
+        // anyone reads it.
+        if checked.is_none_or(|t| t.elapsed() >= s.sweep) {
+            match check_local(&r, &meta).await {
+                Ok(c) => tracing::info!(held = c.held, missing = c.missing, "checked local copies against the index"),
+                Err(e) => tracing::warn!(error = %e, "checking local copies"),
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "checking local copies"),
+            report.local_checks.fetch_add(1, Ordering::Relaxed);
+            checked = Some(Instant::now());
         }
-        report.local_checks.fetch_add(1, Ordering::Relaxed);
-        first = false;
-        if r.is_leader() {
-            probe(&r, &mut last_seen).await;
-            // Right after start every peer looks unseen: give them time.
-            let grace = started.elapsed() < s.dead_after;
-            match repair(&r, &meta, &last_seen, s.dead_after, grace).await {
-                Ok(below) => {
-                    report.below_target.store(below as i64, Ordering::Relaxed);
-                    report.rounds.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => tracing::warn!(error = %e, "repair round"),
-            }
-        } else {
+        let lost = meta.lost_copies().take();
+        if !r.is_leader() {
+            // A node that becomes leader scans everything first.
+            scanned = None;
             report.below_target.store(-1, Ordering::Relaxed);
+            continue;
+        }
+        probe(&r, &mut last_seen).await;
+        // Right after start every peer looks unseen: give them time.
+        let grace = started.elapsed() < s.dead_after;
+        let view = View::now(&r, &last_seen, s.dead_after, grace);
+        let scan =
+            lost.overflowed || scanned.as_ref().is_none_or(|last| last.view != view || last.at.elapsed() >= s.sweep);
+        let result = if scan {
+            report.scans.fetch_add(1, Ordering::Relaxed);
+            let below = repair_all(&r, &meta, &view).await;
+            if let Ok(below) = below {
+                report.below_target.store(below as i64, Ordering::Relaxed);
+                scanned = Some(Scanned { view, at: Instant::now() });
+            }
+            below.map(|_| ())
+        } else if lost.digests.is_empty() {
+            Ok(())
+        } else {
+            report.queued.fetch_add(lost.digests.len() as u64, Ordering::Relaxed);
+            match repair_some(&r, &meta, &view, lost.digests).await {
+                // Still short (no live holder, no room): the next round
+                // scans, so the gauge counts it and placement is retried.
+                Ok(0) => Ok(()),
+                Ok(_) => {
+                    scanned = None;
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
+        };
+        match result {
+            Ok(()) => {
+                report.rounds.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                scanned = None;
+                tracing::warn!(error = %e, "repair round");
+            }
         }
     }
+}
+
+/// The members and which of them answer, as a repair round sees them.
+#[derive(Debug, PartialEq, Eq)]
+struct View {
+    /// Sorted.
+    members: Vec<NodeId>,
+    /// Sorted; during the grace after start, every member.
+    alive: Vec<NodeId>,
+}
+
+impl View {
+    fn now(r: &Replicator, last_seen: &HashMap<NodeId, Instant>, dead_after: Duration, grace: bool) -> View {
+        let mut members: Vec<NodeId> = r.member_addrs().into_iter().map(|m| m.0).collect();
+        members.sort_unstable();
+        let alive = members
+            .iter()
+            .copied()
+            .filter(|id| grace || last_seen.get(id).is_some_and(|t| t.elapsed() < dead_after))
+            .collect();
+        View { members, alive }
+    }
+
+    fn alive(&self, id: &NodeId) -> bool {
+        self.alive.binary_search(id).is_ok()
+    }
+}
+
+/// The last full scan: what it saw, and when.
+struct Scanned {
+    view: View,
+    at: Instant,
 }
 
 /// What a check of the local copies found.
@@ -148,7 +249,7 @@ async fn check_local(r: &Replicator, meta: &MetaReader) -> anyhow::Result<LocalC
             .map(|digest| async move {
                 let present = r.store().contains(&digest).await;
                 if !present {
-                    r.drop_corrupt(&digest).await;
+                    r.forget_missing(&digest).await;
                 }
                 present
             })
@@ -170,18 +271,9 @@ async fn probe(r: &Replicator, last_seen: &mut HashMap<NodeId, Instant>) {
     }
 }
 
-async fn repair(
-    r: &Replicator,
-    meta: &MetaReader,
-    last_seen: &HashMap<NodeId, Instant>,
-    dead_after: Duration,
-    grace: bool,
-) -> anyhow::Result<usize> {
-    let members: Vec<NodeId> = r.member_addrs().into_iter().map(|m| m.0).collect();
-    let alive = |id: &NodeId| grace || last_seen.get(id).is_some_and(|t| t.elapsed() < dead_after);
-    let alive = &alive;
-    let members = &members;
-    let want = r.replicas().min(members.iter().filter(|m| alive(m)).count());
+/// Scan the whole index, a page at a time, repairing what is short.
+/// Returns how many blobs are still below target.
+async fn repair_all(r: &Replicator, meta: &MetaReader, view: &View) -> anyhow::Result<usize> {
     let below = &AtomicUsize::new(0);
     let mut after = None;
     loop {
@@ -190,24 +282,8 @@ async fn repair(
         let last_page = page.len() < PAGE;
         futures::stream::iter(page.into_iter().map(anyhow::Ok))
             .try_for_each_concurrent(CONCURRENCY, |(digest, info)| async move {
-                let gone: Vec<NodeId> = info.holders.iter().copied().filter(|h| !members.contains(h)).collect();
-                if !gone.is_empty() {
-                    r.propose(Command::RemoveHolders { digest: digest.clone(), holders: gone }).await?;
-                }
-                let live: Vec<NodeId> =
-                    info.holders.iter().copied().filter(|h| members.contains(h) && alive(h)).collect();
-                if live.is_empty() {
+                if !repair_one(r, view, &digest, &info).await? {
                     below.fetch_add(1, Ordering::Relaxed);
-                    return Ok(());
-                }
-                // Where placement wants the blob now (a joining node gets its
-                // share, a dead or departed holder is replaced).
-                let new = r.place(&digest, info.size, &live, &live, alive).await;
-                if live.len() + new.len() < want {
-                    below.fetch_add(1, Ordering::Relaxed);
-                }
-                if !new.is_empty() {
-                    r.propose(Command::AddHolders { digest: digest.clone(), size: info.size, holders: new }).await?;
                 }
                 Ok(())
             })
@@ -216,4 +292,43 @@ async fn repair(
             return Ok(below.load(Ordering::Relaxed));
         }
     }
+}
+
+/// Repair the queued `digests` (those still in the index). Returns how
+/// many are still below target.
+async fn repair_some(r: &Replicator, meta: &MetaReader, view: &View, digests: Vec<Digest>) -> anyhow::Result<usize> {
+    let below = &AtomicUsize::new(0);
+    futures::stream::iter(digests.into_iter().map(anyhow::Ok))
+        .try_for_each_concurrent(CONCURRENCY, |digest| async move {
+            let Some(info) = meta.blob(&digest)? else { return Ok(()) };
+            if !repair_one(r, view, &digest, &info).await? {
+                below.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        })
+        .await?;
+    Ok(below.load(Ordering::Relaxed))
+}
+
+/// Bring one blob to its target: forget holders that are no longer
+/// members, copy it to where placement wants it now (a joining node gets
+/// its share, a dead or departed holder is replaced). Returns whether it
+/// is at its target (`replicas`, or every live member if fewer).
+async fn repair_one(r: &Replicator, view: &View, digest: &Digest, info: &BlobInfo) -> anyhow::Result<bool> {
+    let member = |h: &NodeId| view.members.binary_search(h).is_ok();
+    let gone: Vec<NodeId> = info.holders.iter().copied().filter(|h| !member(h)).collect();
+    if !gone.is_empty() {
+        r.propose(Command::RemoveHolders { digest: digest.clone(), holders: gone }).await?;
+    }
+    let live: Vec<NodeId> = info.holders.iter().copied().filter(|h| member(h) && view.alive(h)).collect();
+    if live.is_empty() {
+        return Ok(false);
+    }
+    let want = r.replicas().min(view.alive.len());
+    let new = r.place(digest, info.size, &live, &live, &|id: &NodeId| view.alive(id)).await;
+    let at_target = live.len() + new.len() >= want;
+    if !new.is_empty() {
+        r.propose(Command::AddHolders { digest: digest.clone(), size: info.size, holders: new }).await?;
+    }
+    Ok(at_target)
 }

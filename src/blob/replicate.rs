@@ -172,6 +172,15 @@ impl Replicator {
             tokio::spawn(async move {
                 for _ in done..launched {
                     let Some((id, res)) = rx.recv().await else { return };
+                    if let Err(e) = &res {
+                        // Below its target: ask the leader's repair (which
+                        // reads what every node applies) to look at it.
+                        tracing::warn!(digest = %d, node = id, error = %e, "background replica copy failed");
+                        let cmd = Command::RemoveHolders { digest: d.clone(), holders: Vec::new() };
+                        if let Err(e) = cluster.propose(cmd).await {
+                            tracing::warn!(digest = %d, error = %e, "queueing a repair failed");
+                        }
+                    }
                     if res.is_ok() {
                         // A push links the blob as this returns; a copy
                         // recorded before that finds no index entry and
@@ -352,6 +361,16 @@ impl Replicator {
             }
         };
         Ok(futures::future::Either::Right(verified(inner, digest.clone(), size, None, Some(Box::new(done)))))
+    }
+
+    /// Forget, in the index, a local copy whose file is gone (the leader's
+    /// repair then restores it from another holder).
+    pub async fn forget_missing(&self, digest: &Digest) {
+        tracing::warn!(%digest, "a local copy the index names is missing; forgetting it");
+        let cmd = Command::RemoveHolders { digest: digest.clone(), holders: vec![self.cluster.id] };
+        if let Err(e) = self.cluster.propose(cmd).await {
+            tracing::warn!(%digest, error = %e, "recording the lost copy failed");
+        }
     }
 
     /// Remove a local copy found corrupt and forget it in the index.

@@ -6,8 +6,9 @@
 //! started over a store (a fresh one, or one upgraded from a release that
 //! re-hashed at start) trusts what it finds: every copy was hashed,
 //! fsynced and verified before it was renamed into place, and the first
-//! pass comes one interval later. A copy found corrupt is dropped from the
-//! index, and repair restores it from another holder.
+//! pass comes one interval later. A copy found corrupt or missing is
+//! dropped from the index, which queues it for the leader's repair
+//! (`repair.rs`); that restores it from another holder.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -137,12 +138,15 @@ pub async fn run(
                 match r.store().check_at(digest, s.bytes_per_sec).await {
                     Ok(true) => {}
                     Ok(false) => {
-                        // Missing files are repair's (every round); a
-                        // file here that does not hash to its name is ours.
+                        // Not there, or not hashing to its name: either way
+                        // the index must stop naming this copy, and the
+                        // leader's repair restores it.
                         if r.store().contains(digest).await {
                             tracing::warn!(%digest, "scrub: a local copy does not match its digest; dropping it");
                             report.corrupt.fetch_add(1, Ordering::Relaxed);
                             r.drop_corrupt(digest).await;
+                        } else {
+                            r.forget_missing(digest).await;
                         }
                     }
                     Err(e) => tracing::warn!(%digest, error = %e, "scrub: reading a local copy"),

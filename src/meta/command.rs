@@ -43,7 +43,9 @@ pub enum Command {
         size: u64,
         holders: Vec<NodeId>,
     },
-    /// Forget copies that are gone (corrupt, or their node left).
+    /// Forget copies that are gone (corrupt, or their node left). Applied,
+    /// it queues the blob for the leader's repair ([`super::LostCopies`]);
+    /// with no holders it does only that: "this blob is short of copies".
     RemoveHolders {
         digest: Digest,
         holders: Vec<NodeId>,

@@ -7,6 +7,7 @@ mod events;
 mod fence;
 mod identity;
 mod log;
+mod lost;
 mod snapshot;
 mod state;
 pub mod upgrade;
@@ -25,6 +26,7 @@ pub use events::{EventAction, StoredEvent, TagStamp};
 pub use fence::{InstallFence, Installing};
 pub use identity::{IdentityError, IdentityStore, StoredIdentity};
 pub use log::{CommitIndex, LogStore};
+pub use lost::LostCopies;
 pub use snapshot::{Checkpoint, SnapshotData};
 pub use state::StateMachine;
 
@@ -252,6 +254,7 @@ type ReadResult<T> = Result<T, ReadError>;
 pub struct MetaReader {
     db: Arc<DB>,
     fence: Arc<InstallFence>,
+    lost: Arc<LostCopies>,
 }
 
 /// One page of a sorted listing, and whether more follow.
@@ -316,8 +319,14 @@ const GC_LINKS_PER_BLOB: usize = 2048;
 impl MetaReader {
     /// A reader of `db`; `fence` is the state machine's (see
     /// [`StateMachine::reader`]).
-    pub(crate) fn new(db: Arc<DB>, fence: Arc<InstallFence>) -> MetaReader {
-        MetaReader { db, fence }
+    pub(crate) fn new(db: Arc<DB>, fence: Arc<InstallFence>, lost: Arc<LostCopies>) -> MetaReader {
+        MetaReader { db, fence, lost }
+    }
+
+    /// Blobs that may have fewer copies than they should, as this node's
+    /// state machine and replicator learned (see [`LostCopies`]).
+    pub fn lost_copies(&self) -> &LostCopies {
+        &self.lost
     }
 
     /// Run `read` inside the install fence.

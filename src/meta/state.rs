@@ -67,6 +67,7 @@ pub struct StateMachine {
     snapshots: Arc<SnapshotStore>,
     receiving: Option<PathBuf>,
     fence: Arc<InstallFence>,
+    lost: Arc<super::LostCopies>,
 }
 
 fn io_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
@@ -114,7 +115,7 @@ impl StateMachine {
     /// its checkpoint) takes one now: a peer may need it.
     pub fn new(db: Arc<DB>, snap_dir: PathBuf) -> std::io::Result<StateMachine> {
         let snapshots = Arc::new(SnapshotStore::open(snap_dir, &db)?);
-        let sm = StateMachine { db, snapshots, receiving: None, fence: Arc::default() };
+        let sm = StateMachine { db, snapshots, receiving: None, fence: Arc::default(), lost: Arc::default() };
         if let Some((meta, path)) = pending_install(&sm.db, &sm.snapshots)? {
             tracing::warn!(snapshot = %meta.snapshot_id, "finishing a snapshot install cut short by a restart");
             install_file(&sm.db, &sm.snapshots, &path, &meta)?;
@@ -144,7 +145,7 @@ impl StateMachine {
 
     /// A reader of the applied state, fenced against this machine's installs.
     pub fn reader(&self) -> super::MetaReader {
-        super::MetaReader::new(self.db.clone(), self.fence.clone())
+        super::MetaReader::new(self.db.clone(), self.fence.clone(), self.lost.clone())
     }
 
     /// Apply one command's effects into `batch`, reading current state from
@@ -285,6 +286,8 @@ impl StateMachine {
                     let mut info: BlobInfo = crate::codec::decode(&v).map_err(io_err)?;
                     info.holders.retain(|h| !holders.contains(h));
                     batch.put_cf(cf(db, CF_BLOBS), &d, crate::codec::encode(&info));
+                    // Fewer copies: the leader's repair restores them.
+                    self.lost.push(digest);
                 }
                 Ok(())
             }
@@ -910,7 +913,7 @@ mod tests {
     }
 
     fn tag_value(db: &Arc<DB>) -> String {
-        let r = MetaReader::new(db.clone(), Arc::default());
+        let r = MetaReader::new(db.clone(), Arc::default(), Arc::default());
         let name: Name = "r".parse().unwrap();
         let tag: Tag = "t".parse().unwrap();
         let d = r.tag(&name, &tag).unwrap().expect("tag exists");

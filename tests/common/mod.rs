@@ -429,3 +429,9 @@ pub fn tls_client_as(ca: &Path, user: &str, password: &str, builder: reqwest::Cl
         .build()
         .unwrap()
 }
+
+/// The value of an unlabelled metric on node `base`.
+pub async fn metric(c: &reqwest::Client, base: &str, name: &str) -> Option<u64> {
+    let text = c.get(format!("{base}/metrics")).send().await.ok()?.text().await.ok()?;
+    text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.trim().parse().ok())
+}
