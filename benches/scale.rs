@@ -162,7 +162,7 @@ async fn main() {
             let r = c.post(format!("{base}/v2/{repo}/blobs/uploads/?mount={d}&from=scale/base")).send().await.unwrap();
             assert_eq!(r.status(), 201);
         }
-        let annotations2 = annotations.clone();
+        let annotations2 = annotations;
         let (c2, base2, config2, layer2, repo2) =
             (c.clone(), base.clone(), config.clone(), layer.clone(), repo.clone());
         let bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));

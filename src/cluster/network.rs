@@ -263,7 +263,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             let done = next.is_none();
             let len = data.len() as u64;
             let more = if done { install_allowance(offset + len) } else { Duration::ZERO };
-            let req = InstallSnapshotRequest { vote: vote.clone(), meta: meta.clone(), offset, data, done };
+            let req = InstallSnapshotRequest { vote, meta: meta.clone(), offset, data, done };
             let resp = tokio::select! {
                 closed = &mut cancel => return Err(closed.into()),
                 r = self.send_chunk(&req, &option, more) => r?,

@@ -945,8 +945,11 @@ mod tests {
         sm.install_snapshot(&snap.meta, f).await.unwrap();
     }
 
+    /// A key and value, and the column family holding them.
+    type Row = (&'static str, Box<[u8]>, Box<[u8]>);
+
     /// Every key and value of the state and derived column families.
-    fn dump(db: &DB) -> Vec<(&'static str, Box<[u8]>, Box<[u8]>)> {
+    fn dump(db: &DB) -> Vec<Row> {
         let mut out = Vec::new();
         for name in STATE_CFS.iter().chain(DERIVED_CFS.iter()) {
             for item in db.iterator_cf(cf(db, name), IteratorMode::Start) {
