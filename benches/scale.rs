@@ -12,7 +12,8 @@
 //! of issue 16's measurements), `SCALE_PAD_RANDOM` (1, the default: each
 //! manifest's annotation is its own pseudo-random hex, which LZ4 barely
 //! compresses, as digests; 0: one repeated byte, which it compresses to
-//! almost nothing).
+//! almost nothing), `SCALE_SNAPSHOT_LOGS` (10,000, the default
+//! `snapshot_logs`).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -132,7 +133,7 @@ async fn main() {
     let sparse_gib = env("SCALE_SPARSE_GIB", 50);
     let pad_len = env("SCALE_PAD", 1500) as usize;
     let random_pad = env("SCALE_PAD_RANDOM", 1) == 1;
-    let mut cl = TestCluster::start(3, 10_000).await;
+    let mut cl = TestCluster::start(3, env("SCALE_SNAPSHOT_LOGS", 10_000)).await;
     let c = reqwest::Client::builder().pool_max_idle_per_host(128).build().unwrap();
     let leader = cl.wait_leader_everywhere().await;
     let base = cl.base(leader);

@@ -94,6 +94,43 @@ async fn an_upload_hops_between_nodes() {
     }
 }
 
+/// A push while one placement target is down (not yet counted dead) is
+/// acknowledged with the copies it has; the copy the target missed is
+/// queued, and retried round after round until the target is back: no
+/// membership or liveness change ever comes to trigger a scan.
+#[tokio::test]
+async fn a_copy_missed_by_a_briefly_down_node_is_made_when_it_returns() {
+    let settings = "replicas = 3\nmin_copies = 2\nrepair_interval_secs = 1\ndead_after_secs = 3600\n";
+    let mut cl = TestCluster::start_with(3, 10_000, |_| settings.into()).await;
+    let c = client();
+    let leader = cl.wait_leader_everywhere().await;
+    let down = (0..3).find(|i| *i != leader).unwrap();
+    cl.kill(down);
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 233) as u8).collect();
+    let d = push_blob(&c, &cl.base(leader), "missed", &data).await;
+    let scans = metric(&c, &cl.base(leader), "berth_repair_scans_total").await.unwrap_or(0);
+    // A few rounds go by while it is down.
+    let rounds = metric(&c, &cl.base(leader), "berth_repair_rounds").await.unwrap_or(0);
+    wait_for("three repair rounds", Duration::from_secs(30), || {
+        let (c, base) = (c.clone(), cl.base(leader));
+        async move { metric(&c, &base, "berth_repair_rounds").await.unwrap_or(0) >= rounds + 3 }
+    })
+    .await;
+    assert!(!cl.blob_path(down, &d).exists());
+    cl.start_node(down).await;
+    let path = cl.blob_path(down, &d);
+    wait_for("the returned node to get its copy", Duration::from_secs(60), || {
+        let (path, data) = (path.clone(), data.clone());
+        async move { std::fs::read(&path).is_ok_and(|b| b == data) }
+    })
+    .await;
+    assert_eq!(
+        metric(&c, &cl.base(leader), "berth_repair_scans_total").await.unwrap_or(0),
+        scans,
+        "made from the queue, not by a scan"
+    );
+}
+
 /// Repair is driven by what changed: with members steady, rounds go by
 /// without scanning the blob index; a copy the scrub finds corrupt (or
 /// gone) is queued, and repair restores that one, still without a scan.

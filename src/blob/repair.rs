@@ -18,7 +18,7 @@
 //! re-hashes them at its own pace.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -157,27 +157,29 @@ pub async fn run(
             lost.overflowed || scanned.as_ref().is_none_or(|last| last.view != view || last.at.elapsed() >= s.sweep);
         let result = if scan {
             report.scans.fetch_add(1, Ordering::Relaxed);
-            let below = repair_all(&r, &meta, &view).await;
-            if let Ok(below) = below {
-                report.below_target.store(below as i64, Ordering::Relaxed);
+            let short = repair_all(&r, &meta, &view).await;
+            if short.is_ok() {
                 scanned = Some(Scanned { view, at: Instant::now() });
             }
-            below.map(|_| ())
+            short
         } else if lost.digests.is_empty() {
-            Ok(())
+            Ok(Short::default())
         } else {
             report.queued.fetch_add(lost.digests.len() as u64, Ordering::Relaxed);
-            match repair_some(&r, &meta, &view, lost.digests).await {
-                // Still short (no live holder, no room): the next round
-                // scans, so the gauge counts it and placement is retried.
-                Ok(0) => Ok(()),
-                Ok(_) => {
-                    scanned = None;
-                    Ok(())
-                }
-                Err(e) => Err(e),
-            }
+            repair_some(&r, &meta, &view, lost.digests).await
         };
+        // Blobs still short (a target down or full, no live holder) are
+        // queued again: each round retries them until they are whole.
+        let result = result.map(|short| {
+            report.below_target.store(short.count as i64, Ordering::Relaxed);
+            if short.count > short.digests.len() {
+                // More than the queue keeps: the next round scans.
+                scanned = None;
+            }
+            for d in short.digests {
+                meta.lost_copies().push(d);
+            }
+        });
         match result {
             Ok(()) => {
                 report.rounds.fetch_add(1, Ordering::Relaxed);
@@ -271,10 +273,35 @@ async fn probe(r: &Replicator, last_seen: &mut HashMap<NodeId, Instant>) {
     }
 }
 
+/// Blobs a round left below their target: how many, and the first
+/// [`SHORT_KEPT`] of them, to retry.
+#[derive(Default)]
+struct Short {
+    count: usize,
+    digests: Vec<Digest>,
+}
+
+/// Short blobs retried by digest at most; past this the next round scans.
+const SHORT_KEPT: usize = 10_000;
+
+impl Short {
+    fn done(short: &std::sync::Mutex<Short>) -> Short {
+        std::mem::take(&mut *short.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn add(short: &std::sync::Mutex<Short>, digest: &Digest) {
+        let mut s = short.lock().unwrap_or_else(|e| e.into_inner());
+        s.count += 1;
+        if s.digests.len() < SHORT_KEPT {
+            s.digests.push(digest.clone());
+        }
+    }
+}
+
 /// Scan the whole index, a page at a time, repairing what is short.
-/// Returns how many blobs are still below target.
-async fn repair_all(r: &Replicator, meta: &MetaReader, view: &View) -> anyhow::Result<usize> {
-    let below = &AtomicUsize::new(0);
+async fn repair_all(r: &Replicator, meta: &MetaReader, view: &View) -> anyhow::Result<Short> {
+    let short = std::sync::Mutex::new(Short::default());
+    let short = &short;
     let mut after = None;
     loop {
         let page = meta.blobs_after(after.as_ref(), PAGE)?;
@@ -283,31 +310,31 @@ async fn repair_all(r: &Replicator, meta: &MetaReader, view: &View) -> anyhow::R
         futures::stream::iter(page.into_iter().map(anyhow::Ok))
             .try_for_each_concurrent(CONCURRENCY, |(digest, info)| async move {
                 if !repair_one(r, view, &digest, &info).await? {
-                    below.fetch_add(1, Ordering::Relaxed);
+                    Short::add(short, &digest);
                 }
                 Ok(())
             })
             .await?;
         if last_page {
-            return Ok(below.load(Ordering::Relaxed));
+            return Ok(Short::done(short));
         }
     }
 }
 
-/// Repair the queued `digests` (those still in the index). Returns how
-/// many are still below target.
-async fn repair_some(r: &Replicator, meta: &MetaReader, view: &View, digests: Vec<Digest>) -> anyhow::Result<usize> {
-    let below = &AtomicUsize::new(0);
+/// Repair the queued `digests` (those still in the index).
+async fn repair_some(r: &Replicator, meta: &MetaReader, view: &View, digests: Vec<Digest>) -> anyhow::Result<Short> {
+    let short = std::sync::Mutex::new(Short::default());
+    let short = &short;
     futures::stream::iter(digests.into_iter().map(anyhow::Ok))
         .try_for_each_concurrent(CONCURRENCY, |digest| async move {
             let Some(info) = meta.blob(&digest)? else { return Ok(()) };
             if !repair_one(r, view, &digest, &info).await? {
-                below.fetch_add(1, Ordering::Relaxed);
+                Short::add(short, &digest);
             }
             Ok(())
         })
         .await?;
-    Ok(below.load(Ordering::Relaxed))
+    Ok(Short::done(short))
 }
 
 /// Bring one blob to its target: forget holders that are no longer

@@ -164,37 +164,48 @@ impl Replicator {
                 }
             }
         }
-        if done < launched {
-            // The rest land in the background and are recorded as they do.
-            let cluster = self.cluster.clone();
-            let meta = self.meta.clone();
-            let d = digest.clone();
+        // Copies still on their way land in the background and are recorded
+        // as they do; a blob left below its target (a target down or full)
+        // is queued for the leader's repair, which retries it.
+        let pending = launched - done;
+        let short = have.len() < target;
+        if pending > 0 || short {
+            let (cluster, meta, d) = (self.cluster.clone(), self.meta.clone(), digest.clone());
+            let mut holders = have.len();
             tokio::spawn(async move {
-                for _ in done..launched {
-                    let Some((id, res)) = rx.recv().await else { return };
-                    if let Err(e) = &res {
-                        // Below its target: ask the leader's repair (which
-                        // reads what every node applies) to look at it.
-                        tracing::warn!(digest = %d, node = id, error = %e, "background replica copy failed");
-                        let cmd = Command::RemoveHolders { digest: d.clone(), holders: Vec::new() };
-                        if let Err(e) = cluster.propose(cmd).await {
-                            tracing::warn!(digest = %d, error = %e, "queueing a repair failed");
-                        }
+                // A push links the blob as `replicate` returns; what is
+                // recorded before that finds no index entry and records
+                // nothing (a collected blob stays collected).
+                let indexed = || async {
+                    let in_index = || meta.blob(&d).is_ok_and(|b| b.is_some());
+                    let wait = cluster.raft.wait(Some(LINK_WAIT));
+                    let ok = wait.metrics(|_| in_index(), "blob in the index").await.is_ok();
+                    if !ok {
+                        tracing::debug!(digest = %d, "blob never indexed; its copies are left to the sweep");
                     }
-                    if res.is_ok() {
-                        // A push links the blob as this returns; a copy
-                        // recorded before that finds no index entry and
-                        // records nothing (a collected blob stays collected).
-                        let in_index = || meta.blob(&d).is_ok_and(|b| b.is_some());
-                        let wait = cluster.raft.wait(Some(LINK_WAIT));
-                        if wait.metrics(|_| in_index(), "blob in the index").await.is_err() {
-                            tracing::debug!(digest = %d, node = id, "blob never indexed; its late copy is left to the sweep");
-                            continue;
+                    ok
+                };
+                for _ in 0..pending {
+                    let Some((id, res)) = rx.recv().await else { break };
+                    match res {
+                        Ok(()) => {
+                            holders += 1;
+                            if !indexed().await {
+                                return;
+                            }
+                            let cmd = Command::AddHolders { digest: d.clone(), size, holders: vec![id] };
+                            if let Err(e) = cluster.propose(cmd).await {
+                                tracing::warn!(digest = %d, error = %e, "recording a replica failed");
+                            }
                         }
-                        let cmd = Command::AddHolders { digest: d.clone(), size, holders: vec![id] };
-                        if let Err(e) = cluster.propose(cmd).await {
-                            tracing::warn!(digest = %d, error = %e, "recording a replica failed");
-                        }
+                        Err(e) => tracing::warn!(digest = %d, node = id, error = %e, "background replica copy failed"),
+                    }
+                }
+                if holders < target && indexed().await {
+                    // Every node applies it, so whichever leads queues it.
+                    let cmd = Command::RemoveHolders { digest: d.clone(), holders: Vec::new() };
+                    if let Err(e) = cluster.propose(cmd).await {
+                        tracing::warn!(digest = %d, error = %e, "queueing a repair failed");
                     }
                 }
             });
