@@ -259,9 +259,7 @@ fn open_read_only(dir: &Path, cfs: &[&str]) -> io::Result<DB> {
 
 /// The applied log id and membership a database holds, read through `get`
 /// (of the column family [`CF_SM`]).
-pub(super) fn applied_of(
-    get: impl Fn(&[u8]) -> io::Result<Option<Vec<u8>>>,
-) -> io::Result<(Option<LogId<NodeId>>, Membership)> {
+fn applied_of(get: impl Fn(&[u8]) -> io::Result<Option<Vec<u8>>>) -> io::Result<(Option<LogId<NodeId>>, Membership)> {
     let applied = match get(KEY_APPLIED)? {
         Some(v) => crate::codec::decode(&v).map_err(io::Error::other)?,
         None => None,
@@ -353,7 +351,7 @@ pub(super) fn convert_snapshot_file(path: &Path) -> io::Result<()> {
     crate::durable::rename_into_place(&tmp, path)
 }
 
-pub(super) fn write_record(w: &mut impl Write, cf_index: u8, k: &[u8], v: &[u8]) -> io::Result<()> {
+fn write_record(w: &mut impl Write, cf_index: u8, k: &[u8], v: &[u8]) -> io::Result<()> {
     w.write_all(&[cf_index])?;
     w.write_all(&(k.len() as u32).to_be_bytes())?;
     w.write_all(k)?;
