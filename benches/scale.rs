@@ -33,6 +33,12 @@ fn env(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
+/// The bytes of the Raft log's tables on the node at `base` (its
+/// `berth_meta_table_bytes{family="logs"}`).
+async fn log_bytes(c: &reqwest::Client, base: &str) -> u64 {
+    metric(c, base, "berth_meta_table_bytes{family=\"logs\"}").await.unwrap_or(0)
+}
+
 /// Bytes under `dir` as allocated on disk (sparse files count what they use).
 fn du(dir: &Path) -> u64 {
     du_where(dir, |_| true)
@@ -146,8 +152,15 @@ async fn main() {
     let sample = image_manifest((&config, 13), &[(&layer, 2000)], &annotations(0));
     println!("manifest size {} bytes; {total} manifests in steps of {step}, c=64 via the leader", sample.len());
     println!(
-        "{:>9} | {:>7} | {:>8} | {:>8} | {:>26} | {:>22} | {:>22}",
-        "after", "PUT/s", "p50", "p99", "data dir per node", "RSS per node (MiB)", "snapshots (n, max ms, own disk)"
+        "{:>9} | {:>7} | {:>8} | {:>8} | {:>26} | {:>26} | {:>22} | {:>22}",
+        "after",
+        "PUT/s",
+        "p50",
+        "p99",
+        "data dir per node",
+        "of it, the Raft log",
+        "RSS per node (MiB)",
+        "snapshots (n, max ms, own disk)"
     );
     let mut seen = [0usize; 3];
     let mut done = 0usize;
@@ -190,6 +203,10 @@ async fn main() {
         first_rate.get_or_insert(rate);
         last_rate = rate;
         let sizes: Vec<String> = (0..3).map(|i| gib(du(&cl.data_dir(i)))).collect();
+        let mut logs = Vec::new();
+        for i in 0..3 {
+            logs.push(gib(log_bytes(&c, &cl.base(i)).await));
+        }
         let rss: Vec<String> =
             (0..3).map(|i| cl.procs[i].as_ref().map_or(0, |p| rss(p.0.id()).0).to_string()).collect();
         let snaps = snapshots_built(&cl, leader, &mut seen[leader]);
@@ -199,12 +216,13 @@ async fn main() {
             }
         }
         println!(
-            "{:>9} | {:>7.0} | {:>5.1} ms | {:>5.1} ms | {:>26} | {:>22} | {:>3}, {:>6}, {:>9}",
+            "{:>9} | {:>7.0} | {:>5.1} ms | {:>5.1} ms | {:>26} | {:>26} | {:>22} | {:>3}, {:>6}, {:>9}",
             done,
             rate,
             p50,
             p99,
             sizes.join(" "),
+            logs.join(" "),
             rss.join(" "),
             snaps.0,
             snaps.1,
@@ -214,7 +232,14 @@ async fn main() {
     let first = first_rate.unwrap();
     println!("manifest bytes pushed: {}; data dir per node / manifest bytes:", gib(manifest_bytes));
     for i in 0..3 {
-        println!("  node {}: {:.2}x", i + 1, du(&cl.data_dir(i)) as f64 / manifest_bytes as f64);
+        let (all, log) = (du(&cl.data_dir(i)), log_bytes(&c, &cl.base(i)).await);
+        println!(
+            "  node {}: {:.2}x; without the Raft log ({}): {:.2}x",
+            i + 1,
+            all as f64 / manifest_bytes as f64,
+            gib(log),
+            all.saturating_sub(log) as f64 / manifest_bytes as f64
+        );
     }
     // Where node 1's bytes are: RocksDB's write-ahead log and tables, the
     // snapshot files, the rest.

@@ -2,6 +2,9 @@
 # Run one fuzz target (or `all`, in turn) until QUIET seconds pass with no new
 # coverage (libFuzzer's NEW lines), at most CAP seconds, then minimize its
 # corpus. Prints, per target: runs, seconds, corpus size, and any crash.
+# Seconds are the fuzzer's CPU seconds, not the wall clock's: on a machine
+# shared with builds and tests (or with the fuzzer stopped by SIGSTOP to keep
+# a benchmark's machine quiet) time it does not run never counts as quiet.
 #   fuzz/run.sh TARGET|all [QUIET=600] [CAP=3600]
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -27,31 +30,36 @@ run_one() {
   mkdir -p "corpus/$t" "artifacts/$t"
   cargo fuzz build "${flags[@]}" "$t" >/dev/null
   log=$(mktemp)
-  start=$(date +%s); last=$start
+  start=$(date +%s)
   # In a process group of its own, so that the stop below reaches the
   # fuzzer itself and not only cargo-fuzz, its parent.
-  setsid cargo fuzz run "${flags[@]}" "$t" "corpus/$t" -- -max_total_time="$cap" -print_final_stats=1 \
+  setsid cargo fuzz run "${flags[@]}" "$t" "corpus/$t" -- -print_final_stats=1 \
     -artifact_prefix="artifacts/$t/" >"$log" 2>&1 &
   pid=$!
+  # now: CPU seconds of the group so far; last: CPU seconds at the newest NEW line.
+  now=0; last=0
   while kill -0 "$pid" 2>/dev/null; do
     sleep 5
-    now=$(date +%s)
-    # The time of the newest NEW line is when coverage last grew.
+    now=$(ps -o cputimes= -g "$pid" | awk '{s += $1} END {print s + 0}')
     if grep -q 'NEW ' "$log"; then
       n=$(grep -c 'NEW ' "$log")
       if [ "$n" != "${seen:-0}" ]; then seen=$n; last=$now; fi
     fi
-    if [ $((now - last)) -ge "$quiet" ]; then kill -INT -- "-$pid" 2>/dev/null || true; break; fi
+    if [ $((now - last)) -ge "$quiet" ] || [ "$now" -ge "$cap" ]; then
+      kill -CONT -- "-$pid" 2>/dev/null || true
+      kill -INT -- "-$pid" 2>/dev/null || true
+      break
+    fi
   done
   wait "$pid" 2>/dev/null || true
-  local why="the ${cap}s cap, last new coverage $(( $(date +%s) - last ))s before"
-  [ $(( $(date +%s) - last )) -lt "$quiet" ] || why="${quiet}s without new coverage"
+  local why="the ${cap}s cap, last new coverage $((now - last))s before"
+  [ $((now - last)) -lt "$quiet" ] || why="${quiet}s without new coverage"
   seen=0
   local runs; runs=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$log" | awk '{print $2}' | tail -n1)
   [ -n "$runs" ] || runs=$(grep -oE '^#[0-9]+' "$log" | tail -n1 | tr -d '#')
   local crashes; crashes=$(ls "artifacts/$t" | wc -l)
   cargo fuzz cmin "${flags[@]}" "$t" "corpus/$t" >/dev/null 2>&1 || true
-  echo "fuzz $t: ${runs:-?} runs in $(( $(date +%s) - start ))s, stopped by $why; corpus $(ls "corpus/$t" | wc -l) files, crashes: $crashes"
+  echo "fuzz $t: ${runs:-?} runs in ${now} CPU seconds ($(( $(date +%s) - start ))s on the clock), stopped by $why; corpus $(ls "corpus/$t" | wc -l) files, crashes: $crashes"
   if [ "$crashes" != 0 ]; then grep -A20 -m1 'panicked\|ERROR' "$log" || true; fi
   rm -f "$log"
   [ "$crashes" = 0 ]

@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use http::{Method, StatusCode};
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 use super::response::{builder, finish, full, ApiResult};
 use super::Route;
@@ -22,6 +24,8 @@ pub struct Metrics {
     raft: RaftGauges,
     repair: RepairGauges,
     gc: Vec<GcGauge>,
+    /// Bytes of RocksDB tables per column family.
+    meta_bytes: IntGaugeVec,
 }
 
 /// A garbage collection gauge and how to read it from the report.
@@ -139,7 +143,17 @@ impl Default for Metrics {
                 r.bytes_swept.load(Relaxed)
             }),
         ];
-        Metrics { registry, requests, latency, raft, repair, gc }
+        let meta_bytes = IntGaugeVec::new(
+            Opts::new(
+                "berth_meta_table_bytes",
+                "Bytes of the metadata database's tables by column family (`logs` is the Raft log); the \
+                 write-ahead log, memtables and what snapshot checkpoints alone keep are not counted.",
+            ),
+            &["family"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(meta_bytes.clone())).expect("registered once");
+        Metrics { registry, requests, latency, raft, repair, gc, meta_bytes }
     }
 }
 
@@ -161,6 +175,7 @@ impl Metrics {
     pub fn render(
         &self,
         cluster: &Cluster,
+        meta: &crate::meta::MetaReader,
         repair: &RepairReport,
         scrub: &crate::blob::scrub::ScrubReport,
         gc: &GcReport,
@@ -193,6 +208,9 @@ impl Metrics {
         self.repair.scrub_passes.set(scrub.passes.load(Relaxed) as i64);
         for (gauge, read) in &self.gc {
             gauge.set(read(gc) as i64);
+        }
+        for (family, bytes) in meta.family_bytes() {
+            self.meta_bytes.with_label_values(&[family]).set(bytes as i64);
         }
         let encoder = TextEncoder::new();
         let mut out = Vec::new();

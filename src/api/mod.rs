@@ -437,7 +437,9 @@ async fn dispatch(state: &AppState, route: Route, req: Request<Incoming>, caller
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(if head { response::empty() } else { full("{}") })
             .expect("static response")),
-        (Method::GET, Route::Metrics) => state.metrics.render(&state.cluster, &state.repair, &state.scrub, &state.gc),
+        (Method::GET, Route::Metrics) => {
+            state.metrics.render(&state.cluster, &state.meta, &state.repair, &state.scrub, &state.gc)
+        }
         (Method::GET | Method::HEAD, Route::Healthz) => Ok(builder(StatusCode::OK)
             .header(http::header::CONTENT_TYPE, "text/plain")
             .body(if head { response::empty() } else { full("ok\n") })

@@ -218,6 +218,61 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.put_raft_synced(KEY_PURGED, &log_id)?;
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(self.cf_logs(), key(0), key(log_id.index + 1));
-        self.db.write(batch).map_err(write_err)
+        self.db.write(batch).map_err(write_err)?;
+        // Drop now the tables that hold only purged
+        // entries, instead of compacting them under the tombstone above:
+        // the log's disk is then bounded by what is kept, not by how far
+        // compaction lags. RocksDB leaves level-0 tables and tables that
+        // reach past the range; the tombstone, written first and newer than
+        // every entry it covers, hides whatever they hold.
+        if let Err(e) = self.db.delete_file_in_range_cf(self.cf_logs(), key(0), key(log_id.index)) {
+            tracing::warn!(error = %e, "dropping purged log tables");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::CommittedLeaderId;
+
+    use super::*;
+
+    fn log_table_bytes(db: &DB) -> u64 {
+        super::super::family_bytes(db).into_iter().find(|(f, _)| *f == CF_LOGS).map_or(0, |(_, b)| b)
+    }
+
+    /// A purge frees the disk of the entries it removes at once, not when
+    /// compaction next reaches them: tables below level 0 that hold only
+    /// purged entries are dropped.
+    #[tokio::test]
+    async fn a_purge_drops_the_tables_of_purged_entries_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = super::super::open_db(&dir.path().join("db")).unwrap();
+        let mut store = LogStore::new(db.clone());
+        let cf = db.cf_handle(CF_LOGS).unwrap();
+        // Three thousand entries of incompressible bytes, flushed and
+        // compacted out of level 0, as a busy log's older entries are.
+        let mut x = 1u64;
+        for i in 1..=3000u64 {
+            let value: Vec<u8> = (0..1000)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            db.put_cf(cf, key(i), value).unwrap();
+        }
+        db.flush_cf(cf).unwrap();
+        db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+        let before = log_table_bytes(&db);
+        assert!(before > 2_000_000, "entries in tables: {before}");
+        store.purge(LogId::new(CommittedLeaderId::new(1, 1), 3000)).await.unwrap();
+        let after = log_table_bytes(&db);
+        assert!(after < before / 10, "log tables after the purge: {after} of {before} bytes");
+        // Nothing purged reads back.
+        assert!(store.try_get_log_entries(0..=3000).await.unwrap().is_empty());
     }
 }

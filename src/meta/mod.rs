@@ -181,26 +181,34 @@ pub fn open_db(path: &Path) -> Result<Arc<DB>, rocksdb::Error> {
     // past this, RocksDB flushes the families holding the oldest file.
     opts.set_max_total_wal_size(MAX_WAL_BYTES);
     opts.set_db_write_buffer_size(WRITE_BUFFER_BYTES);
-    let cfs = [
-        CF_LOGS,
-        CF_RAFT,
-        CF_SM,
-        CF_MANIFESTS,
-        CF_TAGS,
-        CF_LINKS,
-        CF_BLOBS,
-        CF_REFERRERS,
-        CF_REPOS,
-        CF_REQUESTS,
-        CF_REQUEST_AGE,
-        CF_BLOB_REFS,
-        CF_BLOB_REPOS,
-        CF_STAMPS,
-        CF_EVENTS,
-    ]
-    .into_iter()
-    .map(|n| ColumnFamilyDescriptor::new(n, table_options()));
+    let cfs = FAMILIES.into_iter().map(|n| ColumnFamilyDescriptor::new(n, table_options()));
     Ok(Arc::new(DB::open_cf_descriptors(&opts, path, cfs)?))
+}
+
+/// Every column family of the metadata database.
+const FAMILIES: [&str; 15] = [
+    CF_LOGS,
+    CF_RAFT,
+    CF_SM,
+    CF_MANIFESTS,
+    CF_TAGS,
+    CF_LINKS,
+    CF_BLOBS,
+    CF_REFERRERS,
+    CF_REPOS,
+    CF_REQUESTS,
+    CF_REQUEST_AGE,
+    CF_BLOB_REFS,
+    CF_BLOB_REPOS,
+    CF_STAMPS,
+    CF_EVENTS,
+];
+
+/// How many bytes of tables each column family holds now, for `/metrics`
+/// (what the Raft log takes beside the state).
+fn family_bytes(db: &DB) -> Vec<(&'static str, u64)> {
+    let read = |cf| db.property_int_value_cf(cf, "rocksdb.total-sst-files-size").ok().flatten().unwrap_or(0);
+    FAMILIES.iter().filter_map(|name| Some((*name, read(db.cf_handle(name)?)))).collect()
 }
 
 /// How every column family's tables are written, and the SST files a
@@ -321,6 +329,11 @@ impl MetaReader {
     /// [`StateMachine::reader`]).
     pub(crate) fn new(db: Arc<DB>, fence: Arc<InstallFence>, lost: Arc<LostCopies>) -> MetaReader {
         MetaReader { db, fence, lost }
+    }
+
+    /// Bytes of tables per column family (`/metrics`).
+    pub fn family_bytes(&self) -> Vec<(&'static str, u64)> {
+        family_bytes(&self.db)
     }
 
     /// Blobs that may have fewer copies than they should, as this node's

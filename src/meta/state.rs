@@ -977,8 +977,20 @@ mod tests {
         let (leader_db, mut leader) = machine(leader_dir.path());
         let mut builder = leader.get_snapshot_builder().await;
         let to_apply = entries.clone();
+        // Snapshots taken before the last entry was applied. The last
+        // entries wait for the first (on a loaded machine the applies could
+        // otherwise all finish before one build does).
+        let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = taken.clone();
         let applier = tokio::spawn(async move {
             for e in to_apply {
+                if e.log_id.index + 100 > ENTRIES {
+                    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+                    while seen.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                        assert!(std::time::Instant::now() < deadline, "no snapshot built in 120 s");
+                        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                    }
+                }
                 leader.apply([e]).await.unwrap();
                 tokio::task::yield_now().await;
             }
@@ -990,6 +1002,7 @@ mod tests {
             let snap = builder.build_snapshot().await.unwrap();
             if snap.meta.last_log_id.is_some_and(|l| l.index < ENTRIES) && snaps.len() < 4 {
                 snaps.push(snap);
+                taken.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
         }
         let _leader = applier.await.unwrap();
