@@ -1,10 +1,11 @@
 //! berth at a million manifests (issue 16): a three-node cluster on
 //! loopback fed manifest PUTs (~1.9 KB, concurrency 64, through the
 //! leader, a new repository every step), reporting per step the PUT rate
-//! and latency, the data dir size and RSS of every node, and the snapshots
-//! built meanwhile; then a follower restart and a new node joining, each
-//! with its time to serve and its peak RSS; then a restart of a node whose
-//! blob store holds `SCALE_SPARSE_GIB` GiB of (sparse) blob files.
+//! and latency, the data dir size (and of it, the Raft log's tables) and
+//! RSS of every node, and the snapshots built meanwhile; then a follower
+//! restart and a new node joining, each with its time to serve and its
+//! peak RSS; then a restart of a node whose blob store holds
+//! `SCALE_SPARSE_GIB` GiB of (sparse) blob files.
 //!
 //! `cargo bench --bench scale`; `SCALE_MANIFESTS` (default 1,000,000),
 //! `SCALE_STEP` (100,000), `SCALE_SPARSE_GIB` (50), `SCALE_PAD` (bytes of

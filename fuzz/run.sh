@@ -36,6 +36,10 @@ run_one() {
   setsid cargo fuzz run "${flags[@]}" "$t" "corpus/$t" -- -print_final_stats=1 \
     -artifact_prefix="artifacts/$t/" >"$log" 2>&1 &
   pid=$!
+  # setsid gave the fuzzer a scheduler autogroup of its own, which competes
+  # with everything else at equal weight whatever its nice value: lower it,
+  # so that on a shared machine the fuzzer takes only idle CPU.
+  echo 19 >"/proc/$pid/autogroup" 2>/dev/null || true
   # now: CPU seconds of the group so far; last: CPU seconds at the newest NEW line.
   now=0; last=0
   while kill -0 "$pid" 2>/dev/null; do
