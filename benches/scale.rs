@@ -1,7 +1,7 @@
 //! berth at a million manifests (issue 16): a three-node cluster on
 //! loopback fed manifest PUTs (~1.9 KB, concurrency 64, through the
 //! leader, a new repository every step), reporting per step the PUT rate
-//! and latency, the data dir size (and of it, the Raft log's tables) and
+//! and latency, the data dir size (and of it, the Raft log's tables and the write-ahead log) and
 //! RSS of every node, and the snapshots built meanwhile; then a follower
 //! restart and a new node joining, each with its time to serve and its
 //! peak RSS; then a restart of a node whose blob store holds
@@ -38,6 +38,17 @@ fn env(name: &str, default: u64) -> u64 {
 /// `berth_meta_table_bytes{family="logs"}`).
 async fn log_bytes(c: &reqwest::Client, base: &str) -> u64 {
     metric(c, base, "berth_meta_table_bytes{family=\"logs\"}").await.unwrap_or(0)
+}
+
+/// The bytes of the write-ahead log files of the node whose data dir is
+/// `data`: RocksDB's `*.log` files beside its tables.
+fn wal_bytes(data: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(data.join("meta")) else { return 0 };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+        .map(|e| e.metadata().map_or(0, |m| m.len()))
+        .sum()
 }
 
 /// Bytes under `dir` as allocated on disk (sparse files count what they use).
@@ -153,13 +164,14 @@ async fn main() {
     let sample = image_manifest((&config, 13), &[(&layer, 2000)], &annotations(0));
     println!("manifest size {} bytes; {total} manifests in steps of {step}, c=64 via the leader", sample.len());
     println!(
-        "{:>9} | {:>7} | {:>8} | {:>8} | {:>26} | {:>26} | {:>22} | {:>22}",
+        "{:>9} | {:>7} | {:>8} | {:>8} | {:>26} | {:>26} | {:>26} | {:>22} | {:>22}",
         "after",
         "PUT/s",
         "p50",
         "p99",
         "data dir per node",
         "of it, the Raft log",
+        "of it, write-ahead log",
         "RSS per node (MiB)",
         "snapshots (n, max ms, own disk)"
     );
@@ -208,6 +220,7 @@ async fn main() {
         for i in 0..3 {
             logs.push(gib(log_bytes(&c, &cl.base(i)).await));
         }
+        let wals: Vec<String> = (0..3).map(|i| gib(wal_bytes(&cl.data_dir(i)))).collect();
         let rss: Vec<String> =
             (0..3).map(|i| cl.procs[i].as_ref().map_or(0, |p| rss(p.0.id()).0).to_string()).collect();
         let snaps = snapshots_built(&cl, leader, &mut seen[leader]);
@@ -217,13 +230,14 @@ async fn main() {
             }
         }
         println!(
-            "{:>9} | {:>7.0} | {:>5.1} ms | {:>5.1} ms | {:>26} | {:>26} | {:>22} | {:>3}, {:>6}, {:>9}",
+            "{:>9} | {:>7.0} | {:>5.1} ms | {:>5.1} ms | {:>26} | {:>26} | {:>26} | {:>22} | {:>3}, {:>6}, {:>9}",
             done,
             rate,
             p50,
             p99,
             sizes.join(" "),
             logs.join(" "),
+            wals.join(" "),
             rss.join(" "),
             snaps.0,
             snaps.1,

@@ -74,24 +74,23 @@ async fn sigkill_and_restart_keeps_every_acknowledged_write() {
 /// A node whose Raft stops on a storage error cannot write or serve
 /// consistent reads any more: it exits (so its supervisor restarts it)
 /// instead of answering 500 to everything, and a restart brings it back
-/// with every acknowledged write.
-#[tokio::test]
+/// with every acknowledged write. The error is a disk that fails every
+/// call with EIO (and keeps only what was synced), under a node that goes
+/// on taking writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storage_failure_stops_the_node_and_a_restart_recovers() {
-    let dir = tempfile::tempdir().unwrap();
-    let (http, grpc) = (free_port(), free_port());
-    let base = format!("http://127.0.0.1:{http}");
-    let data = dir.path().join("data");
-    let args = write_config(&dir.path().join("node.toml"), 1, http, grpc, &data, "[raft]\nsnapshot_logs = 20\n");
+    let Some(mut cl) = cluster::TestCluster::start_on_power_loss_disks(1, 20, |_| String::new()).await else {
+        return;
+    };
+    let base = cl.base(0);
     let c = client();
-    let mut node = spawn_serve(&args, http).await;
     let (_, m) = push_image(&c, &base, "fail/r", "base", "f").await;
 
-    // The next snapshot cannot be written.
-    std::fs::remove_dir_all(data.join("snapshots")).unwrap();
+    cl.disks[0].power_off().unwrap();
     let mut acknowledged = Vec::new();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let status = loop {
-        if let Some(status) = node.0.try_wait().unwrap() {
+        if let Some(status) = cl.procs[0].as_mut().unwrap().0.try_wait().unwrap() {
             break status;
         }
         assert!(std::time::Instant::now() < deadline, "the node did not exit");
@@ -101,9 +100,10 @@ async fn a_storage_failure_stops_the_node_and_a_restart_recovers() {
         }
     };
     assert!(!status.success(), "{status}");
-    drop(node);
+    cl.kill(0);
+    cl.disks[0].power_on();
 
-    let _node = spawn_serve(&args, http).await;
+    cl.start_node(0).await;
     for t in std::iter::once("base".to_string()).chain(acknowledged) {
         let r = c.get(format!("{base}/v2/fail/r/manifests/{t}")).send().await.unwrap();
         assert_eq!(r.status(), 200, "{t}");

@@ -119,8 +119,8 @@ async fn a_data_dir_of_the_release_before_format_1_is_converted_and_serves_every
     let r = c.get(format!("{base}/v2/fixture/app/manifests/after-upgrade")).send().await.unwrap();
     assert_eq!(r.headers()["docker-content-digest"], d.as_str());
 
-    // A new node joins: its log is purged, so it is sent a snapshot (the
-    // converted one, or one built since) and installs it.
+    // A new node joins: node 1's log is purged, so node 2 is sent a
+    // snapshot (a checkpoint node 1 takes when it asks) and installs it.
     let (http2, grpc2) = (free_port(), free_port());
     let args2 = join_flags(2, http2, grpc2, &dir.path().join("node2"), &format!("127.0.0.1:{GRPC}"));
     let _node2 = spawn_serve(&args2, http2).await;
@@ -132,15 +132,12 @@ async fn a_data_dir_of_the_release_before_format_1_is_converted_and_serves_every
         }
     })
     .await;
-    // Node 2 builds snapshots only every 10,000 entries, and a node with
-    // nothing applied takes none at start: a checkpoint in its snapshot
-    // directory is of a snapshot node 1 sent and node 2 installed.
-    let snaps = dir.path().join("node2/snapshots");
-    let installed =
-        || std::fs::read_dir(&snaps).unwrap().flatten().any(|e| e.file_name().to_string_lossy().starts_with("ckpt-"));
+    // Node 2 builds snapshots only every 10,000 entries: a snapshot index
+    // on node 2 is of a snapshot node 1 sent and node 2 installed.
+    let admin2 = admin(&format!("127.0.0.1:{grpc2}"));
     wait_for("node 2 to install a snapshot", Duration::from_secs(60), || {
-        let done = installed();
-        async move { done }
+        let admin = &admin2;
+        async move { admin.node_status().await.is_ok_and(|s| s.snapshot_index > 0) }
     })
     .await;
     check_everything(&c, &format!("http://127.0.0.1:{http2}"), &expect).await;

@@ -2,15 +2,28 @@
 //! the file a received one is spooled to before the state machine installs
 //! it (see `state`).
 //!
-//! **A snapshot this node serves is a RocksDB checkpoint** of its database:
-//! hard links to the immutable table files, so building one costs a
-//! memtable flush and a few links, not a copy of the state, however large
-//! the state has grown. Nothing is copied until a peer needs the snapshot;
-//! then the network's `full_snapshot` streams it ([`Checkpoint::stream`]),
-//! reading the checkpoint through a read-only RocksDB instance, a few chunks
-//! ahead of the wire and never more. The receiver spools the stream to a
-//! file, writes one SST file per column family from it and ingests them,
-//! then takes a checkpoint of its own, so it can serve the same snapshot.
+//! **Building a snapshot takes nothing.** openraft asks for one every
+//! `snapshot_logs` entries so that it can purge the log behind it, and keeps
+//! only the snapshot's id and membership (its data is dropped). So a build
+//! records a *snapshot point*: the applied log id and membership, read
+//! together, made durable by syncing the write-ahead log before openraft
+//! purges anything. No checkpoint, no memtable flush.
+//!
+//! **A snapshot a peer needs is a RocksDB checkpoint**, taken when a peer
+//! first asks for one after the newest point (`get_current_snapshot`):
+//! hard links to the immutable table files, a memtable flush and a few
+//! links however large the state. The network's `full_snapshot` streams it
+//! ([`Checkpoint::stream`]), reading the checkpoint through a read-only
+//! RocksDB instance a few chunks ahead of the wire. The receiver spools the
+//! stream to a file, writes one SST file per column family from it and
+//! ingests them; the installed snapshot is its newest point.
+//!
+//! A checkpoint pins the tables compaction has since replaced, so it lives
+//! only while it can serve: the next point retires it, and its directory
+//! goes when its last transfer lets go. In steady state, with no peer
+//! behind, a node holds no checkpoint at all. Checkpoints never outlive the
+//! process: one is a view for a transfer, not a durable copy, and a restart
+//! removes them.
 //!
 //! **On the wire a snapshot is a stream of records** (a header, then
 //! `[cf][key][value]` per key of every state column family), not the
@@ -22,10 +35,6 @@
 //!   indexes too, which a snapshot must not carry;
 //! - the receiver checks every record's bounds and order and writes its own
 //!   table files: a peer never hands RocksDB a file to parse.
-//!
-//! A checkpoint stays on disk while it is current or being sent; a newer
-//! one retires it, and the directory goes when its last sender lets go. The
-//! disk it costs is what compaction rewrote since it was taken, not a copy.
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -46,8 +55,9 @@ type Meta = SnapshotMeta<NodeId, NodeInfo>;
 
 pub(super) const KEY_APPLIED: &[u8] = b"applied";
 pub(super) const KEY_MEMBERSHIP: &[u8] = b"membership";
-/// The current snapshot: a [`StoredSnapshot`] naming its checkpoint.
-pub(super) const KEY_SNAPSHOT: &[u8] = b"snapshot";
+/// Where releases before this one named the checkpoint they served across
+/// restarts (a [`StoredSnapshot`]); removed when the snapshot store opens.
+const KEY_SNAPSHOT: &[u8] = b"snapshot";
 /// Present while a snapshot install may have replaced part of the state:
 /// the [`StoredSnapshot`] naming the received file being installed.
 pub(super) const KEY_INSTALLING: &[u8] = b"installing";
@@ -84,13 +94,16 @@ pub(super) struct StoredSnapshot {
 }
 
 /// What openraft carries as a snapshot's data. openraft has one type for
-/// both directions, so both are here: a snapshot being received is a file
-/// openraft writes chunks into; one this node serves is a checkpoint, which
-/// only the network's `full_snapshot` reads ([`Checkpoint::stream`]), and
-/// which refuses to be read, written or sought as a file.
+/// every use, so each is here: a snapshot being received is a file openraft
+/// writes chunks into; one this node serves is a checkpoint, which only the
+/// network's `full_snapshot` reads ([`Checkpoint::stream`]); a build returns
+/// a point, whose data openraft drops unread. Only a received file can be
+/// read, written or sought as a file.
 pub enum SnapshotData {
     Receiving(tokio::fs::File),
     Checkpoint(Arc<Checkpoint>),
+    /// What a build returns: openraft keeps only its meta.
+    Point,
 }
 
 impl SnapshotData {
@@ -100,6 +113,10 @@ impl SnapshotData {
             SnapshotData::Checkpoint(_) => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "a checkpoint is sent by streaming it (Checkpoint::stream), not read as a file",
+            )),
+            SnapshotData::Point => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a snapshot point has no data: a peer is sent a checkpoint taken when it asks",
             )),
         }
     }
@@ -259,7 +276,9 @@ fn open_read_only(dir: &Path, cfs: &[&str]) -> io::Result<DB> {
 
 /// The applied log id and membership a database holds, read through `get`
 /// (of the column family [`CF_SM`]).
-fn applied_of(get: impl Fn(&[u8]) -> io::Result<Option<Vec<u8>>>) -> io::Result<(Option<LogId<NodeId>>, Membership)> {
+pub(super) fn applied_of(
+    get: impl Fn(&[u8]) -> io::Result<Option<Vec<u8>>>,
+) -> io::Result<(Option<LogId<NodeId>>, Membership)> {
     let applied = match get(KEY_APPLIED)? {
         Some(v) => crate::codec::decode(&v).map_err(io::Error::other)?,
         None => None,
@@ -436,29 +455,40 @@ pub(super) fn write_ssts(store: &SnapshotStore, file: std::fs::File) -> io::Resu
 
 /// Prefix of the SST files an install writes before ingesting them.
 const SST_SCRATCH: &str = "ingest-";
-/// Prefix of a checkpoint being taken, not yet a snapshot.
+/// Prefix of a checkpoint being taken, not yet serving.
 const BUILD_SCRATCH: &str = "build-";
 /// Prefix of a snapshot being received.
 const RECV_SCRATCH: &str = "recv-";
-/// Prefix of a current (or retired, still being sent) checkpoint.
+/// Prefix of a serving (or retired, still being sent) checkpoint.
 const CHECKPOINT: &str = "ckpt-";
 
-/// A checkpoint taken, synced, not yet the current snapshot.
+/// A checkpoint taken, not yet serving.
 pub(super) struct Taken {
     path: PathBuf,
     pub(super) applied: Option<LogId<NodeId>>,
     pub(super) membership: Membership,
 }
 
-/// The snapshot directory: the current checkpoint, checkpoints being taken,
-/// received snapshots being installed. Builds run in a task of their own
-/// while the state machine goes on applying and installing, so making a
-/// checkpoint current and installing a received snapshot take one lock: a
-/// build that finishes after a newer snapshot was installed must neither
-/// fail nor replace it.
+/// What this node serves a peer that needs a snapshot.
+#[derive(Default)]
+struct Serving {
+    /// The newest snapshot point: the applied state a build made durable
+    /// (openraft purges the log behind it) or an install put in place.
+    /// None until the first since the process started.
+    point: Option<Meta>,
+    /// A checkpoint at or after `point`, taken when a peer first asked.
+    checkpoint: Option<Arc<Checkpoint>>,
+}
+
+/// The snapshot directory (checkpoints serving peers, checkpoints being
+/// taken, received snapshots being installed) and the newest snapshot
+/// point. Builds run in a task of their own while the state machine goes on
+/// applying and installing, so moving the point and installing a received
+/// snapshot take one lock: a build that finishes after a newer snapshot was
+/// installed must neither fail nor move the point back.
 pub(super) struct SnapshotStore {
     dir: PathBuf,
-    current: Mutex<Option<Arc<Checkpoint>>>,
+    serving: Mutex<Serving>,
 }
 
 fn stamp() -> u128 {
@@ -466,22 +496,17 @@ fn stamp() -> u128 {
 }
 
 impl SnapshotStore {
-    /// Open the directory, keeping the current checkpoint and a received
-    /// snapshot whose install a restart must finish. Everything else is
-    /// removed: checkpoints and transfers a crash cut short, retired
-    /// checkpoints, and the snapshot files of the release before.
+    /// Open the directory, keeping only a received snapshot whose install a
+    /// restart must finish. Everything else is removed: checkpoints (they
+    /// never outlive a process), checkpoints and transfers a crash cut
+    /// short, and the snapshot files of releases before.
     pub(super) fn open(dir: PathBuf, db: &DB) -> io::Result<SnapshotStore> {
         crate::durable::create_dir_all(&dir)?;
-        let stored: Option<StoredSnapshot> = get_sm(db, KEY_SNAPSHOT)?;
         let installing: Option<StoredSnapshot> = get_sm(db, KEY_INSTALLING)?;
-        let current = stored
-            .filter(|s| s.file.starts_with(CHECKPOINT) && dir.join(&s.file).is_dir())
-            .map(|s| Arc::new(Checkpoint { dir: dir.join(&s.file), meta: s.meta, retired: AtomicBool::new(false) }));
-        let keep: Vec<PathBuf> =
-            current.iter().map(|c| c.dir.clone()).chain(installing.map(|s| dir.join(s.file))).collect();
+        let keep = installing.map(|s| dir.join(s.file));
         for e in std::fs::read_dir(&dir)?.flatten() {
             let path = e.path();
-            if keep.contains(&path) {
+            if keep.as_ref() == Some(&path) {
                 continue;
             }
             let gone = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
@@ -489,18 +514,51 @@ impl SnapshotStore {
                 tracing::warn!(path = %path.display(), error = %e, "removing a stale snapshot");
             }
         }
-        Ok(SnapshotStore { dir, current: Mutex::new(current) })
+        if db.get_cf(cf(db, CF_SM), KEY_SNAPSHOT).map_err(io::Error::other)?.is_some() {
+            db.delete_cf(cf(db, CF_SM), KEY_SNAPSHOT).map_err(io::Error::other)?;
+        }
+        Ok(SnapshotStore { dir, serving: Mutex::new(Serving::default()) })
     }
 
-    /// The snapshot this node serves, if it has one.
-    pub(super) fn current(&self) -> Option<Arc<Checkpoint>> {
-        self.current.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    fn lock(&self) -> std::sync::MutexGuard<'_, Serving> {
+        self.serving.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Take a checkpoint of `db` as it is now, synced. None if `unfenced`,
-    /// asked once the checkpoint is taken, says a snapshot install began
+    /// The newest snapshot point, if there was one since the start.
+    pub(super) fn point(&self) -> Option<Meta> {
+        self.lock().point.clone()
+    }
+
+    /// The checkpoint to serve the newest point with, if one was taken
+    /// since that point.
+    pub(super) fn serving(&self) -> Option<Arc<Checkpoint>> {
+        let s = self.lock();
+        s.checkpoint.clone().filter(|c| s.point.as_ref().is_some_and(|p| c.meta.last_log_id >= p.last_log_id))
+    }
+
+    /// Make `meta` the newest snapshot point, unless a newer one already is
+    /// (an install that finished first): then that one is returned. The
+    /// caller made the state at `meta` durable. A checkpoint older than the
+    /// point is retired: a peer that needs a snapshot now needs a newer one.
+    pub(super) fn mark(&self, meta: Meta) -> Meta {
+        let mut s = self.lock();
+        if let Some(p) = s.point.as_ref().filter(|p| p.last_log_id > meta.last_log_id) {
+            return p.clone();
+        }
+        if s.checkpoint.as_ref().is_some_and(|c| c.meta.last_log_id < meta.last_log_id) {
+            if let Some(old) = s.checkpoint.take() {
+                old.retire();
+            }
+        }
+        s.point = Some(meta.clone());
+        meta
+    }
+
+    /// Take a checkpoint of `db` as it is now. None if `unfenced`, asked
+    /// once the checkpoint is taken, says a snapshot install began
     /// meanwhile (the checkpoint would hold a half-replaced state; it is
-    /// removed).
+    /// removed). Nothing is synced: a checkpoint does not outlive the
+    /// process, and the tables it links are already durable.
     pub(super) fn take(&self, db: &DB, unfenced: impl FnOnce() -> bool) -> io::Result<Option<Taken>> {
         let path = self.dir.join(format!("{BUILD_SCRATCH}{}", stamp()));
         let made = rocksdb::checkpoint::Checkpoint::new(db).and_then(|c| c.create_checkpoint(&path));
@@ -515,42 +573,22 @@ impl SnapshotStore {
             let ro = open_read_only(&path, &[CF_SM])?;
             applied_of(|k| ro.get_cf(cf(&ro, CF_SM), k).map_err(io::Error::other))?
         };
-        // Linked tables are already durable; what RocksDB copied (its
-        // manifest, options, the log tail) and the names must be too.
-        for e in std::fs::read_dir(&path)?.flatten() {
-            if e.file_type()?.is_file() {
-                std::fs::File::open(e.path())?.sync_all()?;
-            }
-        }
-        crate::durable::sync_dir(&path)?;
         Ok(Some(Taken { path, applied, membership }))
     }
 
-    /// Make a taken checkpoint the current snapshot, with `meta`, unless a
-    /// newer one already is: then it is removed and the current one
-    /// returned. Durable when it returns: the directory is renamed into
-    /// place, then the state names it in a synced write.
-    pub(super) fn publish(&self, db: &DB, taken: Taken, meta: Meta) -> io::Result<Arc<Checkpoint>> {
-        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = current.as_ref().filter(|c| c.meta.last_log_id > meta.last_log_id) {
+    /// Serve a taken checkpoint, with `meta`, unless one as new already
+    /// serves: then the taken one is removed and that one returned.
+    pub(super) fn serve(&self, taken: Taken, meta: Meta) -> io::Result<Arc<Checkpoint>> {
+        let mut s = self.lock();
+        if let Some(c) = s.checkpoint.as_ref().filter(|c| c.meta.last_log_id >= meta.last_log_id) {
             std::fs::remove_dir_all(&taken.path)?;
             return Ok(c.clone());
         }
         let index = meta.last_log_id.map_or(0, |l| l.index);
-        // The name is made here, never taken from the snapshot's id: a
-        // received snapshot's id is whatever the sending peer wrote.
-        let name = format!("{CHECKPOINT}{index}-{}", stamp());
-        let dir = self.dir.join(&name);
-        crate::durable::rename_into_place(&taken.path, &dir)?;
-        let mut batch = WriteBatch::default();
-        batch.put_cf(
-            cf(db, CF_SM),
-            KEY_SNAPSHOT,
-            crate::codec::encode(&StoredSnapshot { meta: meta.clone(), file: name }),
-        );
-        put_sm_synced(db, batch)?;
+        let dir = self.dir.join(format!("{CHECKPOINT}{index}-{}", stamp()));
+        std::fs::rename(&taken.path, &dir)?;
         let new = Arc::new(Checkpoint { dir, meta, retired: AtomicBool::new(false) });
-        if let Some(old) = current.replace(new.clone()) {
+        if let Some(old) = s.checkpoint.replace(new.clone()) {
             old.retire();
         }
         Ok(new)
@@ -566,8 +604,8 @@ impl SnapshotStore {
     /// named by [`KEY_INSTALLING`] in a synced write, so a restart finishes
     /// the install from it. Returns its path.
     pub(super) fn begin_install(&self, db: &DB, from: &Path, meta: &Meta) -> io::Result<PathBuf> {
-        let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        if current.as_ref().is_some_and(|c| c.meta.last_log_id > meta.last_log_id) {
+        let s = self.lock();
+        if s.point.as_ref().is_some_and(|p| p.last_log_id > meta.last_log_id) {
             return Err(io::Error::other("a newer snapshot than the one to install is current"));
         }
         let index = meta.last_log_id.map_or(0, |l| l.index);
