@@ -51,6 +51,13 @@ fn wal_bytes(data: &Path) -> u64 {
         .sum()
 }
 
+/// How many entries the Raft log of the node at `base` holds now (after
+/// its purged index, up to its last).
+async fn log_entries(c: &reqwest::Client, base: &str) -> u64 {
+    let last = metric(c, base, "berth_raft_last_log_index").await.unwrap_or(0);
+    last.saturating_sub(metric(c, base, "berth_raft_purged_index").await.unwrap_or(0))
+}
+
 /// Bytes under `dir` as allocated on disk (sparse files count what they use).
 fn du(dir: &Path) -> u64 {
     du_where(dir, |_| true)
@@ -164,7 +171,7 @@ async fn main() {
     let sample = image_manifest((&config, 13), &[(&layer, 2000)], &annotations(0));
     println!("manifest size {} bytes; {total} manifests in steps of {step}, c=64 via the leader", sample.len());
     println!(
-        "{:>9} | {:>7} | {:>8} | {:>8} | {:>26} | {:>26} | {:>26} | {:>22} | {:>22}",
+        "{:>9} | {:>7} | {:>8} | {:>8} | {:>26} | {:>26} | {:>26} | {:>26} | {:>22} | {:>22}",
         "after",
         "PUT/s",
         "p50",
@@ -172,6 +179,7 @@ async fn main() {
         "data dir per node",
         "of it, the Raft log",
         "of it, write-ahead log",
+        "Raft log kept (~)",
         "RSS per node (MiB)",
         "snapshots (n, max ms, own disk)"
     );
@@ -181,6 +189,10 @@ async fn main() {
     let mut first_rate = None;
     let mut last_rate = 0.0;
     let mut last_repo = String::new();
+    // The disk target: data dir / manifest bytes, without the Raft log
+    // kept behind a snapshot; the highest over nodes and steps.
+    let mut worst = (0.0f64, 0usize);
+    let mut last_index = metric(&c, &base, "berth_raft_last_log_index").await.unwrap_or(0);
     while done < total {
         let n = step.min(total - done);
         let repo = format!("scale/r{}", done / step);
@@ -215,10 +227,26 @@ async fn main() {
         let (rate, p50, p99) = s.summary();
         first_rate.get_or_insert(rate);
         last_rate = rate;
-        let sizes: Vec<String> = (0..3).map(|i| gib(du(&cl.data_dir(i)))).collect();
+        let step_bytes = bytes.load(std::sync::atomic::Ordering::Relaxed);
+        let disk: Vec<u64> = (0..3).map(|i| du(&cl.data_dir(i))).collect();
+        let sizes: Vec<String> = disk.iter().map(|b| gib(*b)).collect();
         let mut logs = Vec::new();
         for i in 0..3 {
             logs.push(gib(log_bytes(&c, &cl.base(i)).await));
+        }
+        // The log kept, in bytes: its entries, each the mean size of this
+        // step's entries (the leader's log grew by this step's manifests).
+        let index = metric(&c, &base, "berth_raft_last_log_index").await.unwrap_or(0);
+        let mean = step_bytes as f64 / index.saturating_sub(last_index).max(1) as f64;
+        last_index = index;
+        let mut kept = Vec::new();
+        for i in 0..3 {
+            let k = (log_entries(&c, &cl.base(i)).await as f64 * mean) as u64;
+            let ratio = disk[i].saturating_sub(k) as f64 / manifest_bytes as f64;
+            if ratio > worst.0 {
+                worst = (ratio, done);
+            }
+            kept.push(gib(k));
         }
         let wals: Vec<String> = (0..3).map(|i| gib(wal_bytes(&cl.data_dir(i)))).collect();
         let rss: Vec<String> =
@@ -230,7 +258,7 @@ async fn main() {
             }
         }
         println!(
-            "{:>9} | {:>7.0} | {:>5.1} ms | {:>5.1} ms | {:>26} | {:>26} | {:>26} | {:>22} | {:>3}, {:>6}, {:>9}",
+            "{:>9} | {:>7.0} | {:>5.1} ms | {:>5.1} ms | {:>26} | {:>26} | {:>26} | {:>26} | {:>22} | {:>3}, {:>6}, {:>9}",
             done,
             rate,
             p50,
@@ -238,6 +266,7 @@ async fn main() {
             sizes.join(" "),
             logs.join(" "),
             wals.join(" "),
+            kept.join(" "),
             rss.join(" "),
             snaps.0,
             snaps.1,
@@ -245,6 +274,10 @@ async fn main() {
         );
     }
     let first = first_rate.unwrap();
+    println!(
+        "highest (data dir - Raft log kept) / manifest bytes so far, over nodes and steps: {:.2}x (after {})",
+        worst.0, worst.1
+    );
     println!("manifest bytes pushed: {}; data dir per node / manifest bytes:", gib(manifest_bytes));
     for i in 0..3 {
         let (all, log) = (du(&cl.data_dir(i)), log_bytes(&c, &cl.base(i)).await);
