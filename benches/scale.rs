@@ -1,8 +1,10 @@
 //! berth at a million manifests (issue 16): a three-node cluster on
 //! loopback fed manifest PUTs (~1.9 KB, concurrency 64, through the
 //! leader, a new repository every step), reporting per step the PUT rate
-//! and latency, the data dir size (and of it, the Raft log's tables and the write-ahead log) and
-//! RSS of every node, and the snapshots built meanwhile; then a follower
+//! and latency, the data dir size (and of it, the Raft log's tables and the
+//! write-ahead log), the Raft log kept behind a snapshot (its entries times
+//! the mean size of the step's entries), RSS of every node, and the
+//! snapshots built meanwhile; then a follower
 //! restart and a new node joining, each with its time to serve and its
 //! peak RSS; then a restart of a node whose blob store holds
 //! `SCALE_SPARSE_GIB` GiB of (sparse) blob files.
