@@ -895,6 +895,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     /// the newest snapshot point, taken now if none serves yet. None before
     /// the first point since the start: openraft then builds one if its log
     /// was purged (see `storage::helper`), and sends no snapshot before.
+    /// openraft calls this on its state-machine worker, so applies wait
+    /// for a checkpoint taken here (a memtable flush and links): once per
+    /// point, and only when a peer is behind the purged log.
     async fn get_current_snapshot(&mut self) -> SResult<Option<Snapshot<TypeConfig>>> {
         if self.snapshots.point().is_none() {
             return Ok(None);
