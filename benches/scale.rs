@@ -242,9 +242,9 @@ async fn main() {
         let mean = step_bytes as f64 / index.saturating_sub(last_index).max(1) as f64;
         last_index = index;
         let mut kept = Vec::new();
-        for i in 0..3 {
+        for (i, d) in disk.iter().enumerate() {
             let k = (log_entries(&c, &cl.base(i)).await as f64 * mean) as u64;
-            let ratio = disk[i].saturating_sub(k) as f64 / manifest_bytes as f64;
+            let ratio = d.saturating_sub(k) as f64 / manifest_bytes as f64;
             if ratio > worst.0 {
                 worst = (ratio, done);
             }
