@@ -203,6 +203,8 @@ pub fn open_db(path: &Path) -> Result<Arc<DB>, rocksdb::Error> {
     // Under load a compaction would otherwise take a whole core for
     // seconds, and every request in flight would wait behind it. Flushes
     // keep their priority (a write waits for them once memtables fill).
+    // `Env::new` is RocksDB's default environment, whose thread pools the
+    // whole process shares, so this applies once whichever database opens.
     let mut env = rocksdb::Env::new()?;
     env.lower_thread_pool_cpu_priority();
     opts.set_env(&env);
@@ -242,6 +244,9 @@ fn family_bytes(db: &DB) -> Vec<(&'static str, u64)> {
 /// RocksDB's default compression is Snappy, which this build does not link,
 /// so without this nothing is compressed (manifests and log entries are JSON
 /// and compress well). Tables already written stay readable as they are.
+/// Also each family's memtables and level-0 batching
+/// ([`MEMTABLES_PER_FAMILY`], [`L0_FILES_PER_COMPACTION`]), which only the
+/// open database uses.
 pub(crate) fn table_options() -> Options {
     static CACHE: std::sync::OnceLock<rocksdb::Cache> = std::sync::OnceLock::new();
     let cache = CACHE.get_or_init(|| rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES));
