@@ -277,7 +277,7 @@ fn open_read_only(dir: &Path, cfs: &[&str]) -> io::Result<DB> {
 /// The applied log id and membership a database holds, read through `get`
 /// (of the column family [`CF_SM`]).
 pub(super) fn applied_of(
-    get: impl Fn(&[u8]) -> io::Result<Option<Vec<u8>>>,
+    mut get: impl FnMut(&[u8]) -> io::Result<Option<Vec<u8>>>,
 ) -> io::Result<(Option<LogId<NodeId>>, Membership)> {
     let applied = match get(KEY_APPLIED)? {
         Some(v) => crate::codec::decode(&v).map_err(io::Error::other)?,
