@@ -703,18 +703,9 @@ impl SnapshotBuilder {
             let entered = self.fence.enter_when_idle().await;
             let (db, fence) = (self.db.clone(), self.fence.clone());
             let read = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
-                // One iterator reads both keys as of one sequence number.
-                // Not a RocksDB snapshot: releasing one has RocksDB rewrite
-                // every bottommost table still carrying sequence numbers
-                // (tables moved down without a rewrite, as keys of one
-                // repository are), which in the scale bench was a fifth of
-                // each node's compaction input, all of it useless.
-                let mut view = db.raw_iterator_cf(cf(&db, CF_SM));
-                let (applied, membership) = super::snapshot::applied_of(|k| {
-                    view.seek(k);
-                    view.status().map_err(std::io::Error::other)?;
-                    Ok(view.key().filter(|found| *found == k).and(view.value()).map(<[u8]>::to_vec))
-                })?;
+                // Both keys as of one sequence number, and no RocksDB
+                // snapshot (see `applied_of`).
+                let (applied, membership) = super::snapshot::applied_of(&db)?;
                 // openraft purges the log behind the point once this
                 // returns. Applied entries are written without a sync (the
                 // log's own synced appends usually carry them), so the
