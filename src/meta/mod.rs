@@ -648,4 +648,17 @@ mod tests {
             assert_eq!(value("compression"), "kLZ4Compression", "{family}");
         }
     }
+
+    /// RocksDB was built with its SSE4.2/PCLMUL CRC32C (`.cargo/config.toml`
+    /// turns those target features on; without them librocksdb-sys compiles
+    /// the software checksum). RocksDB says which at every open in its LOG.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn rocksdb_checksums_in_hardware() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(open_db(dir.path()).unwrap());
+        let log = std::fs::read_to_string(dir.path().join("LOG")).unwrap();
+        let line = log.lines().find(|l| l.contains("Fast CRC32 supported:")).expect("RocksDB logs its CRC32C support");
+        assert!(line.ends_with("Fast CRC32 supported: Supported on x86"), "{line}");
+    }
 }
