@@ -652,7 +652,7 @@ mod tests {
     /// RocksDB was built with its SSE4.2/PCLMUL CRC32C (`.cargo/config.toml`
     /// turns those target features on; without them librocksdb-sys compiles
     /// the software checksum). RocksDB says which at every open in its LOG.
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     #[test]
     fn rocksdb_checksums_in_hardware() {
         let dir = tempfile::tempdir().unwrap();

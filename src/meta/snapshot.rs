@@ -577,7 +577,7 @@ impl SnapshotStore {
         }
         // The id and membership the checkpoint holds, not the live
         // database's: entries go on being applied meanwhile.
-        let (applied, membership) = { applied_of(&open_read_only(&path, &[CF_SM])?)? };
+        let (applied, membership) = applied_of(&open_read_only(&path, &[CF_SM])?)?;
         Ok(Some(Taken { path, applied, membership }))
     }
 
