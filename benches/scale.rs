@@ -3,8 +3,10 @@
 //! leader, a new repository every step), reporting per step the PUT rate
 //! and latency, the data dir size (and of it, the Raft log's tables and the
 //! write-ahead log), the Raft log kept behind a snapshot (its entries times
-//! the mean size of the step's entries), RSS of every node, and the
-//! snapshots built meanwhile; then a follower
+//! the mean size of the step's entries), RSS of every node, the
+//! snapshots built meanwhile, and the CPU the three nodes spent per
+//! 100,000 PUTs, split into the request path (with apply and everything
+//! else), compaction, flushes and the Raft log's sync; then a follower
 //! restart and a new node joining, each with its time to serve and its
 //! peak RSS; then a restart of a node whose blob store holds
 //! `SCALE_SPARSE_GIB` GiB of (sparse) blob files.
@@ -101,6 +103,49 @@ fn rss(pid: u32) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// CPU time of process `pid` so far, in clock ticks, split by what its
+/// threads do: `[request path and the rest, compaction, flush, Raft log
+/// sync]`. RocksDB names its compaction threads `rocksdb:low` and its flush
+/// threads `rocksdb:high`; the log store's flusher is `raft-log-flush`. The
+/// first class is the process's total less the others, so threads that
+/// have exited still count.
+fn cpu_ticks(pid: u32) -> [u64; 4] {
+    // utime and stime are fields 14 and 15 of `stat`, 12 and 13 after the
+    // command name (which may hold spaces, hence the split at its `)`).
+    let read = |path: String| -> Option<(String, u64)> {
+        let stat = std::fs::read_to_string(path).ok()?;
+        let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+        let fields: Vec<&str> = stat.get(close + 2..)?.split_whitespace().collect();
+        let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        Some((stat[open + 1..close].to_string(), ticks))
+    };
+    let mut out = [0u64; 4];
+    let total = read(format!("/proc/{pid}/stat")).map_or(0, |(_, t)| t);
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let Some((comm, ticks)) = read(format!("{}/stat", task.path().display())) else { continue };
+        let class = match comm.as_str() {
+            c if c.starts_with("rocksdb:low") => 1,
+            c if c.starts_with("rocksdb:high") => 2,
+            "raft-log-flush" => 3,
+            _ => continue,
+        };
+        out[class] += ticks;
+    }
+    out[0] = total.saturating_sub(out[1] + out[2] + out[3]);
+    out
+}
+
+/// The three nodes' CPU ticks by class ([`cpu_ticks`]), summed.
+fn cluster_ticks(cl: &TestCluster) -> [u64; 4] {
+    let mut sum = [0u64; 4];
+    for p in cl.procs.iter().take(3).flatten() {
+        for (s, t) in sum.iter_mut().zip(cpu_ticks(p.0.id())) {
+            *s += t;
+        }
+    }
+    sum
+}
+
 fn gib(bytes: u64) -> String {
     format!("{:.2} GB", bytes as f64 / 1e9)
 }
@@ -173,7 +218,7 @@ async fn main() {
     let sample = image_manifest((&config, 13), &[(&layer, 2000)], &annotations(0));
     println!("manifest size {} bytes; {total} manifests in steps of {step}, c=64 via the leader", sample.len());
     println!(
-        "{:>9} | {:>7} | {:>8} | {:>8} | {:>26} | {:>26} | {:>26} | {:>26} | {:>22} | {:>22}",
+        "{:>9} | {:>7} | {:>8} | {:>8} | {:>26} | {:>26} | {:>26} | {:>26} | {:>22} | {:>22} | {:>30}",
         "after",
         "PUT/s",
         "p50",
@@ -183,8 +228,15 @@ async fn main() {
         "of it, write-ahead log",
         "Raft log kept (~)",
         "RSS per node (MiB)",
-        "snapshots (n, max ms, own disk)"
+        "snapshots (n, max ms, own disk)",
+        "CPU-s per 100k: req/compact/flush/log"
     );
+    // Where the nodes' CPU goes, per step: what grows with the state shows
+    // here (on two cores shared by three nodes and the client, the rate
+    // follows the CPU a PUT costs the cluster).
+    // SAFETY: sysconf only reads a constant of the system.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut last_ticks = cluster_ticks(&cl);
     let mut seen = [0usize; 3];
     let mut done = 0usize;
     let mut manifest_bytes = 0u64;
@@ -253,6 +305,13 @@ async fn main() {
         let wals: Vec<String> = (0..3).map(|i| gib(wal_bytes(&cl.data_dir(i)))).collect();
         let rss: Vec<String> =
             (0..3).map(|i| cl.procs[i].as_ref().map_or(0, |p| rss(p.0.id()).0).to_string()).collect();
+        let ticks = cluster_ticks(&cl);
+        let per_100k: Vec<String> = ticks
+            .iter()
+            .zip(last_ticks)
+            .map(|(t, l)| format!("{:.1}", t.saturating_sub(l) as f64 / tick * 100_000.0 / n as f64))
+            .collect();
+        last_ticks = ticks;
         let snaps = snapshots_built(&cl, leader, &mut seen[leader]);
         for (i, s) in seen.iter_mut().enumerate() {
             if i != leader {
@@ -260,7 +319,7 @@ async fn main() {
             }
         }
         println!(
-            "{:>9} | {:>7.0} | {:>5.1} ms | {:>5.1} ms | {:>26} | {:>26} | {:>26} | {:>26} | {:>22} | {:>3}, {:>6}, {:>9}",
+            "{:>9} | {:>7.0} | {:>5.1} ms | {:>5.1} ms | {:>26} | {:>26} | {:>26} | {:>26} | {:>22} | {:>3}, {:>6}, {:>9} | {:>30}",
             done,
             rate,
             p50,
@@ -272,7 +331,8 @@ async fn main() {
             rss.join(" "),
             snaps.0,
             snaps.1,
-            gib(snaps.2)
+            gib(snaps.2),
+            per_100k.join(" / ")
         );
     }
     let first = first_rate.unwrap();
