@@ -269,7 +269,7 @@ fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
 /// A read-only instance over a checkpoint; its reads go through the shared
 /// block cache (see `meta::table_options`), and a transfer's do not fill it.
 fn open_read_only(dir: &Path, cfs: &[&str]) -> io::Result<DB> {
-    let cfs = cfs.iter().map(|n| rocksdb::ColumnFamilyDescriptor::new(*n, super::table_options()));
+    let cfs = cfs.iter().map(|n| rocksdb::ColumnFamilyDescriptor::new(*n, super::table_options(n)));
     DB::open_cf_descriptors_read_only(&Options::default(), dir, cfs, false)
         .map_err(|e| io::Error::other(format!("opening snapshot checkpoint {}: {e}", dir.display())))
 }
@@ -428,7 +428,7 @@ fn read_field(r: &mut impl Read, max: usize) -> io::Result<Vec<u8>> {
 /// order, as [`Checkpoint::write_records`] writes them; anything else is
 /// refused as corrupt.
 pub(super) fn write_ssts(store: &SnapshotStore, file: std::fs::File) -> io::Result<Vec<Option<PathBuf>>> {
-    let opts = super::table_options();
+    let opts: Vec<Options> = STATE_CFS.iter().map(|n| super::table_options(n)).collect();
     let mut out: Vec<Option<PathBuf>> = vec![None; STATE_CFS.len()];
     let mut writer: Option<(usize, SstFileWriter<'_>)> = None;
     let finish = |w: &mut SstFileWriter<'_>| w.finish().map_err(io::Error::other);
@@ -445,7 +445,7 @@ pub(super) fn write_ssts(store: &SnapshotStore, file: std::fs::File) -> io::Resu
                     finish(w)?;
                 }
                 let path = store.scratch_sst(i);
-                let w = SstFileWriter::create(&opts);
+                let w = SstFileWriter::create(&opts[i]);
                 w.open(&path).map_err(io::Error::other)?;
                 out[i] = Some(path);
                 writer = Some((i, w));

@@ -68,6 +68,14 @@ pub struct StateMachine {
     receiving: Option<PathBuf>,
     fence: Arc<InstallFence>,
     lost: Arc<super::LostCopies>,
+    /// Every request id applied below this log index is forgotten: where
+    /// the next expiry starts reading. Deleted keys stay in the tables as
+    /// tombstones until compaction drops them, so a read from the start of
+    /// the age table would step over every id forgotten since, thousands
+    /// per entry, more the longer the node runs. Local to this node and
+    /// only a hint (0 after a start or an install): which ids expire
+    /// depends on the state alone.
+    requests_pruned_below: u64,
 }
 
 fn io_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
@@ -110,7 +118,14 @@ impl StateMachine {
     /// half-replaced state).
     pub fn new(db: Arc<DB>, snap_dir: PathBuf) -> std::io::Result<StateMachine> {
         let snapshots = Arc::new(SnapshotStore::open(snap_dir, &db)?);
-        let sm = StateMachine { db, snapshots, receiving: None, fence: Arc::default(), lost: Arc::default() };
+        let sm = StateMachine {
+            db,
+            snapshots,
+            receiving: None,
+            fence: Arc::default(),
+            lost: Arc::default(),
+            requests_pruned_below: 0,
+        };
         if let Some((meta, path)) = pending_install(&sm.db, &sm.snapshots)? {
             tracing::warn!(snapshot = %meta.snapshot_id, "finishing a snapshot install cut short by a restart");
             install_file(&sm.db, &sm.snapshots, &path, &meta)?;
@@ -573,17 +588,28 @@ impl StateMachine {
 
     /// Forget ids applied more than [`KEEP_REQUESTS`] entries before `index`.
     /// Depends only on the applied state, so every replica forgets the same.
-    fn expire_requests(&self, batch: &mut WriteBatch, index: u64) -> SResult<()> {
+    /// The caller writes `batch` before the next call.
+    fn expire_requests(&mut self, batch: &mut WriteBatch, index: u64) -> SResult<()> {
         let Some(cutoff) = index.checked_sub(KEEP_REQUESTS) else { return Ok(()) };
         let age_cf = cf(&self.db, CF_REQUEST_AGE);
-        for item in self.db.iterator_cf(age_cf, IteratorMode::Start).take(PRUNE_PER_ENTRY) {
+        let mut opts = rocksdb::ReadOptions::default();
+        opts.set_iterate_lower_bound(self.requests_pruned_below.to_be_bytes());
+        let mut all_gone = true;
+        for (pruned, item) in self.db.iterator_cf_opt(age_cf, opts, IteratorMode::Start).enumerate() {
             let (k, _) = item.map_err(io_err)?;
             let at = u64::from_be_bytes(k[..8].try_into().map_err(io_err)?);
             if at >= cutoff {
                 break;
             }
+            if pruned == PRUNE_PER_ENTRY {
+                all_gone = false;
+                break;
+            }
             batch.delete_cf(cf(&self.db, CF_REQUESTS), &k[8..]);
             batch.delete_cf(age_cf, &k);
+        }
+        if all_gone {
+            self.requests_pruned_below = cutoff;
         }
         Ok(())
     }
@@ -793,8 +819,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: OptionalSend,
     {
         let mut out = Vec::new();
+        let db = self.db.clone();
         for entry in entries {
-            let sm = cf(&self.db, CF_SM);
+            let sm = cf(&db, CF_SM);
             let applied = crate::codec::encode(&Some(entry.log_id));
             let mut outcomes = Vec::new();
             match entry.payload {
@@ -880,6 +907,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let received =
             self.receiving.take().ok_or_else(|| io_err(std::io::Error::other("no snapshot was received")))?;
         let (db, store, fence, meta) = (self.db.clone(), self.snapshots.clone(), self.fence.clone(), meta.clone());
+        // The installed state forgot ids of its own.
+        self.requests_pruned_below = 0;
         tokio::task::spawn_blocking(move || {
             let path = store.begin_install(&db, &received, &meta)?;
             let _installing = fence.install();
@@ -1580,5 +1609,35 @@ mod tests {
         sm.apply([entry(3 + KEEP_REQUESTS, vec![])]).await.unwrap();
         assert_eq!(count(&db), 0);
         assert_eq!(db.iterator_cf(cf(&db, CF_REQUEST_AGE), IteratorMode::Start).count(), 0);
+    }
+
+    /// Expiry reads only what is left to forget. Forgotten ids stay in the
+    /// tables as tombstones until compaction drops them; an expiry that
+    /// read the age table from its start would step over all of them at
+    /// every entry, more the longer a node runs. RocksDB counts the
+    /// tombstones a read steps over, per thread.
+    #[tokio::test]
+    async fn expiring_request_ids_does_not_step_over_those_already_forgotten() {
+        use rocksdb::perf::{set_perf_stats, PerfContext, PerfMetric, PerfStatsLevel};
+        let dir = tempfile::tempdir().unwrap();
+        let (db, mut sm) = machine(dir.path());
+        let ids = 3 * PRUNE_PER_ENTRY as u64;
+        for seq in 1..=ids {
+            sm.apply([entry(seq, vec![put_tag(seq, "t", &seq.to_string())])]).await.unwrap();
+        }
+        // Each entry past KEEP_REQUESTS forgets at most PRUNE_PER_ENTRY ids.
+        let count = |db: &DB| db.iterator_cf(cf(db, CF_REQUESTS), IteratorMode::Start).count() as u64;
+        for i in 1..=3 {
+            sm.apply([entry(ids + KEEP_REQUESTS + i, vec![])]).await.unwrap();
+            assert_eq!(count(&db), ids - (i * PRUNE_PER_ENTRY as u64).min(ids));
+        }
+        assert_eq!(count(&db), 0);
+        set_perf_stats(PerfStatsLevel::EnableCount);
+        let mut perf = PerfContext::default();
+        perf.reset();
+        sm.apply([entry(ids + KEEP_REQUESTS + 4, vec![])]).await.unwrap();
+        let skipped = perf.metric(PerfMetric::InternalDeleteSkippedCount);
+        set_perf_stats(PerfStatsLevel::Disable);
+        assert!(skipped < 16, "expiry stepped over {skipped} forgotten ids");
     }
 }
