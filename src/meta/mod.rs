@@ -192,9 +192,10 @@ const L0_FILES_PER_COMPACTION: i32 = 8;
 /// positives at ten bits), instead of searching the table's index and
 /// reading a data block. Every applied proposal looks up its request id,
 /// which is new, so without a filter that read searched every level-0
-/// table and one table per level, a cost that grows with the state. Only
-/// that family reads absent keys by design. Filters on every family cost
-/// each node about 20 MiB of memory at a million manifests (1.25 bytes per
+/// table and one table per level, a cost that grows with the state. No
+/// other family is read for an absent key on every write. Filters on every
+/// family cost
+/// each node 10-20 MiB more RSS at a million manifests (1.25 bytes per
 /// key, beside each open table's index), and the scale bench showed no
 /// gain from them within its run-to-run spread.
 const FILTER_BITS_PER_KEY: f64 = 10.0;
