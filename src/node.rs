@@ -86,7 +86,8 @@ impl RunningNode {
                  cluster port can speak for a member"
             );
         }
-        let network = Network::new(Peers::new(identity.clone(), tls.clone()));
+        let append_deadline = std::time::Duration::from_millis(cfg.raft.election_min_ms);
+        let network = Network::new(Peers::new(identity.clone(), tls.clone()), append_deadline);
         let raft = Raft::new(cfg.node_id, raft_config(&cfg)?, network, log, sm).await.context("starting raft")?;
         let cluster =
             Cluster::new(identity.clone(), tls.clone(), raft.clone(), committed, log_at_start, cfg.consistency);

@@ -26,12 +26,15 @@ use crate::{NodeId, NodeInfo, TypeConfig};
 #[derive(Clone)]
 pub struct Network {
     peers: Peers,
+    append_deadline: Duration,
 }
 
 impl Network {
-    /// Raft's peers, reached through `peers` (its TLS and cluster id).
-    pub fn new(peers: Peers) -> Network {
-        Network { peers }
+    /// Raft's peers, reached through `peers` (its TLS and cluster id). An
+    /// AppendEntries carrying entries may take `append_deadline`, the
+    /// shortest election timeout (see [`PeerClient::append_entries`]).
+    pub fn new(peers: Peers, append_deadline: Duration) -> Network {
+        Network { peers, append_deadline }
     }
 }
 
@@ -45,6 +48,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             incarnation: node.incarnation,
             peers: self.peers.clone(),
             client: None,
+            append_deadline: self.append_deadline,
         }
     }
 }
@@ -57,6 +61,8 @@ pub struct PeerClient {
     incarnation: u64,
     peers: Peers,
     client: Option<RaftRpcClient<PeerChannel>>,
+    /// What an AppendEntries carrying entries may take in all.
+    append_deadline: Duration,
 }
 
 #[derive(Clone, Copy)]
@@ -278,6 +284,18 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         }
     }
 
+    /// openraft gives every AppendEntries one heartbeat interval. One that
+    /// carries entries is answered once the peer has them fsynced, and on a
+    /// busy node (requests, flushes and compactions sharing the cores and
+    /// the disk) that took longer than a heartbeat often: under the scale
+    /// bench's load about 200 appends a minute timed out at 50 ms, each
+    /// sent again in full, and a commit waited for the second round. Such
+    /// an append may take up to the shortest election timeout, beyond which
+    /// a peer is no better than one that is gone. That is still less than
+    /// a follower waits before it campaigns (openraft's leader lease, the
+    /// longest election timeout, plus an election timeout), so a slow
+    /// append never starts an election. Heartbeats keep their deadline: a
+    /// dead or cut-off peer is noticed as soon as before.
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
@@ -287,7 +305,12 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             // openraft resends with at most `fit` entries for a while.
             return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(fit as u64)));
         }
-        self.call(Rpc::Append, &rpc, &option).await
+        let grace = if rpc.entries.is_empty() {
+            Duration::ZERO
+        } else {
+            self.append_deadline.saturating_sub(option.hard_ttl())
+        };
+        self.call_with(Rpc::Append, &rpc, &option, grace).await
     }
 
     async fn install_snapshot(
@@ -304,5 +327,70 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
         self.call(Rpc::Vote, &rpc, &option).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{AsyncRuntime, CommittedLeaderId, Entry, LogId};
+    use tonic::{Request, Response, Status};
+
+    use super::*;
+    use crate::cluster::pb::raft_rpc_server::{RaftRpc, RaftRpcServer};
+    use crate::cluster::pb::RaftReply;
+    use crate::cluster::{BerthRuntime, Identity};
+
+    /// A peer whose appends succeed after `delay`: one busy fsyncing.
+    struct SlowPeer {
+        delay: Duration,
+    }
+
+    #[tonic::async_trait]
+    impl RaftRpc for SlowPeer {
+        async fn append_entries(&self, _: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+            tokio::time::sleep(self.delay).await;
+            let ok: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> = Ok(AppendEntriesResponse::Success);
+            Ok(Response::new(RaftReply { payload: pb::encode(&ok).into(), error: String::new() }))
+        }
+
+        async fn vote(&self, _: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+            Err(Status::unimplemented("vote"))
+        }
+
+        async fn install_snapshot(&self, _: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+            Err(Status::unimplemented("install_snapshot"))
+        }
+    }
+
+    fn append(entries: Vec<Entry<TypeConfig>>) -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest { vote: Vote::new_committed(1, 1), prev_log_id: None, leader_commit: None, entries }
+    }
+
+    /// An append carrying entries to a peer that takes four heartbeats to
+    /// answer succeeds under openraft's own deadline (one heartbeat, as its
+    /// replication sets it) when the shortest election timeout is six
+    /// heartbeats; a heartbeat to that peer still times out.
+    #[tokio::test]
+    async fn entries_outlast_a_heartbeat_and_heartbeats_do_not() {
+        let heartbeat = Duration::from_millis(50);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tonic::transport::Server::builder()
+            .add_service(RaftRpcServer::new(SlowPeer { delay: heartbeat * 4 }))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        let server = tokio::spawn(server);
+        let node = NodeInfo { grpc: addr.to_string(), ..NodeInfo::default() };
+        let network = Network::new(Peers::new(Identity::outsider(), None), heartbeat * 6);
+        let mut client = network.clone().new_client(2, &node).await;
+        let entry = Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), 1), payload: EntryPayload::Blank };
+
+        let sent =
+            BerthRuntime::timeout(heartbeat, client.append_entries(append(vec![entry]), RPCOption::new(heartbeat)));
+        let reply = sent.await.expect("within the deadline").expect("the peer's answer");
+        assert!(matches!(reply, AppendEntriesResponse::Success));
+
+        let beat = BerthRuntime::timeout(heartbeat, client.append_entries(append(vec![]), RPCOption::new(heartbeat)));
+        assert!(!matches!(beat.await, Ok(Ok(_))), "a heartbeat keeps its deadline");
+        server.abort();
     }
 }
