@@ -202,7 +202,7 @@ const FILTER_BITS_PER_KEY: f64 = 10.0;
 
 /// Bytes a table file (a flush's, a compaction's) is written ahead of its
 /// final sync: RocksDB asks the kernel to write each such run out as it
-/// goes. Without it a table reached its `fsync` with tens of megabytes
+/// goes. Without it a table can reach its `fsync` with tens of megabytes
 /// dirty, and on ext4 (one journal for the file system) the Raft log's
 /// small synced appends waited behind that writeback: on this project's
 /// test machine one 4 KiB `fdatasync` took up to 1.27 s while a 1.5 GB
@@ -653,7 +653,7 @@ mod tests {
         for line in text.lines().map(str::trim) {
             if let Some(name) = line.strip_prefix("[CFOptions \"").and_then(|l| l.strip_suffix("\"]")) {
                 family = Some(name.to_string());
-            } else if line == "[DBOptions]" {
+            } else if line == DB_OPTIONS {
                 family = Some(DB_OPTIONS.to_string());
             } else if line.starts_with('[') {
                 family = None;
