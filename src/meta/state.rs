@@ -1031,6 +1031,21 @@ mod tests {
         out
     }
 
+    /// Every file under `dir`, depth first.
+    fn walkdir(dir: &std::path::Path) -> impl Iterator<Item = PathBuf> {
+        let mut stack = vec![dir.to_path_buf()];
+        std::iter::from_fn(move || {
+            while let Some(p) = stack.pop() {
+                if p.is_dir() {
+                    stack.extend(std::fs::read_dir(&p).unwrap().flatten().map(|e| e.path()));
+                } else {
+                    return Some(p);
+                }
+            }
+            None
+        })
+    }
+
     /// openraft builds snapshots in a task of their own while entries go on
     /// being applied. A snapshot taken so, installed on a fresh node, must
     /// give exactly the leader's state once the node has applied the
@@ -1038,9 +1053,13 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_snapshot_taken_under_writes_installs_the_same_state_key_by_key() {
         const ENTRIES: u64 = 2000;
+        // Manifests large enough to live in blob files (`MIN_BLOB_BYTES`),
+        // which the checkpoints must carry too.
+        let pad = "p".repeat(600);
         let entries: Vec<Entry<TypeConfig>> = (1..=ENTRIES)
             .map(|i| {
-                let p = (0..4).map(|j| put_tag(i * 4 + j, &format!("t{}", (i * 4 + j) % 97), &format!("v{i}-{j}")));
+                let p =
+                    (0..4).map(|j| put_tag(i * 4 + j, &format!("t{}", (i * 4 + j) % 97), &format!("v{i}-{j}-{pad}")));
                 entry(i, p.collect())
             })
             .collect();
@@ -1081,6 +1100,8 @@ mod tests {
         }
         let _leader = applier.await.unwrap();
         assert!(!snaps.is_empty(), "no snapshot was taken while entries were applied");
+        let blob_files = walkdir(leader_dir.path()).filter(|p| p.extension().is_some_and(|e| e == "blob")).count();
+        assert!(blob_files > 0, "no manifest went to a blob file");
         let want = dump(&leader_db);
         for snap in snaps {
             let at = snap.meta.last_log_id.map_or(0, |l| l.index);
