@@ -224,7 +224,8 @@ const MIN_BLOB_BYTES: u64 = 512;
 /// scale bench its blob files took 3.7 GB of writes for 1.9 GB of
 /// manifests, as much in all as without blob files. Manifests are mostly
 /// deleted oldest first (retention policies, untagged cleanup), which is
-/// what the oldest files hold.
+/// what the oldest files hold. The fraction counts files, rounded down: a
+/// store of fewer than twenty blob files collects none yet.
 const BLOB_GC_AGE_CUTOFF: f64 = 0.05;
 /// The share of deleted manifests among those old files past which RocksDB
 /// compacts them on purpose, so their space comes back without waiting for
