@@ -741,7 +741,7 @@ mod tests {
     }
 
     /// The numbers of the blob files in the database at `dir`, oldest first.
-    fn blob_files(dir: &Path) -> Vec<u64> {
+    pub(super) fn blob_files(dir: &Path) -> Vec<u64> {
         let mut out: Vec<u64> = std::fs::read_dir(dir)
             .unwrap()
             .flatten()

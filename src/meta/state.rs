@@ -1031,21 +1031,6 @@ mod tests {
         out
     }
 
-    /// Every file under `dir`, depth first.
-    fn walkdir(dir: &std::path::Path) -> impl Iterator<Item = PathBuf> {
-        let mut stack = vec![dir.to_path_buf()];
-        std::iter::from_fn(move || {
-            while let Some(p) = stack.pop() {
-                if p.is_dir() {
-                    stack.extend(std::fs::read_dir(&p).unwrap().flatten().map(|e| e.path()));
-                } else {
-                    return Some(p);
-                }
-            }
-            None
-        })
-    }
-
     /// openraft builds snapshots in a task of their own while entries go on
     /// being applied. A snapshot taken so, installed on a fresh node, must
     /// give exactly the leader's state once the node has applied the
@@ -1100,8 +1085,7 @@ mod tests {
         }
         let _leader = applier.await.unwrap();
         assert!(!snaps.is_empty(), "no snapshot was taken while entries were applied");
-        let blob_files = walkdir(leader_dir.path()).filter(|p| p.extension().is_some_and(|e| e == "blob")).count();
-        assert!(blob_files > 0, "no manifest went to a blob file");
+        assert!(!super::super::tests::blob_files(&leader_dir.path().join("db")).is_empty(), "no blob files");
         let want = dump(&leader_db);
         for snap in snaps {
             let at = snap.meta.last_log_id.map_or(0, |l| l.index);
