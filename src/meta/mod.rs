@@ -295,8 +295,9 @@ fn family_bytes(db: &DB) -> Vec<(&'static str, u64)> {
 /// so without this nothing is compressed (manifests and log entries are JSON
 /// and compress well). Tables already written stay readable as they are.
 /// Also each family's memtables and level-0 batching
-/// ([`MEMTABLES_PER_FAMILY`], [`L0_FILES_PER_COMPACTION`]), which only the
-/// open database uses.
+/// ([`MEMTABLES_PER_FAMILY`], [`L0_FILES_PER_COMPACTION`]) and the manifest
+/// family's blob files ([`MIN_BLOB_BYTES`]), which only the open database
+/// uses: `SstFileWriter` writes values inline whatever the options say.
 pub(crate) fn table_options(family: &str) -> Options {
     static CACHE: std::sync::OnceLock<rocksdb::Cache> = std::sync::OnceLock::new();
     let cache = CACHE.get_or_init(|| rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES));
