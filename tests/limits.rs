@@ -162,11 +162,14 @@ async fn slow_uploads_and_slow_headers_do_not_stall_normal_clients_and_are_cut()
     .await;
     let load_began = Instant::now();
 
-    // While they hold their connections, normal clients get answers fast.
+    // While they hold their connections, normal clients get answers. A
+    // node the slow clients stalled would answer only once it cut them, at
+    // 6 s (`header_timeout_secs`, `body_window_secs`); half that leaves a
+    // loaded 2-core machine room (a 1 MiB push once took 1.06 s here).
     for i in 0..3 {
         let slowest = normal_round(&c, &base, i).await;
         assert!(
-            slowest < Duration::from_secs(1),
+            slowest < Duration::from_secs(3),
             "a normal request took {slowest:?} next to {UPLOADS} slow uploads and {HEADERS} slow headers"
         );
     }
