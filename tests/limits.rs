@@ -66,31 +66,17 @@ async fn until_closed(mut s: TcpStream, tick: &[u8], every: Duration) -> Instant
 }
 
 /// A normal client's round: push a 1 MiB blob and a manifest, pull both.
-/// Returns the slowest step.
-async fn normal_round(c: &reqwest::Client, base: &str, i: usize) -> Duration {
-    let mut slowest = Duration::ZERO;
-    let mut step = |t: Instant| slowest = slowest.max(t.elapsed());
+async fn normal_round(c: &reqwest::Client, base: &str, i: usize) {
     let layer: Vec<u8> = (0..1 << 20).map(|j| (j * 7 + i) as u8).collect();
     let config = format!(r#"{{"round":{i}}}"#).into_bytes();
-    let t = Instant::now();
     let ld = push_blob(c, base, "normal/app", &layer).await;
-    step(t);
-    let t = Instant::now();
     let cd = push_blob(c, base, "normal/app", &config).await;
-    step(t);
     let m = image_manifest((&cd, config.len()), &[(&ld, layer.len())], "");
-    let t = Instant::now();
     put_manifest(c, base, "normal/app", &format!("r{i}"), &m).await;
-    step(t);
-    let t = Instant::now();
     let got = c.get(format!("{base}/v2/normal/app/blobs/{ld}")).send().await.unwrap().bytes().await.unwrap();
-    step(t);
     assert_eq!(got.len(), layer.len());
-    let t = Instant::now();
     let r = c.get(format!("{base}/v2/normal/app/manifests/r{i}")).header("Accept", OCI_MANIFEST).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    step(t);
-    slowest
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -98,7 +84,7 @@ async fn slow_uploads_and_slow_headers_do_not_stall_normal_clients_and_are_cut()
     const UPLOADS: usize = 600;
     const HEADERS: usize = 1000;
     let (_p, base, _dir) = node(
-        "header_timeout_secs = 6\nbody_window_secs = 6\nbody_min_bytes_per_sec = 64\n\
+        "header_timeout_secs = 15\nbody_window_secs = 15\nbody_min_bytes_per_sec = 64\n\
          max_connections_per_client = 4000\nmax_uploads_per_client = 1000",
     )
     .await;
@@ -131,9 +117,11 @@ async fn slow_uploads_and_slow_headers_do_not_stall_normal_clients_and_are_cut()
     // 600 PATCHes trickling 3 bytes a second (chunked), each on its own
     // connection; 1000 connections sending one header line a second.
     let started = Arc::new(AtomicUsize::new(0));
+    // How many slow connections have been closed so far.
+    let cut = Arc::new(AtomicUsize::new(0));
     let mut slow = Vec::new();
     for loc in &sessions {
-        let (loc, started) = (loc.clone(), started.clone());
+        let (loc, started, cut) = (loc.clone(), started.clone(), cut.clone());
         slow.push(tokio::spawn(async move {
             let mut s = connect_from("127.0.0.2", to).await.unwrap();
             let head = format!(
@@ -142,17 +130,21 @@ async fn slow_uploads_and_slow_headers_do_not_stall_normal_clients_and_are_cut()
             );
             s.write_all(head.as_bytes()).await.unwrap();
             started.fetch_add(1, Ordering::SeqCst);
-            until_closed(s, b"3\r\nabc\r\n", Duration::from_secs(1)).await
+            let closed = until_closed(s, b"3\r\nabc\r\n", Duration::from_secs(1)).await;
+            cut.fetch_add(1, Ordering::SeqCst);
+            closed
         }));
     }
     for i in 0..HEADERS {
-        let started = started.clone();
+        let (started, cut) = (started.clone(), cut.clone());
         slow.push(tokio::spawn(async move {
             let mut s = connect_from("127.0.0.3", to).await.unwrap();
             s.write_all(b"GET /v2/ HTTP/1.1\r\n").await.unwrap();
             started.fetch_add(1, Ordering::SeqCst);
             let line = format!("X-Slow-{i}: a\r\n");
-            until_closed(s, line.as_bytes(), Duration::from_secs(1)).await
+            let closed = until_closed(s, line.as_bytes(), Duration::from_secs(1)).await;
+            cut.fetch_add(1, Ordering::SeqCst);
+            closed
         }));
     }
     wait_for("every slow client to start", Duration::from_secs(60), || {
@@ -162,21 +154,22 @@ async fn slow_uploads_and_slow_headers_do_not_stall_normal_clients_and_are_cut()
     .await;
     let load_began = Instant::now();
 
-    // While they hold their connections, normal clients get answers. A
-    // node the slow clients stalled would answer only once it cut them, at
-    // 6 s (`header_timeout_secs`, `body_window_secs`); half that leaves a
-    // loaded 2-core machine room (a 1 MiB push once took 1.06 s here).
+    // While they hold their connections, normal clients get answers: every
+    // round completes before the node has cut a single slow client. A node
+    // the slow clients stalled would answer only once it cut them (15 s
+    // into each, `header_timeout_secs`, `body_window_secs`), so the test
+    // asserts an order of events: its only bound is the node's own cut,
+    // not a guess at how fast a loaded machine answers.
     for i in 0..3 {
-        let slowest = normal_round(&c, &base, i).await;
-        assert!(
-            slowest < Duration::from_secs(3),
-            "a normal request took {slowest:?} next to {UPLOADS} slow uploads and {HEADERS} slow headers"
+        normal_round(&c, &base, i).await;
+        let n = cut.load(Ordering::SeqCst);
+        assert_eq!(
+            n,
+            0,
+            "normal round {i} finished only after the node had cut {n} of its {} slow clients",
+            UPLOADS + HEADERS
         );
     }
-    assert!(
-        load_began.elapsed() < Duration::from_secs(5),
-        "the normal rounds must run while the slow clients are still connected"
-    );
 
     // Then every slow connection is cut by the node, not left open.
     let mut cut_after = Duration::ZERO;
@@ -208,7 +201,7 @@ async fn slow_uploads_and_slow_headers_do_not_stall_normal_clients_and_are_cut()
     assert_eq!(r.status(), 202, "the upload resumes where the cut left it");
 
     // And the node still serves.
-    assert!(normal_round(&c, &base, 99).await < Duration::from_secs(5));
+    normal_round(&c, &base, 99).await;
 }
 
 #[tokio::test]
