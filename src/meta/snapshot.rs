@@ -6,8 +6,9 @@
 //! `snapshot_logs` entries so that it can purge the log behind it, and keeps
 //! only the snapshot's id and membership (its data is dropped). So a build
 //! records a *snapshot point*: the applied log id and membership, read
-//! together, made durable by syncing the write-ahead log before openraft
-//! purges anything. No checkpoint, no memtable flush.
+//! together, made durable by a flush of the memtables (applied entries skip
+//! the write-ahead log; see `StateMachine::apply`) before openraft purges
+//! anything. No checkpoint, no copy.
 //!
 //! **A snapshot a peer needs is a RocksDB checkpoint**, taken when a peer
 //! first asks for one after the newest point (`get_current_snapshot`):

@@ -733,11 +733,10 @@ impl SnapshotBuilder {
                 // snapshot (see `applied_of`).
                 let (applied, membership) = super::snapshot::applied_of(&db)?;
                 // openraft purges the log behind the point once this
-                // returns. Applied entries are written without a sync (the
-                // log's own synced appends usually carry them), so the
-                // write-ahead log holding them is synced here: a crash must
+                // returns. Applied entries are written to memtables only
+                // (see `apply`), so they are flushed here: a crash must
                 // never leave the state behind a purged log.
-                db.flush_wal(true).map_err(std::io::Error::other)?;
+                super::flush_all(&db).map_err(std::io::Error::other)?;
                 Ok(fence.check(entered).is_ok().then_some((applied, membership)))
             })
             .await
@@ -820,6 +819,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         let mut out = Vec::new();
         let db = self.db.clone();
+        // The applied state is not written to the write-ahead log: the
+        // Raft log already holds every entry (synced before it committed),
+        // and writing each manifest a second time there cost as much as
+        // the first. A crash loses what was applied since the last flush
+        // (all families flush together, so the state on disk is as of one
+        // entry, with its applied id); openraft applies the committed log
+        // after it again at start, and the log behind a snapshot point is
+        // purged only once the state is flushed past it
+        // ([`SnapshotBuilder::point`]).
+        let mut unlogged = rocksdb::WriteOptions::default();
+        unlogged.disable_wal(true);
         for entry in entries {
             let sm = cf(&db, CF_SM);
             let applied = crate::codec::encode(&Some(entry.log_id));
@@ -828,7 +838,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 EntryPayload::Blank => {
                     let mut batch = WriteBatch::default();
                     batch.put_cf(sm, KEY_APPLIED, &applied);
-                    self.db.write(batch).map_err(io_err)?;
+                    self.db.write_opt(batch, &unlogged).map_err(io_err)?;
                 }
                 EntryPayload::Normal(Batch(proposals)) => {
                     // Each command commits on its own with its request id
@@ -839,19 +849,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     for (pos, p) in proposals.into_iter().enumerate() {
                         let mut batch = WriteBatch::default();
                         outcomes.push(self.apply_once(&mut batch, p, index, pos as u32)?);
-                        self.db.write(batch).map_err(io_err)?;
+                        self.db.write_opt(batch, &unlogged).map_err(io_err)?;
                     }
                     let mut batch = WriteBatch::default();
                     self.expire_requests(&mut batch, index)?;
                     batch.put_cf(sm, KEY_APPLIED, &applied);
-                    self.db.write(batch).map_err(io_err)?;
+                    self.db.write_opt(batch, &unlogged).map_err(io_err)?;
                 }
                 EntryPayload::Membership(m) => {
                     let stored = Membership::new(Some(entry.log_id), m);
                     let mut batch = WriteBatch::default();
                     batch.put_cf(sm, KEY_APPLIED, &applied);
                     batch.put_cf(sm, KEY_MEMBERSHIP, crate::codec::encode(&stored));
-                    self.db.write(batch).map_err(io_err)?;
+                    self.db.write_opt(batch, &unlogged).map_err(io_err)?;
                 }
             }
             out.push(Outcomes(outcomes));
@@ -1215,9 +1225,76 @@ mod tests {
         let before = settled_tables(&db);
         assert!(!before.is_empty() && before.iter().all(|(_, level)| *level == 6), "{before:?}");
 
+        // The point flushes entry 2 into a level-0 table of its own, which
+        // stays there: only a released RocksDB snapshot could rewrite the
+        // bottommost one.
+        db.set_options_cf(manifests, &[("level0_file_num_compaction_trigger", "8")]).unwrap();
         sm.apply([entry(2, vec![put_tag(2, "u", "w")])]).await.unwrap();
         sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
-        assert_eq!(settled_tables(&db), before, "a bottommost table was rewritten");
+        let after = settled_tables(&db);
+        assert!(before.iter().all(|t| after.contains(t)), "a bottommost table was rewritten: {before:?} -> {after:?}");
+    }
+
+    /// The bytes of the write-ahead log files in the database at `dir`.
+    fn wal_bytes(dir: &std::path::Path) -> u64 {
+        let logs = std::fs::read_dir(dir).unwrap().flatten();
+        let logs = logs.filter(|e| e.file_name().to_string_lossy().ends_with(".log"));
+        logs.map(|e| e.metadata().unwrap().len()).sum()
+    }
+
+    /// What a crash (a kill or a power cut) now would leave of the
+    /// database at `from`, where a process can open it: every file as it
+    /// is (the page cache is what a killed process leaves), copied to `to`
+    /// while the database stays open and idle.
+    fn crash_copy(from: &std::path::Path, to: &std::path::Path) -> Arc<DB> {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap().flatten() {
+            if e.file_name() != "LOCK" {
+                std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+            }
+        }
+        open_db(to).unwrap()
+    }
+
+    /// Applied entries are written once, to memtables and then tables, not
+    /// also to the write-ahead log (the Raft log holds them). So a crash
+    /// may take the state back to an earlier entry, whole (every family
+    /// flushes at one point), and a snapshot point, after which openraft
+    /// purges the log it would be applied again from, must first put on
+    /// disk everything applied up to it.
+    #[tokio::test]
+    async fn applied_entries_skip_the_write_ahead_log_and_a_snapshot_point_puts_them_on_disk() {
+        const ENTRIES: u64 = 200;
+        let dir = tempfile::tempdir().unwrap();
+        let (db, mut sm) = machine(dir.path());
+        let pad = "p".repeat(2000);
+        let db_dir = dir.path().join("db");
+        let wal_before = wal_bytes(&db_dir);
+        let entries: Vec<_> = (1..=ENTRIES).map(|i| entry(i, vec![put_tag(i, "t", &format!("{i}-{pad}"))])).collect();
+        let applied_bytes = ENTRIES * pad.len() as u64;
+        sm.apply(entries).await.unwrap();
+        let wal = wal_bytes(&db_dir) - wal_before;
+        assert!(wal < applied_bytes / 10, "{wal} bytes of write-ahead log for {applied_bytes} bytes of manifests");
+
+        // A crash now: whatever entry the state on disk is as of, its
+        // applied id says which, and its tag is that entry's.
+        let crashed = crash_copy(&db_dir, &dir.path().join("crash1"));
+        match super::super::snapshot::applied_of(&crashed).unwrap().0 {
+            None => assert!(MetaReader::new(crashed.clone(), Arc::default(), Arc::default())
+                .tag(&"r".parse().unwrap(), &"t".parse().unwrap())
+                .unwrap()
+                .is_none()),
+            Some(id) => assert_eq!(tag_value(&crashed).split('-').next(), Some(id.index.to_string().as_str())),
+        }
+        drop(crashed);
+
+        // A snapshot point, then a crash: the state on disk is the point's.
+        let point = sm.get_snapshot_builder().await.build_snapshot().await.unwrap().meta.last_log_id;
+        assert_eq!(point.map(|l| l.index), Some(ENTRIES));
+        let crashed = crash_copy(&db_dir, &dir.path().join("crash2"));
+        assert_eq!(super::super::snapshot::applied_of(&crashed).unwrap().0, point);
+        assert_eq!(tag_value(&crashed), format!("{ENTRIES}-{pad}"));
+        drop(db);
     }
 
     /// A snapshot id is whatever the sending peer wrote. One that names a
