@@ -18,7 +18,13 @@
 //! manifest's annotation is its own pseudo-random hex, which LZ4 barely
 //! compresses, as digests; 0: one repeated byte, which it compresses to
 //! almost nothing), `SCALE_SNAPSHOT_LOGS` (10,000, the default
-//! `snapshot_logs`).
+//! `snapshot_logs`), `SCALE_RATE` (0, the default: a closed loop, each
+//! of the 64 connections sending its next PUT when the last is answered,
+//! so the rate is the cluster's ceiling and the mean latency 64 over it;
+//! N: an open loop, PUTs due at N per second with at most 64 in flight and
+//! latency counted from when each was due, so the percentiles show the
+//! cluster's own stalls at a load it sustains, not the queue of a
+//! saturating client).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -31,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use common::cluster::TestCluster;
 use common::*;
-use load::run;
+use load::{run, run_at_rate};
 use sha2::Digest as _;
 
 fn env(name: &str, default: u64) -> u64 {
@@ -205,6 +211,7 @@ async fn main() {
     let sparse_gib = env("SCALE_SPARSE_GIB", 50);
     let pad_len = env("SCALE_PAD", 1500) as usize;
     let random_pad = env("SCALE_PAD_RANDOM", 1) == 1;
+    let per_sec = env("SCALE_RATE", 0);
     let mut cl = TestCluster::start(3, env("SCALE_SNAPSHOT_LOGS", 10_000)).await;
     let c = reqwest::Client::builder().pool_max_idle_per_host(128).build().unwrap();
     let leader = cl.wait_leader_everywhere().await;
@@ -216,7 +223,11 @@ async fn main() {
         format!(r#","annotations":{{"n":"{i:07}","pad":"{pad}"}}"#)
     };
     let sample = image_manifest((&config, 13), &[(&layer, 2000)], &annotations(0));
-    println!("manifest size {} bytes; {total} manifests in steps of {step}, c=64 via the leader", sample.len());
+    let load = match per_sec {
+        0 => "closed loop".to_string(),
+        n => format!("open loop at {n} PUT/s, latency from when each PUT was due"),
+    };
+    println!("manifest size {} bytes; {total} manifests in steps of {step}, c=64 via the leader, {load}", sample.len());
     println!(
         "{:>9} | {:>7} | {:>8} | {:>8} | {:>26} | {:>26} | {:>26} | {:>26} | {:>22} | {:>22} | {:>30}",
         "after",
@@ -262,7 +273,7 @@ async fn main() {
             (c.clone(), base.clone(), config.clone(), layer.clone(), repo.clone());
         let bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let bytes2 = bytes.clone();
-        let mut s = run(64, n, move |i| {
+        let put = move |i: usize| {
             let (c, base, repo) = (c2.clone(), base2.clone(), repo2.clone());
             let body = image_manifest((&config2, 13), &[(&layer2, 2000)], &annotations2(i));
             bytes2.fetch_add(body.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -275,8 +286,11 @@ async fn main() {
                     .await;
                 r.map(|r| r.status() == 201).unwrap_or(false)
             }
-        })
-        .await;
+        };
+        let mut s = match per_sec {
+            0 => run(64, n, put).await,
+            rate => run_at_rate(64, n, rate as f64, put).await,
+        };
         done += n;
         manifest_bytes += bytes.load(std::sync::atomic::Ordering::Relaxed);
         last_repo = repo;

@@ -1,7 +1,9 @@
 #![allow(dead_code)]
-//! Closed-loop load shared by the metadata benchmarks: `conc` workers take
-//! operation numbers from one counter until `total` are done, and every
-//! latency is kept for percentiles.
+//! Load shared by the metadata benchmarks: `conc` workers take operation
+//! numbers from one counter until `total` are done, and every latency is
+//! kept for percentiles. Closed loop ([`run`]: each worker starts its next
+//! operation when the last one ends) or open loop ([`run_at_rate`]: each
+//! operation has its start time on a fixed schedule).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -55,6 +57,46 @@ where
                 let t = Instant::now();
                 assert!(op(i).await, "operation {i} failed");
                 lat.push(t.elapsed());
+            }
+        }));
+    }
+    let mut lat = Vec::new();
+    for w in workers {
+        lat.extend(w.await.unwrap());
+    }
+    Stats { ops: total, elapsed: start.elapsed(), lat }
+}
+
+/// Run `total` operations on a fixed schedule, operation `i` due at
+/// `i / per_sec` seconds, with at most `conc` in flight; `op(i)` must
+/// succeed. Each latency counts from when the operation was due, not from
+/// when a worker got to it, so a server that stalls is charged for every
+/// operation the stall delayed (what a closed loop hides: its clients
+/// stop asking while the server stalls). At a rate the server sustains,
+/// the percentiles are then its own tail, not the queue a saturating
+/// closed loop builds (where the mean latency is `conc` over the rate).
+pub async fn run_at_rate<F, Fut>(conc: usize, total: usize, per_sec: f64, op: F) -> Stats
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = bool> + Send,
+{
+    let op = Arc::new(op);
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..conc {
+        let (op, next) = (op.clone(), next.clone());
+        workers.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    return lat;
+                }
+                let due = start + Duration::from_secs_f64(i as f64 / per_sec);
+                tokio::time::sleep_until(due.into()).await;
+                assert!(op(i).await, "operation {i} failed");
+                lat.push(due.elapsed());
             }
         }));
     }
