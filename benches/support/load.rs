@@ -41,30 +41,7 @@ where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = bool> + Send,
 {
-    let op = Arc::new(op);
-    let next = Arc::new(AtomicUsize::new(0));
-    let start = Instant::now();
-    let mut workers = Vec::new();
-    for _ in 0..conc {
-        let (op, next) = (op.clone(), next.clone());
-        workers.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= total {
-                    return lat;
-                }
-                let t = Instant::now();
-                assert!(op(i).await, "operation {i} failed");
-                lat.push(t.elapsed());
-            }
-        }));
-    }
-    let mut lat = Vec::new();
-    for w in workers {
-        lat.extend(w.await.unwrap());
-    }
-    Stats { ops: total, elapsed: start.elapsed(), lat }
+    drive(conc, total, None, op).await
 }
 
 /// Run `total` operations on a fixed schedule, operation `i` due at
@@ -76,6 +53,16 @@ where
 /// the percentiles are then its own tail, not the queue a saturating
 /// closed loop builds (where the mean latency is `conc` over the rate).
 pub async fn run_at_rate<F, Fut>(conc: usize, total: usize, per_sec: f64, op: F) -> Stats
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = bool> + Send,
+{
+    drive(conc, total, Some(per_sec), op).await
+}
+
+/// `conc` workers taking operation numbers until `total`: each as soon as
+/// it can (`per_sec` None), or not before it is due.
+async fn drive<F, Fut>(conc: usize, total: usize, per_sec: Option<f64>, op: F) -> Stats
 where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = bool> + Send,
@@ -93,8 +80,14 @@ where
                 if i >= total {
                     return lat;
                 }
-                let due = start + Duration::from_secs_f64(i as f64 / per_sec);
-                tokio::time::sleep_until(due.into()).await;
+                let due = match per_sec {
+                    None => Instant::now(),
+                    Some(rate) => {
+                        let due = start + Duration::from_secs_f64(i as f64 / rate);
+                        tokio::time::sleep_until(due.into()).await;
+                        due
+                    }
+                };
                 assert!(op(i).await, "operation {i} failed");
                 lat.push(due.elapsed());
             }
