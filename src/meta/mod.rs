@@ -252,15 +252,21 @@ pub fn open_db(path: &Path) -> Result<Arc<DB>, rocksdb::Error> {
     opts.set_atomic_flush(true);
     opts.set_db_write_buffer_size(WRITE_BUFFER_BYTES);
     opts.set_bytes_per_sync(BYTES_PER_SYNC);
-    // Compactions run at the lowest CPU priority: they only rewrite tables
-    // already durable, so they can wait while requests need the cores.
+    // Compactions and flushes run at the lowest CPU priority: what they
+    // write is durable already (in tables, or in the Raft log and the
+    // write-ahead log), so they can wait while requests need the cores.
     // Under load a compaction would otherwise take a whole core for
-    // seconds, and every request in flight would wait behind it. Flushes
-    // keep their priority (a write waits for them once memtables fill).
+    // seconds, and a flush one for half a second on every node at once
+    // (nodes apply the same entries into memtables of the same sizes), and
+    // every request in flight would wait behind them. Starved for long, a
+    // flush still gets the cores: once a family's memtables are all full
+    // ([`MEMTABLES_PER_FAMILY`]) writes wait for it, and the request path
+    // with them. docs/ARCHITECTURE.md (Storage) has the measurements.
     // `Env::new` is RocksDB's default environment, whose thread pools the
     // whole process shares, so this applies once whichever database opens.
     let mut env = rocksdb::Env::new()?;
     env.lower_thread_pool_cpu_priority();
+    env.lower_high_priority_thread_pool_cpu_priority();
     opts.set_env(&env);
     let cfs = FAMILIES.into_iter().map(|n| ColumnFamilyDescriptor::new(n, table_options(n)));
     Ok(Arc::new(DB::open_cf_descriptors(&opts, path, cfs)?))
@@ -741,6 +747,39 @@ mod tests {
         let value =
             options.iter().find(|(f, k, _)| f == DB_OPTIONS && k == "bytes_per_sync").map(|(_, _, v)| v.as_str());
         assert_eq!(value, Some(BYTES_PER_SYNC.to_string().as_str()));
+    }
+
+    /// Flush and compaction threads run at nice 19, behind requests (see
+    /// `open_db`). A thread takes its pool's priority when it next runs
+    /// a job, so this runs one of each first.
+    #[test]
+    fn flushes_and_compactions_run_at_the_lowest_cpu_priority() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_db(dir.path()).unwrap();
+        let tags = db.cf_handle(CF_TAGS).unwrap();
+        for round in 0..2u8 {
+            db.put_cf(tags, [round], b"sha256:0").unwrap();
+            flush_all(&db).unwrap();
+        }
+        db.compact_range_cf(tags, None::<&[u8]>, None::<&[u8]>);
+        // (thread name, nice) of this process's threads: nice is the 19th
+        // field of `stat`, the 17th after the name's closing parenthesis.
+        let threads = || -> Vec<(String, i64)> {
+            let tasks = std::fs::read_dir("/proc/self/task").unwrap();
+            tasks
+                .flatten()
+                .filter_map(|t| {
+                    let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+                    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+                    let nice = stat.get(close + 2..)?.split_whitespace().nth(16)?.parse().ok()?;
+                    Some((stat[open + 1..close].to_string(), nice))
+                })
+                .collect()
+        };
+        for pool in ["rocksdb:high", "rocksdb:low"] {
+            let found = threads().into_iter().filter(|(name, _)| name.starts_with(pool)).collect::<Vec<_>>();
+            assert!(found.iter().any(|(_, nice)| *nice == 19), "no {pool} thread at nice 19: {found:?}");
+        }
     }
 
     /// A flush RocksDB starts on its own (here, one family's memtable
