@@ -764,20 +764,18 @@ mod tests {
         db.compact_range_cf(tags, None::<&[u8]>, None::<&[u8]>);
         // (thread name, nice) of this process's threads: nice is the 19th
         // field of `stat`, the 17th after the name's closing parenthesis.
-        let threads = || -> Vec<(String, i64)> {
-            let tasks = std::fs::read_dir("/proc/self/task").unwrap();
-            tasks
-                .flatten()
-                .filter_map(|t| {
-                    let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
-                    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
-                    let nice = stat.get(close + 2..)?.split_whitespace().nth(16)?.parse().ok()?;
-                    Some((stat[open + 1..close].to_string(), nice))
-                })
-                .collect()
-        };
+        let threads: Vec<(String, i64)> = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .flatten()
+            .filter_map(|t| {
+                let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+                let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+                let nice = stat.get(close + 2..)?.split_whitespace().nth(16)?.parse().ok()?;
+                Some((stat[open + 1..close].to_string(), nice))
+            })
+            .collect();
         for pool in ["rocksdb:high", "rocksdb:low"] {
-            let found = threads().into_iter().filter(|(name, _)| name.starts_with(pool)).collect::<Vec<_>>();
+            let found: Vec<_> = threads.iter().filter(|(name, _)| name.starts_with(pool)).collect();
             assert!(found.iter().any(|(_, nice)| *nice == 19), "no {pool} thread at nice 19: {found:?}");
         }
     }
