@@ -1,8 +1,8 @@
 //! berth at a million manifests (issue 16): a three-node cluster on
 //! loopback fed manifest PUTs (~1.9 KB, concurrency 64, through the
 //! leader, a new repository every step), reporting per step the PUT rate
-//! and latency, the data dir size (and of it, the Raft log's tables and the
-//! write-ahead log), the Raft log kept behind a snapshot (its entries times
+//! and latency, the data dir size (and of it, the Raft log's segment files
+//! and RocksDB's write-ahead log), the Raft log kept behind a snapshot (its entries times
 //! the mean size of the step's entries), RSS of every node, the
 //! snapshots built meanwhile, and the CPU the three nodes spent per
 //! 100,000 PUTs, split into the request path (with apply and everything
@@ -44,10 +44,10 @@ fn env(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-/// The bytes of the Raft log's tables on the node at `base` (its
-/// `berth_meta_table_bytes{family="logs"}`).
+/// The bytes of the Raft log's segment files on the node at `base` (its
+/// `berth_raft_log_bytes`).
 async fn log_bytes(c: &reqwest::Client, base: &str) -> u64 {
-    metric(c, base, "berth_meta_table_bytes{family=\"logs\"}").await.unwrap_or(0)
+    metric(c, base, "berth_raft_log_bytes").await.unwrap_or(0)
 }
 
 /// The bytes of the write-ahead log files of the node whose data dir is

@@ -76,8 +76,8 @@ impl RunningNode {
         let identity = Identity::new(identity_store.clone(), identity_store.load_or_create(cfg.node_id)?);
         let sm = StateMachine::new(db.clone(), cfg.data_dir.join("snapshots"))?;
         let meta = sm.reader();
-        let log = LogStore::new(db.clone());
-        let committed = log.commit_index();
+        let log = LogStore::open(db.clone(), &cfg.data_dir.join("raft-log")).context("opening the Raft log")?;
+        let log_stats = log.stats();
         let log_at_start = (log.last_index(), log.vote_term());
         let tls = cfg.cluster_tls.as_ref().map(ClusterTls::load).transpose().context("loading cluster_tls")?;
         if cfg.insecure_cluster {
@@ -90,7 +90,7 @@ impl RunningNode {
         let network = Network::new(Peers::new(identity.clone(), tls.clone()), append_deadline);
         let raft = Raft::new(cfg.node_id, raft_config(&cfg)?, network, log, sm).await.context("starting raft")?;
         let cluster =
-            Cluster::new(identity.clone(), tls.clone(), raft.clone(), committed, log_at_start, cfg.consistency);
+            Cluster::new(identity.clone(), tls.clone(), raft.clone(), log_stats, log_at_start, cfg.consistency);
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = Vec::new();
 

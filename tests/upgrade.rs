@@ -109,6 +109,22 @@ async fn a_data_dir_of_the_release_before_format_1_is_converted_and_serves_every
     })
     .await;
     assert!(data.join("meta-format-0").is_dir(), "the old database is kept beside the converted one");
+    // That release kept the Raft log in the database: its entries after
+    // the last snapshot (19) are now in segment files, which the node read
+    // to serve what they hold.
+    let segments: Vec<_> = std::fs::read_dir(data.join("raft-log"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    assert!(!segments.is_empty(), "the log's entries are in segment files");
+    let in_segments: u64 = segments.iter().map(|p| std::fs::metadata(p).unwrap().len()).sum();
+    assert!(in_segments > 19 * 16, "19 entries moved: {in_segments} bytes");
+    assert_eq!(
+        metric(&c, &base, "berth_meta_table_bytes{family=\"logs\"}").await,
+        Some(0),
+        "nothing is left in the database's log family"
+    );
     check_everything(&c, &base, &expect).await;
 
     // It takes writes, and a restart finds the data dir current.

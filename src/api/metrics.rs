@@ -51,6 +51,7 @@ struct RaftGauges {
     applied: IntGauge,
     snapshot: IntGauge,
     purged: IntGauge,
+    log_bytes: IntGauge,
     voters: IntGauge,
     learners: IntGauge,
 }
@@ -90,6 +91,7 @@ impl Default for Metrics {
             applied: g("berth_raft_applied_index", "Highest index applied to this node's state machine."),
             snapshot: g("berth_raft_snapshot_index", "Last index covered by this node's snapshot."),
             purged: g("berth_raft_purged_index", "Last index removed from this node's log."),
+            log_bytes: g("berth_raft_log_bytes", "Bytes of this node's Raft log (its segment files)."),
             voters: g("berth_raft_voters", "Voters in the membership this node knows."),
             learners: g("berth_raft_learners", "Learners in the membership this node knows."),
         };
@@ -146,8 +148,9 @@ impl Default for Metrics {
         let meta_bytes = IntGaugeVec::new(
             Opts::new(
                 "berth_meta_table_bytes",
-                "Bytes of the metadata database's tables by column family (`logs` is the Raft log); the \
-                 write-ahead log, memtables and what snapshot checkpoints alone keep are not counted.",
+                "Bytes of the metadata database's tables by column family; the write-ahead log, memtables \
+                 and what snapshot checkpoints alone keep are not counted (the Raft log is apart: \
+                 berth_raft_log_bytes).",
             ),
             &["family"],
         )
@@ -192,6 +195,7 @@ impl Metrics {
             (&r.applied, s.applied_index),
             (&r.snapshot, s.snapshot_index),
             (&r.purged, s.purged_index),
+            (&r.log_bytes, cluster.log.bytes()),
             (&r.voters, voters as u64),
             (&r.learners, (s.members.len() - voters) as u64),
         ] {

@@ -119,7 +119,7 @@ impl Cluster {
             leader: m.current_leader.unwrap_or(0),
             last_log_index: m.last_log_index.unwrap_or(0),
             applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
-            commit_index: self.committed.get(),
+            commit_index: self.log.committed(),
             snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
             purged_index: m.purged.map(|l| l.index).unwrap_or(0),
             members,

@@ -79,8 +79,9 @@ pub struct Cluster {
     pub identity: Identity,
     /// Set while this node is being drained before it leaves.
     pub drain: Drain,
-    /// What this node knows to be committed (for `cluster status` and `/metrics`).
-    pub committed: crate::meta::CommitIndex,
+    /// What this node knows to be committed and how large its log is (for
+    /// `cluster status` and `/metrics`).
+    pub log: crate::meta::LogStats,
     batcher: batcher::Batcher,
     ids: std::sync::Arc<RequestIds>,
     reads: read_index::ReadIndexer,
@@ -94,7 +95,7 @@ impl Cluster {
         identity: Identity,
         tls: Option<tls::ClusterTls>,
         raft: Raft,
-        committed: crate::meta::CommitIndex,
+        log: crate::meta::LogStats,
         log_at_start: (u64, u64),
         consistency: Consistency,
     ) -> Cluster {
@@ -110,7 +111,7 @@ impl Cluster {
             peers,
             identity,
             drain: Drain::default(),
-            committed,
+            log,
             batcher,
             ids,
             reads,

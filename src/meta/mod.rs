@@ -8,6 +8,7 @@ mod fence;
 mod identity;
 mod log;
 mod lost;
+mod segments;
 mod snapshot;
 mod state;
 pub mod upgrade;
@@ -25,7 +26,7 @@ pub use command::{
 pub use events::{EventAction, StoredEvent, TagStamp};
 pub use fence::{InstallFence, Installing};
 pub use identity::{IdentityError, IdentityStore, StoredIdentity};
-pub use log::{CommitIndex, LogStore};
+pub use log::{LogStats, LogStore};
 pub use lost::LostCopies;
 pub use snapshot::{Checkpoint, SnapshotData};
 pub use state::StateMachine;
