@@ -166,6 +166,7 @@ fn get_raft<T: serde::de::DeserializeOwned>(db: &DB, k: &[u8]) -> SResult<Option
 fn move_from_db(db: &DB, segments: &Segments) -> anyhow::Result<()> {
     let cf = db.cf_handle(CF_LOGS).expect("logs cf");
     if db.iterator_cf(cf, IteratorMode::Start).next().is_none() {
+        super::upgrade::mark_log_moved(db)?;
         return Ok(());
     }
     let have = segments.last_index();
@@ -204,6 +205,7 @@ fn move_from_db(db: &DB, segments: &Segments) -> anyhow::Result<()> {
     wb.delete_range_cf(cf, 0u64.to_be_bytes(), u64::MAX.to_be_bytes());
     db.write_opt(wb, &opts)?;
     db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+    super::upgrade::mark_log_moved(db)?;
     tracing::info!(entries = moved, "moved the Raft log out of the metadata database into segment files");
     Ok(())
 }
@@ -233,7 +235,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_state(&mut self) -> SResult<LogState<TypeConfig>> {
         let last_purged_log_id: Option<LogId<NodeId>> = get_raft(&self.db, KEY_PURGED)?;
         let last = match self.segments.last_index() {
-            Some(i) if last_purged_log_id.map_or(true, |p| i > p.index) => {
+            Some(i) if last_purged_log_id.is_none_or(|p| i > p.index) => {
                 self.decode_range(i, i + 1)?.pop().map(|e| e.log_id)
             }
             _ => last_purged_log_id,
@@ -305,6 +307,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = super::super::open_db(&dir.path().join("db")).unwrap();
         let cf = db.cf_handle(CF_LOGS).unwrap();
+        let raft = db.cf_handle(CF_RAFT).unwrap();
+        let format = || db.get_cf(raft, super::super::upgrade::KEY_FORMAT).unwrap();
+        db.put_cf(raft, super::super::upgrade::KEY_FORMAT, [1u8]).unwrap();
         for i in 1..=3000u64 {
             db.put_cf(cf, i.to_be_bytes(), codec::encode(&entry(i))).unwrap();
         }
@@ -320,6 +325,9 @@ mod tests {
         let got = store.try_get_log_entries(1..=3000).await.unwrap();
         assert_eq!(got.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), (1..=3000).collect::<Vec<_>>());
         assert!(db.iterator_cf(cf, IteratorMode::Start).next().is_none(), "the family is emptied");
+        // Marked so that a release before, which reads the log from the
+        // family, refuses the data dir.
+        assert_eq!(format().as_deref(), Some(&[super::super::upgrade::DIR_FORMAT][..]));
         assert_eq!(store.get_log_state().await.unwrap().last_log_id.unwrap().index, 3000);
         drop(store);
         let mut store = LogStore::open(db, &segs).unwrap();

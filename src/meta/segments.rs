@@ -290,16 +290,16 @@ impl Segments {
                 )));
             }
         }
+        if let Some((i, (index, _))) = entries.iter().enumerate().find(|(i, (index, _))| *index != first + *i as u64) {
+            return Err(io::Error::other(format!("append of index {index} after {}", first + i as u64 - 1)));
+        }
         if next != Some(first) || full {
             self.start_segment(&mut g, first)?;
         }
         let mut buf = Vec::with_capacity(entries.iter().map(|(_, p)| RECORD_HEADER + p.len()).sum());
         let s = g.segments.back_mut().expect("an active segment");
         let mut offsets = Vec::with_capacity(entries.len());
-        for (i, (index, payload)) in entries.iter().enumerate() {
-            if *index != first + i as u64 {
-                return Err(io::Error::other(format!("append of index {index} after {}", first + i as u64 - 1)));
-            }
+        for (index, payload) in entries {
             let len = u32::try_from(payload.len()).map_err(|_| io::Error::other("a log entry over 4 GiB"))?;
             offsets.push(s.end + buf.len() as u64);
             buf.extend_from_slice(&len.to_le_bytes());

@@ -2,8 +2,10 @@
 //! before format 1 (bincode 1, no version anywhere).
 //!
 //! The metadata database records its format under [`KEY_FORMAT`] in the
-//! raft column family. At open:
-//! - the current format: nothing to do;
+//! raft column family: 1 for values in codec format 1 with the Raft log in
+//! the `logs` family, 2 ([`DIR_FORMAT`]) once the log is in segment files
+//! (moved by `LogStore::open`). At open:
+//! - 1 or 2: nothing to do here;
 //! - a newer one: refused (a node never misreads what a later release
 //!   wrote; downgrading needs the copy an upgrade keeps, below);
 //! - none, over an empty database: a new data dir, marked current;
@@ -32,10 +34,17 @@ use crate::{NodeId, NodeInfo, TypeConfig};
 /// Where the data dir's format is recorded (raft column family).
 pub const KEY_FORMAT: &[u8] = b"format";
 
+/// The data dir format this release writes: values in [`FORMAT`], and the
+/// Raft log in segment files (`meta/segments.rs`), not the `logs` family
+/// where format 1 kept it. `LogStore::open` moves a format-1 log and then
+/// marks the data dir 2; a release before refuses a data dir so marked
+/// (newer than it reads) instead of starting on an empty log.
+pub const DIR_FORMAT: u8 = 2;
+
 /// Why a data dir could not be opened in the current format.
 #[derive(Debug, thiserror::Error)]
 pub enum UpgradeError {
-    #[error("this data dir was written in format {0} by a newer release of berth; this release reads formats up to {FORMAT} (start the newer release, or restore the copy its upgrade kept)")]
+    #[error("this data dir was written in format {0} by a newer release of berth; this release reads formats up to {DIR_FORMAT} (start the newer release, or restore the copy its upgrade kept)")]
     Newer(u8),
     #[error("converting the data dir from format 0: {cf} key {key:?}: {why}")]
     Value { cf: &'static str, key: String, why: String },
@@ -57,21 +66,40 @@ pub fn ensure_current(db: &DB, path: &Path, snap_dir: &Path) -> Result<(), Upgra
     let raft = db.cf_handle(CF_RAFT).expect("raft cf");
     if let Some(v) = db.get_cf(raft, KEY_FORMAT)? {
         return match v.first() {
-            Some(&FORMAT) => Ok(()),
-            Some(&f) if f > FORMAT => Err(UpgradeError::Newer(f)),
+            // 1: the Raft log is still in the database; opening the log
+            // store moves it and marks the data dir current.
+            Some(&f) if (FORMAT..=DIR_FORMAT).contains(&f) => Ok(()),
+            Some(&f) if f > DIR_FORMAT => Err(UpgradeError::Newer(f)),
             _ => Err(UpgradeError::Value { cf: CF_RAFT, key: "format".into(), why: format!("{v:?}") }),
         };
     }
     let empty = ENCODED_CFS
         .iter()
         .all(|name| db.iterator_cf(db.cf_handle(name).expect("cf"), IteratorMode::Start).next().is_none());
+    // A converted data dir holds its log in the database, as format 1
+    // does; a new one is current at once.
+    let format = if empty { DIR_FORMAT } else { FORMAT };
     if !empty {
         convert(db, path, snap_dir)?;
     }
+    mark(db, format)?;
+    Ok(())
+}
+
+/// Record the data dir's format `format`, synced.
+fn mark(db: &DB, format: u8) -> Result<(), rocksdb::Error> {
     let mut opts = rocksdb::WriteOptions::default();
     opts.set_sync(true);
-    db.put_cf_opt(raft, KEY_FORMAT, [FORMAT], &opts)?;
-    Ok(())
+    db.put_cf_opt(db.cf_handle(CF_RAFT).expect("raft cf"), KEY_FORMAT, [format], &opts)
+}
+
+/// Mark the data dir current ([`DIR_FORMAT`]) once its Raft log is in
+/// segment files; nothing to do if it is already.
+pub(crate) fn mark_log_moved(db: &DB) -> Result<(), rocksdb::Error> {
+    match db.get_cf(db.cf_handle(CF_RAFT).expect("raft cf"), KEY_FORMAT)?.as_deref() {
+        Some([DIR_FORMAT]) => Ok(()),
+        _ => mark(db, DIR_FORMAT),
+    }
 }
 
 /// Where the frozen copy of a format-0 database at `path` goes.
@@ -165,11 +193,11 @@ mod tests {
         let db = crate::meta::open_db(&path).unwrap();
         ensure_current(&db, &path, &dir.path().join("snapshots")).unwrap();
         let raft = db.cf_handle(CF_RAFT).unwrap();
-        assert_eq!(db.get_cf(raft, KEY_FORMAT).unwrap().as_deref(), Some(&[FORMAT][..]));
+        assert_eq!(db.get_cf(raft, KEY_FORMAT).unwrap().as_deref(), Some(&[DIR_FORMAT][..]));
         assert!(!backup_path(&path).exists(), "nothing to convert in a new data dir");
-        db.put_cf(raft, KEY_FORMAT, [FORMAT + 1]).unwrap();
+        db.put_cf(raft, KEY_FORMAT, [DIR_FORMAT + 1]).unwrap();
         let e = ensure_current(&db, &path, &dir.path().join("snapshots")).unwrap_err();
-        assert!(matches!(e, UpgradeError::Newer(f) if f == FORMAT + 1), "{e}");
+        assert!(matches!(e, UpgradeError::Newer(f) if f == DIR_FORMAT + 1), "{e}");
         assert!(e.to_string().contains("newer release"));
     }
 }
