@@ -102,22 +102,50 @@ fn checksum(index: u64, payload: &[u8]) -> u32 {
     h.finalize()
 }
 
+/// A record's 16 bytes before its payload: the one place that knows their
+/// layout, for writing, reading back and recovering.
+struct RecordHead {
+    len: u32,
+    crc: u32,
+    index: u64,
+}
+
+impl RecordHead {
+    /// Append the record of `payload` at `index` to `buf`.
+    fn write(index: u64, payload: &[u8], buf: &mut Vec<u8>) -> io::Result<()> {
+        let len = u32::try_from(payload.len()).map_err(|_| io::Error::other("a log entry over 4 GiB"))?;
+        buf.extend_from_slice(&len.to_le_bytes());
+        buf.extend_from_slice(&checksum(index, payload).to_le_bytes());
+        buf.extend_from_slice(&index.to_le_bytes());
+        buf.extend_from_slice(payload);
+        Ok(())
+    }
+
+    fn parse(head: &[u8; RECORD_HEADER]) -> RecordHead {
+        let word = |at: usize| u32::from_le_bytes(head[at..at + 4].try_into().expect("4 bytes"));
+        RecordHead { len: word(0), crc: word(4), index: u64::from_le_bytes(head[8..16].try_into().expect("8 bytes")) }
+    }
+
+    /// Whether `payload` is this record's.
+    fn checks(&self, payload: &[u8]) -> bool {
+        checksum(self.index, payload) == self.crc
+    }
+}
+
 /// Parse the records of `buf`, which starts at a record boundary; yields
 /// `(index, payload)` and stops at the first record that is cut short or
 /// fails its checksum.
 fn records(buf: &[u8]) -> impl Iterator<Item = (u64, &[u8])> {
     let mut at = 0usize;
     std::iter::from_fn(move || {
-        let head = buf.get(at..at + RECORD_HEADER)?;
-        let len = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes")) as usize;
-        let crc = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes"));
-        let index = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes"));
+        let head = RecordHead::parse(buf.get(at..at + RECORD_HEADER)?.try_into().expect("16 bytes"));
+        let len = head.len as usize;
         let payload = buf.get(at + RECORD_HEADER..at + RECORD_HEADER + len)?;
-        if checksum(index, payload) != crc {
+        if !head.checks(payload) {
             return None;
         }
         at += RECORD_HEADER + len;
-        Some((index, payload))
+        Some((head.index, payload))
     })
 }
 
@@ -197,9 +225,8 @@ impl Segments {
                 if !read_whole(&mut r, &mut head)? {
                     break;
                 }
-                let len = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes")) as u64;
-                let crc = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes"));
-                let index = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes"));
+                let head = RecordHead::parse(&head);
+                let len = u64::from(head.len);
                 // A length past the file's end is garbage, not a reason
                 // to allocate it.
                 if end + RECORD_HEADER as u64 + len > file_len {
@@ -207,8 +234,8 @@ impl Segments {
                 }
                 payload.resize(len as usize, 0);
                 if !read_whole(&mut r, &mut payload)?
-                    || checksum(index, &payload) != crc
-                    || index != first + offsets.len() as u64
+                    || !head.checks(&payload)
+                    || head.index != first + offsets.len() as u64
                 {
                     break;
                 }
@@ -300,12 +327,8 @@ impl Segments {
         let s = g.segments.back_mut().expect("an active segment");
         let mut offsets = Vec::with_capacity(entries.len());
         for (index, payload) in entries {
-            let len = u32::try_from(payload.len()).map_err(|_| io::Error::other("a log entry over 4 GiB"))?;
             offsets.push(s.end + buf.len() as u64);
-            buf.extend_from_slice(&len.to_le_bytes());
-            buf.extend_from_slice(&checksum(*index, payload).to_le_bytes());
-            buf.extend_from_slice(&index.to_le_bytes());
-            buf.extend_from_slice(payload);
+            RecordHead::write(*index, payload, &mut buf)?;
         }
         s.file.write_all_at(&buf, s.end)?;
         s.end += buf.len() as u64;
